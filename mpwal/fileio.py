@@ -1,0 +1,142 @@
+"""Every disk write mpwal makes goes through here, so that tests can make any of them fail.
+
+The fault switch counts calls the way parity-db's test builds count down an I/O budget: a
+``FaultPlan`` names the Nth call of a kind (``write``, ``fsync``, ``truncate``, ``rename``) and
+what happens to it (an ``OSError`` such as EIO or ENOSPC, or a short write of part of the bytes).
+Normal runs have no plan and pay one global lookup per call. ``MPWAL_FAULTS`` in the environment
+(``kind:n:errno`` or ``kind:n:short``) arms a plan in a process started by a test.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+
+KINDS = ("write", "fsync", "truncate", "rename")
+
+
+@dataclass
+class FaultPlan:
+    """Fail the ``nth`` call (1-based) of ``kind``; ``error`` is an errno, or 0 for a short write."""
+
+    kind: str
+    nth: int
+    error: int = errno.EIO
+    counts: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    fired: bool = False
+
+    def hit(self, kind: str) -> bool:
+        self.counts[kind] += 1
+        if not self.fired and kind == self.kind and self.counts[kind] == self.nth:
+            self.fired = True
+            return True
+        return False
+
+
+_plan: FaultPlan | None = None
+
+
+def arm(plan: FaultPlan | None) -> None:
+    """Install (or with None remove) the fault plan of this process."""
+    global _plan
+    _plan = plan
+
+
+def _arm_from_env() -> None:
+    spec = os.environ.get("MPWAL_FAULTS")
+    if spec:
+        kind, nth, err = spec.split(":")
+        arm(FaultPlan(kind, int(nth), 0 if err == "short" else int(err)))
+
+
+def _fail(kind: str) -> None:
+    assert _plan is not None
+    raise OSError(_plan.error, os.strerror(_plan.error) + f" (injected {kind} #{_plan.nth})")
+
+
+def write_all(fd: int, data) -> None:
+    """Write every byte of ``data`` at the file position, looping over short writes."""
+    view = memoryview(data)
+    while view:
+        if _plan is not None and _plan.hit("write"):
+            if _plan.error:
+                _fail("write")
+            os.write(fd, view[: len(view) // 2])  # a torn write, then the process "dies"
+            raise OSError(errno.EIO, "injected short write")
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write every byte of ``data`` at ``offset``."""
+    view = memoryview(data)
+    while view:
+        if _plan is not None and _plan.hit("write"):
+            if _plan.error:
+                _fail("write")
+            os.pwrite(fd, view[: len(view) // 2], offset)
+            raise OSError(errno.EIO, "injected short write")
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def fsync(fd: int) -> None:
+    if _plan is not None and _plan.hit("fsync"):
+        _fail("fsync")
+    os.fsync(fd)
+
+
+def fdatasync(fd: int) -> None:
+    if _plan is not None and _plan.hit("fsync"):
+        _fail("fsync")
+    os.fdatasync(fd)
+
+
+def truncate(fd: int, length: int) -> None:
+    if _plan is not None and _plan.hit("truncate"):
+        _fail("truncate")
+    os.ftruncate(fd, length)
+
+
+def rename(src: str, dst: str) -> None:
+    if _plan is not None and _plan.hit("rename"):
+        _fail("rename")
+    os.replace(src, dst)
+
+
+def write_file_atomic(path: str, data: bytes, sync: bool = False) -> None:
+    """Replace ``path`` with ``data`` by writing a temporary file and renaming it over."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, data)
+        if sync:
+            fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        rename(tmp, path)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    if sync:
+        sync_dir(os.path.dirname(path))
+
+
+def sync_dir(path: str) -> None:
+    """fsync a directory so that a rename or a new file in it survives a power loss."""
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+_arm_from_env()

@@ -1,0 +1,161 @@
+"""One record being built: its changes, validated as they are made, and read-your-own-writes.
+
+A record is the unit of atomicity: its changes are encoded as one log record and published in
+one sequence-lock window, so readers see all of them or none. Nothing reaches the log or the
+overlays until the ``with`` block ends without an exception.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+from .errors import ArgumentRangeError, ArgumentTypeError, ClosedError, ValueTooLargeError
+from .format import CHUNK_ENTRIES
+from .tables import check_key
+
+if TYPE_CHECKING:
+    from .writer import Writer
+
+U64 = (1 << 64) - 1
+
+
+class Record:
+    """Changes of one atomic record; get one from ``Writer.record()``."""
+
+    __slots__ = ("_w", "_values", "_chunks", "_drops", "record_id", "_state")
+
+    def __init__(self, writer: "Writer"):
+        self._w = writer
+        self._values: dict[tuple[int, int], bytes | None] = {}
+        self._chunks: dict[tuple[int, int], list] = {}  # (table, chunk) -> [mask, {entry: value}]
+        self._drops: list[int] = []
+        self.record_id: int | None = None  # set when the record commits
+        self._state = "open"
+
+    # -- building ----------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._state != "open":
+            raise ClosedError(f"this record is {self._state}; start a new one with writer.record()")
+
+    def insert_value(self, table: int, index: int, data: bytes | None) -> None:
+        """Set slot ``index`` of value table ``table`` to ``data``; None removes the value."""
+        self._check()
+        t = check_key(self._w._catalog, table, index, "value")
+        if data is not None:
+            if type(data) is not bytes:
+                data = _as_bytes(data)
+            if len(data) > t.slot_size:
+                raise ValueTooLargeError(
+                    f"value of {len(data)} bytes does not fit table {table}'s slot_size "
+                    f"{t.slot_size}; split it or define a table with larger slots")
+        self._values[(table, index)] = data
+
+    def insert_values(self, table: int, items: Iterable[tuple[int, bytes | None]]) -> None:
+        """``insert_value`` for many (index, data) pairs of one table, with less overhead."""
+        self._check()
+        t = check_key(self._w._catalog, table, 0, "value")
+        size = t.slot_size
+        limit = t.max_key
+        values = self._values
+        for index, data in items:
+            if type(index) is not int or not 0 <= index < limit:
+                check_key(self._w._catalog, table, index, "value")
+            if data is not None:
+                if type(data) is not bytes:
+                    data = _as_bytes(data)
+                if len(data) > size:
+                    raise ValueTooLargeError(
+                        f"value of {len(data)} bytes at index {index} does not fit table {table}'s "
+                        f"slot_size {size}")
+            values[(table, index)] = data
+
+    def insert_index(self, table: int, chunk: int, entry: int, value: int) -> None:
+        """Set entry ``entry`` (0..63) of chunk ``chunk`` of index table ``table`` to a u64."""
+        self._check()
+        check_key(self._w._catalog, table, chunk, "index")
+        if type(entry) is not int or not 0 <= entry < CHUNK_ENTRIES:
+            if not isinstance(entry, int) or isinstance(entry, bool):
+                raise ArgumentTypeError(f"entry must be an int, not {type(entry).__name__}")
+            raise ArgumentRangeError(f"entry {entry} is outside 0..{CHUNK_ENTRIES - 1}")
+        if type(value) is not int or not 0 <= value <= U64:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ArgumentTypeError(f"an index entry must be an int, not {type(value).__name__}")
+            raise ArgumentRangeError(f"index entry value {value} is not a u64 (0..2**64-1)")
+        c = self._chunks.get((table, chunk))
+        if c is None:
+            c = self._chunks[(table, chunk)] = [0, {}]
+        c[0] |= 1 << entry
+        c[1][entry] = value
+
+    def drop_table(self, table: int) -> None:
+        """Empty ``table`` for every reader once this record commits; earlier changes to it in
+        this record are discarded, later ones apply to the emptied table."""
+        self._check()
+        if table not in self._w._catalog:
+            check_key(self._w._catalog, table, 0, "value")  # raises the right error
+        if table not in self._drops:
+            self._drops.append(table)
+        for key in [k for k in self._values if k[0] == table]:
+            del self._values[key]
+        for key in [k for k in self._chunks if k[0] == table]:
+            del self._chunks[key]
+
+    # -- reading your own changes -----------------------------------------------------------
+    def value(self, table: int, index: int) -> bytes | None:
+        """The value as this record would leave it: its own change, else the committed one."""
+        self._check()
+        check_key(self._w._catalog, table, index, "value")
+        key = (table, index)
+        if key in self._values:
+            return self._values[key]
+        if table in self._drops:
+            return None
+        return self._w.value(table, index)
+
+    def index_entry(self, table: int, chunk: int, entry: int) -> int:
+        self._check()
+        check_key(self._w._catalog, table, chunk, "index")
+        c = self._chunks.get((table, chunk))
+        if c is not None and entry in c[1]:
+            return c[1][entry]
+        if table in self._drops:
+            return 0
+        return self._w.index_entry(table, chunk, entry)
+
+    @property
+    def empty(self) -> bool:
+        return not (self._values or self._chunks or self._drops)
+
+    # -- committing --------------------------------------------------------------------------
+    def commit(self) -> int:
+        """Commit now (the ``with`` block does this for you); returns the record id."""
+        self._check()
+        self._state = "committing"
+        try:
+            self.record_id = self._w._commit(self)
+        except BaseException:
+            self._state = "failed"
+            raise
+        self._state = "committed"
+        return self.record_id
+
+    def discard(self) -> None:
+        if self._state == "open":
+            self._state = "discarded"
+
+    def __enter__(self) -> "Record":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if self._state == "open":
+                self.commit()
+        else:
+            self.discard()
+
+
+def _as_bytes(data) -> bytes:
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise ArgumentTypeError(
+        f"a value must be bytes, bytearray or memoryview (or None to remove), not {type(data).__name__}")

@@ -1,0 +1,254 @@
+"""Table definitions, the metadata file that records them, and the table files.
+
+Metadata: ``mpwal.meta`` in the database directory, JSON::
+
+    {"mpwal": 1, "tables": [{"id": 1, "kind": "index"}, {"id": 3, "kind": "value", "slot_size": 256}]}
+
+``mpwal`` is the on-disk format version; a newer one is refused. Table ids are one u16
+namespace shared by both kinds.
+
+Table files, read with ``pread`` only (never mapped: a file that shrinks under a mapping raises
+SIGBUS), created empty when the table is defined so readers can open them at once:
+
+* ``index{id}.tbl``: chunk ``c`` at offset ``c * 512``: 64 u64 entries, little-endian. Bytes past
+  the end of the file read as zeros.
+* ``value{id}.tbl``: slot ``i`` at offset ``i * (4 + slot_size)``: u32 ``stored`` then
+  ``slot_size`` bytes. ``stored == 0`` is an empty slot, otherwise the value is the first
+  ``stored - 1`` bytes. Past the end of the file every slot is empty.
+
+Dropping a table truncates its file to zero bytes rather than deleting it, so a reader's open
+handle keeps reading the table's real (empty, then refilled) contents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+from . import fileio
+from .errors import ArgumentRangeError, DatabaseError, StorageError, TableError, storage_error
+from .format import CHUNK_BYTES
+
+FORMAT_VERSION = 1
+META_FILE = "mpwal.meta"
+MAX_TABLE_ID = 0xFFFF
+MAX_OFFSET = 1 << 62  # keeps every file offset a valid off_t
+ZERO_CHUNK = bytes(CHUNK_BYTES)
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class IndexTable:
+    """An index table: an array of 64-entry chunks of u64, changed one entry at a time."""
+
+    id: int
+    kind = "index"
+
+    def __post_init__(self):
+        _check_table_id(self.id)
+
+    def describe(self) -> dict:
+        return {"id": self.id, "kind": "index"}
+
+    @property
+    def file_name(self) -> str:
+        return f"index{self.id}.tbl"
+
+    @property
+    def max_key(self) -> int:
+        return MAX_OFFSET // CHUNK_BYTES
+
+
+@dataclass(frozen=True)
+class ValueTable:
+    """A value table: slots addressed by a u64 index, each holding up to ``slot_size`` bytes."""
+
+    id: int
+    slot_size: int
+    kind = "value"
+
+    def __post_init__(self):
+        _check_table_id(self.id)
+        if not isinstance(self.slot_size, int) or isinstance(self.slot_size, bool):
+            raise TableError(f"ValueTable({self.id}): slot_size must be an int, not {type(self.slot_size).__name__}")
+        if not 1 <= self.slot_size <= 1 << 26:
+            raise TableError(f"ValueTable({self.id}): slot_size must be 1..{1 << 26}, got {self.slot_size}")
+
+    def describe(self) -> dict:
+        return {"id": self.id, "kind": "value", "slot_size": self.slot_size}
+
+    @property
+    def file_name(self) -> str:
+        return f"value{self.id}.tbl"
+
+    @property
+    def stride(self) -> int:
+        return 4 + self.slot_size
+
+    @property
+    def max_key(self) -> int:
+        return MAX_OFFSET // self.stride
+
+
+Table = IndexTable | ValueTable
+
+
+def _check_table_id(tid) -> None:
+    if not isinstance(tid, int) or isinstance(tid, bool):
+        raise TableError(f"a table id must be an int, not {type(tid).__name__}")
+    if not 0 <= tid <= MAX_TABLE_ID:
+        raise TableError(f"table id {tid} is outside 0..{MAX_TABLE_ID}")
+
+
+def table_from(desc: dict) -> Table:
+    if desc.get("kind") == "index":
+        return IndexTable(desc["id"])
+    if desc.get("kind") == "value":
+        return ValueTable(desc["id"], desc["slot_size"])
+    raise DatabaseError(f"unknown table kind in {META_FILE}: {desc!r}")
+
+
+def is_database(path: str) -> bool:
+    return os.path.exists(os.path.join(path, META_FILE))
+
+
+def load_catalog(path: str) -> dict[int, Table]:
+    """The tables recorded in ``path``'s metadata; DatabaseError if it is not an mpwal database."""
+    meta = os.path.join(path, META_FILE)
+    try:
+        raw = fileio.read_file(meta)
+    except FileNotFoundError:
+        raise DatabaseError(
+            f"{path} is not an mpwal database (no {META_FILE}); open a Writer on it first") from None
+    except OSError as e:
+        raise storage_error(e, f"reading {meta}") from None
+    try:
+        doc = json.loads(raw)
+        version = doc["mpwal"]
+        tables = [table_from(d) for d in doc["tables"]]
+    except (ValueError, KeyError, TypeError, TableError) as e:
+        raise DatabaseError(f"{meta} is damaged ({e}); restore it from a backup") from None
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DatabaseError(
+            f"{path} has on-disk format {version}, newer than this mpwal's {FORMAT_VERSION}: "
+            "upgrade mpwal to open it")
+    return {t.id: t for t in tables}
+
+
+def merge_catalog(path: str, wanted) -> dict[int, Table]:
+    """Create or extend the metadata with ``wanted`` tables; refuse a conflicting redefinition."""
+    wanted = list(wanted)
+    for t in wanted:
+        if not isinstance(t, (IndexTable, ValueTable)):
+            raise TableError(f"tables must be IndexTable or ValueTable, not {type(t).__name__}")
+    existing = load_catalog(path) if is_database(path) else {}
+    merged = dict(existing)
+    for t in wanted:
+        old = merged.get(t.id)
+        if old is not None and old != t:
+            raise TableError(
+                f"table {t.id} is already defined as {old.describe()}, not {t.describe()}: "
+                "use another id for the new table")
+        merged[t.id] = t
+    if merged != existing or not existing:
+        for t in merged.values():  # table files first, so a reader never meets a table without one
+            fp = os.path.join(path, t.file_name)
+            try:
+                os.close(os.open(fp, os.O_RDWR | os.O_CREAT, 0o600))
+            except OSError as e:
+                raise storage_error(e, f"creating {fp}") from None
+        doc = {"mpwal": FORMAT_VERSION, "tables": [t.describe() for t in sorted(merged.values(), key=lambda t: t.id)]}
+        try:
+            fileio.write_file_atomic(os.path.join(path, META_FILE), json.dumps(doc).encode(), sync=True)
+        except OSError as e:
+            raise storage_error(e, f"writing {META_FILE}") from None
+    return merged
+
+
+class TableFiles:
+    """Open handles on the table files of one directory, for reading and (enactor) writing."""
+
+    def __init__(self, path: str, catalog: dict[int, Table], writable: bool):
+        self.path = path
+        self.catalog = catalog
+        self.writable = writable
+        self._fds: dict[int, int] = {}
+        self.dirty: set[int] = set()
+
+    def fd(self, tid: int) -> int:
+        fd = self._fds.get(tid)
+        if fd is None:
+            t = self.catalog[tid]
+            fp = os.path.join(self.path, t.file_name)
+            try:
+                fd = os.open(fp, os.O_RDWR if self.writable else os.O_RDONLY)
+            except OSError as e:
+                raise storage_error(e, f"opening table file {fp}") from None
+            self._fds[tid] = fd
+        return fd
+
+    def read_value(self, tid: int, index: int) -> bytes | None:
+        t = self.catalog[tid]
+        raw = os.pread(self.fd(tid), t.stride, index * t.stride)
+        if len(raw) < 4:
+            return None
+        stored = _U32.unpack_from(raw)[0]
+        if stored == 0:
+            return None
+        return raw[4:3 + stored] if stored - 1 <= len(raw) - 4 else None
+
+    def read_chunk(self, tid: int, chunk: int) -> bytes:
+        raw = os.pread(self.fd(tid), CHUNK_BYTES, chunk * CHUNK_BYTES)
+        return raw if len(raw) == CHUNK_BYTES else raw + ZERO_CHUNK[len(raw):]
+
+    def write_value(self, tid: int, index: int, data: bytes | None) -> None:
+        t = self.catalog[tid]
+        if data is None:
+            blob = b"\0\0\0\0"
+        else:
+            blob = _U32.pack(len(data) + 1) + data
+        fileio.pwrite_all(self.fd(tid), blob, index * t.stride)
+        self.dirty.add(tid)
+
+    def write_chunk(self, tid: int, chunk: int, data: bytes) -> None:
+        fileio.pwrite_all(self.fd(tid), data, chunk * CHUNK_BYTES)
+        self.dirty.add(tid)
+
+    def drop(self, tid: int) -> None:
+        fileio.truncate(self.fd(tid), 0)
+        self.dirty.add(tid)
+
+    def sync(self) -> None:
+        """fsync every table written since the last sync."""
+        for tid in sorted(self.dirty):
+            fileio.fsync(self.fd(tid))
+        self.dirty.clear()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def check_key(catalog: dict, tid, key, kind: str) -> Table:
+    """Validate a (table, index-or-chunk) pair at the API boundary; return the table."""
+    t = catalog.get(tid) if type(tid) is int else None
+    if t is None:
+        if not isinstance(tid, int) or isinstance(tid, bool):
+            raise TableError(f"a table id must be an int, not {type(tid).__name__}")
+        raise TableError(f"table {tid} is not defined; known tables: {sorted(catalog)}")
+    if t.kind != kind:
+        raise TableError(f"table {tid} is a {t.kind} table, not a {kind} table")
+    if type(key) is not int:
+        if isinstance(key, bool) or not isinstance(key, int):
+            from .errors import ArgumentTypeError
+            raise ArgumentTypeError(f"the {'chunk' if kind == 'index' else 'index'} must be an int, not {type(key).__name__}")
+    if not 0 <= key < t.max_key:
+        raise ArgumentRangeError(
+            f"{'chunk' if kind == 'index' else 'index'} {key} of table {tid} is outside 0..{t.max_key - 1}")
+    return t
+
+
+__all__ = ["IndexTable", "ValueTable", "TableFiles", "load_catalog", "merge_catalog", "StorageError"]
