@@ -67,6 +67,10 @@ class _Progress:
         self.m.close()
 
 
+class _NewWriter(Exception):
+    """A new writer opened (the queue epoch moved): let go of the enactor lock for its replay."""
+
+
 class Enactor:
     """Enacts and cleans the logs of ``path`` until ``stop`` is set."""
 
@@ -85,32 +89,38 @@ class Enactor:
         self.data = b""
         self.pos = 0
         self.error: BaseException | None = None
+        self.detach_on_new_writer = True
 
     # -- driving -----------------------------------------------------------------------------
     def run(self) -> None:
-        """Take the enactor lock (waiting while another enactor holds it), then work."""
+        """Take the enactor lock (waiting while another enactor holds it), then work. A new
+        writer (epoch) makes it let go of the lock so that the writer can replay alone."""
         lock = file_lock(self.path, ENACTOR_LOCK)
-        while not self.stop.is_set():
-            try:
-                lock.acquire(timeout=0.1)
-                break
-            except filelock.Timeout:
-                continue
-        else:
-            return
         try:
             while not self.stop.is_set():
-                if not self.step():
-                    self.stop.wait(self.poll)
+                try:
+                    lock.acquire(timeout=0.1)
+                except filelock.Timeout:
+                    continue
+                try:
+                    while not self.stop.is_set():
+                        if not self.step():
+                            self.stop.wait(self.poll)
+                except _NewWriter:
+                    lock.release()
+                    self.stop.wait(0.2)
+                    continue
+                lock.release()
         except BaseException as e:  # reported through stats(); the writer restarts enactors
             self.error = e
             log.error("enactor stopped: %s", e)
             raise
         finally:
+            if lock.is_locked:
+                lock.release()
             self.files.close()
             if self.progress:
                 self.progress.close()
-            lock.release()
 
     def drain(self) -> None:
         """Enact and clean everything queued now (used by close and by tests)."""
@@ -124,6 +134,7 @@ class Enactor:
         if st is None:
             return False
         self._follow(st)
+        self._publish(self.enacted)
         if st.cleanup:
             self._clean()
             return True
@@ -171,6 +182,9 @@ class Enactor:
     def _follow(self, st) -> None:
         """Attach to the writer's current generation; a new epoch (writer) restarts positions."""
         if st.epoch != self.epoch:
+            if self.epoch != -1 and self.detach_on_new_writer:
+                self.epoch = -1
+                raise _NewWriter()
             self.epoch = st.epoch
             self.current = None
             self.enacted = 0
@@ -306,12 +320,18 @@ class Enactor:
             save_queues(self.path, st)
 
 
-def run_process(path: str) -> None:
-    """Entry point of an enactor process: run until SIGTERM/SIGINT."""
+def run_process(path: str, parent_pid: int = 0) -> None:
+    """Entry point of an enactor process: run until SIGTERM/SIGINT, or until the writer that
+    started it (``parent_pid``) is gone."""
     import signal
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    e = Enactor(path, stop)
-    e.run()
+    if parent_pid:
+        def watch() -> None:
+            while not stop.wait(0.2):
+                if os.getppid() != parent_pid:
+                    stop.set()
+        threading.Thread(target=watch, daemon=True).start()
+    Enactor(path, stop).run()

@@ -104,6 +104,28 @@ def stale_segments(realpath: str) -> list[str]:
         return []
 
 
+def supersede_segment(name: str, next_gen: int) -> None:
+    """Mark a dead writer's segment superseded by ``next_gen`` (readers that still map it move
+    on at their next lookup instead of waiting for a writer that is gone), then unlink it."""
+    try:
+        shm = posix_ipc.SharedMemory(name, 0)
+    except posix_ipc.ExistentialError:
+        return
+    try:
+        if shm.size >= HEADER_BYTES:
+            m = mmap.mmap(shm.fd, HEADER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            q = memoryview(m).cast("Q")
+            if q[MAGIC_W] == MAGIC:
+                q[NEXT_GEN] = next_gen
+                q[STATE] = SUPERSEDED_STATE
+                q[SEQ] = SUPERSEDED
+            q.release()
+            m.close()
+    finally:
+        shm.close_fd()
+        unlink_segment(name)
+
+
 class _Segment:
     """A mapped segment and the layout numbers derived from its header."""
 

@@ -116,6 +116,7 @@ class QueueState:
     next_log: int = 0
     last_cleaned_record: int = 0  # newest record id whose log was cleaned
     sync_data: bool = True  # the writer's option, for enactors in other processes
+    writer_pid: int = 0  # the live writer, so an enactor can tell a new writer from the old one
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()

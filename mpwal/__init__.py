@@ -1,0 +1,23 @@
+"""mpwal: a multiprocessing-safe write-ahead log with shared-memory overlays.
+
+One ``Writer`` process appends atomic records to log files; any number of ``Reader`` processes
+see every committed record at once through overlays in POSIX shared memory; an enactor applies
+records to the table files in the background. See README.md and DESIGN.md.
+"""
+
+from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
+                     CorruptionError, DatabaseError, Error, ForkedError, StorageError, TableError,
+                     ValueTooLargeError, WriterFailedError, WriterLockedError)
+from .reader import Reader
+from .record import Record
+from .tables import IndexTable, ValueTable
+from .writer import Writer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Writer", "Reader", "Record", "IndexTable", "ValueTable",
+    "Error", "ArgumentTypeError", "ArgumentRangeError", "ValueTooLargeError", "TableError",
+    "ClosedError", "ForkedError", "WriterLockedError", "DatabaseError", "CorruptionError",
+    "StorageError", "WriterFailedError", "BackpressureError",
+]

@@ -1,0 +1,643 @@
+"""Read-only inspection of a database directory: what ``mpwal inspect``, ``mpwal verify`` and
+``mpwal dump`` print.
+
+* ``inspect_db`` describes the directory: tables and their files, log files with their record
+  ids and queue (appending, read, cleanup, pool), the queue state, the shared-memory segments of
+  the directory and whether a writer is alive.
+* ``verify`` reads every log as replay would (``logs.read_logs``), checks every CRC and the
+  record-id sequence, and names the first bad record and what replay would discard after it.
+* ``dump`` prints every record of the valid prefix, as text or as JSON lines.
+
+None of them changes anything (DESIGN.md invariant 8): files are opened read-only, shared memory
+is mapped read-only, and no lock is taken, so they run beside a live writer and enactor and never
+make them wait. The price is that a live database can change while it is being read; each
+function notices when a log or the queue state changed under it and says so rather than print a
+mix of two moments as if it were one.
+
+Each function writes to the text stream ``out`` and returns the process exit status:
+
+* 0: examined, nothing wrong;
+* 1: a problem was found (``verify``, ``dump``): a torn, corrupt or out-of-sequence record, a
+  gap in the record ids, a log that does not start with a record, or a record that does not
+  match the tables in ``mpwal.meta``;
+* 2: the directory could not be examined: it is not an mpwal database, an I/O error, or (for
+  ``verify`` and ``dump``) the logs changed while they were read; run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, TextIO
+
+import posix_ipc
+
+from . import fileio
+from . import overlay as ov
+from .errors import Error
+from .format import (BEGIN_RECORD, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan, Record,
+                     entries_of, first_record_id)
+from .logs import LogFile, LogSet, Problem, read_logs
+from .queues import QueueState, load_queues, log_ids, log_path, writer_alive
+from .tables import META_FILE, Table, load_catalog
+
+PREVIEW_BYTES = 16  # bytes of a value shown by the text dump
+MAX_LISTED = 10  # table mismatches listed by verify before it only counts them
+
+WHY = {
+    "torn": "the record is cut short (a write that did not finish, or a truncated file)",
+    "crc": "the CRC-32 stored in the record does not match its bytes",
+    "bad type": "a byte where a record or entry type belongs is not one",
+    "out of sequence": "its record id does not follow the previous record's",
+    "gap": "the log does not continue the record ids of the one before it: a log file is missing",
+    "no first record": "the file does not start with a BEGIN_RECORD",
+}
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+@dataclass
+class _Stats:
+    """What one log file holds, read on its own (not as part of the prefix)."""
+
+    count: int = 0  # whole records (CRC verified)
+    first: int | None = None
+    last: int | None = None
+
+    def add(self, rec: Record) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = rec.record_id
+        self.last = rec.record_id
+
+    def ids(self) -> str:
+        if self.first is None:
+            return "-"
+        return f"{self.first}..{self.last}"
+
+
+def _read_log(path: str, log_id: int) -> bytes | None:
+    try:
+        return fileio.read_file(log_path(path, log_id))
+    except FileNotFoundError:
+        return None
+
+
+def _salvage(buf, pos: int) -> _Stats:
+    """Whole records found in ``buf`` from ``pos`` on, stepping over damage: what replay would
+    throw away past a problem. Resynchronises on the next BEGIN_RECORD byte whose record then
+    verifies (a false match needs a CRC-32 collision)."""
+    stats = _Stats()
+    view = memoryview(buf)
+    n = len(buf)
+    begin = bytes([BEGIN_RECORD])
+    while pos < n:
+        scan = LogScan(view[pos:])
+        for rec in scan.records():
+            stats.add(rec)
+        if scan.problem is None:
+            break
+        nxt = buf.find(begin, pos + scan.end + 1)
+        if nxt < 0:
+            break
+        pos = nxt
+    return stats
+
+
+class _Db:
+    """One read-only look at a database: catalog, queue state and the set of logs.
+
+    ``prefix()`` streams the records of the valid prefix a second time, one log at a time, so a
+    large database is never held in memory as decoded records; each log is checked to be the
+    one ``read_logs`` saw (same first record id, same valid bytes), else ``changed`` says so.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.catalog: dict[int, Table] = load_catalog(path)
+        self.queues: QueueState | None = load_queues(path)
+        self.logs: LogSet = read_logs(path, keep_records=False)
+        self.changed: list[str] = []
+        self.stats: dict[int, _Stats] = {}  # valid logs, filled by prefix()
+        self.last_id: int | None = None  # last record of the prefix, once prefix() ran
+
+    def prefix(self) -> Iterator[tuple[LogFile, Record]]:
+        expect = None
+        for lf in self.logs.valid:
+            stats = self.stats[lf.log_id] = _Stats()
+            data = _read_log(self.path, lf.log_id)
+            if data is None or len(data) < lf.end or (
+                    lf.end and first_record_id(data) != lf.first_record):
+                self.changed.append(f"log{lf.log_id} was cleaned or reused while it was read")
+                return
+            scan = LogScan(memoryview(data)[:lf.end], expect)
+            for rec in scan.records():
+                stats.add(rec)
+                self.last_id = rec.record_id
+                yield lf, rec
+            if scan.problem is not None or scan.end != lf.end:
+                self.changed.append(f"log{lf.log_id} changed while it was read")
+                return
+            expect = scan.expect_id
+
+    def run_prefix(self) -> None:
+        for _ in self.prefix():
+            pass
+
+    def expected_id(self) -> int | None:
+        """The record id that should have stood where the problem is (after ``prefix()``)."""
+        if self.last_id is not None:
+            return self.last_id + 1
+        return None
+
+    def queues_moved(self) -> bool:
+        """Whether the queue state changed since it was first read (a live writer/enactor)."""
+        try:
+            now = load_queues(self.path)
+        except Error:
+            return True
+        before = self.queues
+        if before is None or now is None:
+            return (before is None) != (now is None)
+        return (now.version, now.epoch) != (before.version, before.epoch)
+
+
+def _error(out: TextIO, msg: str, json_lines: bool = False) -> None:
+    print(json.dumps({"error": msg}) if json_lines else f"error: {msg}", file=out)
+
+
+def _open(path: str, out: TextIO, json_lines: bool = False) -> _Db | None:
+    try:
+        return _Db(path)
+    except Error as e:
+        _error(out, str(e), json_lines)
+    except OSError as e:  # listing the directory, say
+        _error(out, f"cannot read {path}: {e.strerror or e}", json_lines)
+    return None
+
+
+def _problem_text(db: _Db, p: Problem) -> str:
+    """One line naming the first bad record: log, byte offset, record id, why."""
+    exp = db.expected_id()
+    if p.why == "gap":
+        where = f"log{p.log_id} at byte 0"
+        if exp is not None:
+            return (f"{where}: gap: expected record {exp}, but the next log starts at record "
+                    f"{p.record_id} ({WHY['gap']})")
+        return f"{where}: gap: the log starts at record {p.record_id} ({WHY['gap']})"
+    if p.record_id is not None:
+        rec = f", record {p.record_id}"
+        if p.why in ("out of sequence", "crc") and exp is not None and p.record_id != exp:
+            rec += f" (expected {exp})"
+    elif exp is not None and p.why != "no first record":
+        rec = f", record {exp} by sequence"
+    else:
+        rec = ""
+    return f"log{p.log_id} at byte {p.offset}{rec}: {p.why} ({WHY.get(p.why, p.why)})"
+
+
+def _problem_json(db: _Db, p: Problem) -> dict:
+    return {"log": f"log{p.log_id}", "offset": p.offset, "record_id": p.record_id,
+            "expected_record_id": db.expected_id() if p.why != "no first record" else None,
+            "why": p.why, "message": _problem_text(db, p)}
+
+
+def _queue_of(qs: QueueState | None, log_id: int) -> str:
+    if qs is None:
+        return "unknown"
+    if qs.appending == log_id:
+        return "appending"
+    for name in ("read", "cleanup", "pool"):
+        if log_id in getattr(qs, name):
+            return name
+    return "unknown"
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _table(out: TextIO, header: list[str], rows: list[list], indent: str = "  ") -> None:
+    """Print rows in columns: text left-aligned, numbers right-aligned."""
+    cells = [header] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(isinstance(r[i], int) or r[i] is None for r in rows) and rows != []
+               for i in range(len(header))]
+    for r in cells:
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)]
+        print(indent + "  ".join(parts).rstrip(), file=out)
+
+
+# -- inspect ---------------------------------------------------------------------------------
+
+def inspect_db(path: str, out: TextIO) -> int:
+    """Describe the database at ``path``: tables, log files and their queues, record ids, queue
+    state, shared-memory segments and writer liveness. Exit 0, or 2 if it cannot be read."""
+    db = _open(path, out)
+    if db is None:
+        return 2
+    try:
+        db.run_prefix()
+        rows = []
+        salvaged = {}
+        for lid in _all_log_ids(db):
+            data = _read_log(path, lid)
+            if lid in db.stats:  # a valid log: only what follows a problem in it
+                p = db.logs.problem
+                if p is not None and p.log_id == lid and data:
+                    salvaged[lid] = _salvage(data, p.offset)
+                continue
+            salvaged[lid] = _salvage(data, 0) if data else _Stats()
+    except OSError as e:
+        print(f"error: cannot read {path}: {e.strerror or e}", file=out)
+        return 2
+    realpath = os.path.realpath(path)
+    print(f"database {realpath}", file=out)
+
+    print("tables:", file=out)
+    trows = []
+    for tid in sorted(db.catalog):
+        t = db.catalog[tid]
+        trows.append([tid, t.kind, getattr(t, "slot_size", None), t.file_name,
+                      _size(os.path.join(path, t.file_name))])
+    if trows:
+        _table(out, ["id", "kind", "slot_size", "file", "bytes"], trows)
+    else:
+        print("  (none)", file=out)
+
+    print("logs:", file=out)
+    ls = db.logs
+    qs = db.queues
+    order = [lf.log_id for lf in ls.valid] + list(ls.discarded) + list(ls.empty)
+    problem_log = ls.problem.log_id if ls.problem else None
+    for lid in order:
+        if lid in db.stats:
+            st = db.stats[lid]
+            state = "valid"
+            if lid == problem_log:
+                after = salvaged.get(lid, _Stats())
+                state = f"valid up to byte {ls.problem.offset}, then {ls.problem.why}"
+                if after.count:
+                    state += f" ({after.count} whole records {after.ids()} after it)"
+        elif lid in ls.empty:
+            st, state = _Stats(), "empty"
+        else:
+            st, state = salvaged.get(lid, _Stats()), "discarded by replay"
+        rows.append([f"log{lid}", _size(log_path(path, lid)), st.count, st.ids(),
+                     _queue_of(qs, lid), state])
+    if qs is not None:
+        listed = ([qs.appending] if qs.appending is not None else []) + list(qs.read) + \
+            list(qs.cleanup) + list(qs.pool)
+        on_disk = set(order)
+        for lid in listed:
+            if lid not in on_disk:
+                rows.append([f"log{lid}", None, None, "-", _queue_of(qs, lid), "missing on disk"])
+    if rows:
+        _table(out, ["log", "bytes", "records", "ids", "queue", "state"], rows)
+    else:
+        print("  (none)", file=out)
+
+    firsts = [s.first for s in list(db.stats.values()) + list(salvaged.values()) if s.first is not None]
+    lasts = [s.last for s in list(db.stats.values()) + list(salvaged.values()) if s.last is not None]
+    if firsts:
+        print(f"record ids on disk: {min(firsts)}..{max(lasts)}", file=out)
+    else:
+        print("record ids on disk: none", file=out)
+    prefix_first = next((s.first for s in db.stats.values() if s.first is not None), None)
+    if db.last_id is not None:
+        print(f"valid prefix: records {prefix_first}..{db.last_id}", file=out)
+    else:
+        print("valid prefix: empty", file=out)
+    if ls.problem is not None:
+        print(f"problem: {_problem_text(db, ls.problem)}; run `mpwal verify` for details", file=out)
+
+    alive = writer_alive(path)
+    if qs is None:
+        print("queue state: none (no queue file; a writer rebuilds it from the logs on open)", file=out)
+    else:
+        print(f"last cleaned record: {qs.last_cleaned_record}", file=out)
+        print(f"queue state: version {qs.version}, epoch {qs.epoch}, generation {qs.generation}, "
+              f"appending {_name(qs.appending)}, read [{_names(qs.read)}], "
+              f"cleanup [{_names(qs.cleanup)}], pool [{_names(qs.pool)}], next log {qs.next_log}, "
+              f"sync_data {qs.sync_data}", file=out)
+        if not alive:
+            print("  (written by the last writer; the next writer rebuilds it from the logs)", file=out)
+    print(f"writer: {'alive' if alive else 'not alive'} (writer.lock "
+          f"{'held' if alive else 'not held'})", file=out)
+
+    _print_segments(realpath, alive, out)
+    if db.changed or db.queues_moved():
+        print("note: the database changed while it was read (a live writer or enactor); "
+              "the numbers above may mix two moments", file=out)
+    return 0
+
+
+def _name(lid) -> str:
+    return "-" if lid is None else f"log{lid}"
+
+
+def _names(ids) -> str:
+    return ", ".join(f"log{i}" for i in ids)
+
+
+def _all_log_ids(db: _Db) -> list[int]:
+    return log_ids(db.path)
+
+
+_STATE_NAMES = {0: "new", 1: "live", 2: "superseded", 3: "closed"}
+
+
+def _segment_header(name: str) -> dict | str:
+    """The header words of a segment, read under its sequence lock; a str says why not."""
+    try:
+        r = ov.OverlayReader(name)
+    except FileNotFoundError as e:
+        return f"unreadable ({e})"
+    except (posix_ipc.Error, OSError, ValueError) as e:
+        return f"cannot open ({e})"
+    try:
+        q = r.q
+        words = ("GENERATION", "STATE", "NEXT_GEN", "WRITER_PID", "COMMITTED", "DURABLE",
+                 "ENACTED", "ENACTOR_PID", "NSLOTS", "HEAP_BYTES", "ENTRIES", "HEAP_USED", "NDROPS")
+        snap: dict = {}
+        for attempt in range(200):
+            s1 = q[ov.SEQ]
+            if s1 & 1 and s1 != ov.SUPERSEDED:
+                time.sleep(0.0005)
+                continue
+            snap = {w.lower(): q[getattr(ov, w)] for w in words}
+            if q[ov.SEQ] == s1:
+                snap["consistent"] = True
+                break
+        else:
+            snap = {w.lower(): q[getattr(ov, w)] for w in words}
+            snap["consistent"] = False  # the writer kept it busy (or died mid-change)
+        snap["bytes"] = len(r.m)
+        return snap
+    finally:
+        r.release()
+
+
+def _print_segments(realpath: str, alive: bool, out: TextIO) -> None:
+    names = ov.stale_segments(realpath)
+
+    def gen(n: str) -> int:
+        try:
+            return int(n.rsplit("-", 1)[1], 16)
+        except (IndexError, ValueError):
+            return -1
+
+    names.sort(key=gen)
+    if not names:
+        print("shared memory: no segments", file=out)
+        return
+    print("shared memory:", file=out)
+    for name in names:
+        h = _segment_header(name)
+        if isinstance(h, str):
+            print(f"  {name}: {h}", file=out)
+            continue
+        state = _STATE_NAMES.get(h["state"], f"state {h['state']}")
+        if h["state"] == 2:
+            state += f" by generation {h['next_gen']}"
+        if h["state"] == 1 and not alive:
+            state += " (its writer is gone; the next writer removes it)"
+        print(f"  {name}: generation {h['generation']}, {state}, writer pid {h['writer_pid']}, "
+              f"enactor pid {h['enactor_pid']}", file=out)
+        print(f"    committed {h['committed']}, durable {h['durable']}, enacted {h['enacted']}; "
+              f"entries {h['entries']} of {h['nslots']} slots, heap {h['heap_used']} of "
+              f"{h['heap_bytes']} bytes, pending drops {h['ndrops']}, segment {h['bytes']} bytes"
+              + ("" if h["consistent"] else "; header was changing while read"), file=out)
+
+
+# -- verify ----------------------------------------------------------------------------------
+
+def _table_mismatch(catalog: dict[int, Table], op) -> str | None:
+    """Why an op cannot be enacted against the tables of ``mpwal.meta``, or None."""
+    t = catalog.get(op.table)
+    if t is None:
+        return f"table {op.table} is not defined in {META_FILE}"
+    if op.kind == INSERT_INDEX and t.kind != "index":
+        return f"insert_index into table {op.table}, which is a {t.kind} table"
+    if op.kind == INSERT_VALUE:
+        if t.kind != "value":
+            return f"insert_value into table {op.table}, which is a {t.kind} table"
+        if op.data is not None and len(op.data) > t.slot_size:
+            return (f"a {len(op.data)}-byte value in table {op.table}, whose slot_size is "
+                    f"{t.slot_size}")
+    return None
+
+
+def verify(path: str, out: TextIO) -> int:
+    """Check every log of ``path`` as replay would: CRCs, record-id sequence, record types, and
+    that records fit the tables. Print a line per log, then the first problem (log, byte offset,
+    record id, why) and what replay would discard after it. Exit 0 clean, 1 problem, 2 cannot
+    examine."""
+    db = _open(path, out)
+    if db is None:
+        return 2
+    ls = db.logs
+    mismatches: list[str] = []
+    n_mismatch = 0
+    try:
+        for lf, rec in db.prefix():
+            for op in rec.ops:
+                why = _table_mismatch(db.catalog, op)
+                if why is not None:
+                    n_mismatch += 1
+                    if len(mismatches) < MAX_LISTED:
+                        mismatches.append(f"record {rec.record_id} (log{lf.log_id} at byte "
+                                          f"{rec.start}): {why}")
+        tail = _discarded_tail(db)
+    except OSError as e:
+        print(f"error: cannot read {path}: {e.strerror or e}", file=out)
+        return 2
+
+    print(f"verify {os.path.realpath(path)}", file=out)
+    rows = []
+    p = ls.problem
+    for lf in ls.valid:
+        st = db.stats.get(lf.log_id, _Stats())
+        state = "ok"
+        if p is not None and p.log_id == lf.log_id:
+            state = f"{p.why} at byte {p.offset}"
+        rows.append([f"log{lf.log_id}", lf.size, st.count, st.ids(), state])
+    for lid in ls.discarded:
+        st, size, why = tail[lid]
+        rows.append([f"log{lid}", size, st.count, st.ids(), why])
+    for lid in ls.empty:
+        rows.append([f"log{lid}", 0, 0, "-", "empty"])
+    if rows:
+        _table(out, ["log", "bytes", "records", "ids", "state"], rows)
+    else:
+        print("  no log files", file=out)
+
+    missing = [t.file_name for t in db.catalog.values()
+               if not os.path.exists(os.path.join(path, t.file_name))]
+    for f in missing:
+        print(f"problem: table file {f} is missing (readers and the enactor cannot open it)",
+              file=out)
+
+    total = sum(s.count for s in db.stats.values())
+    if db.last_id is not None:
+        first = next(s.first for s in db.stats.values() if s.first is not None)
+        print(f"valid prefix: {total} records, {first}..{db.last_id}, in {len(ls.valid)} "
+              f"log{'s' if len(ls.valid) != 1 else ''}", file=out)
+    else:
+        print("valid prefix: no records", file=out)
+
+    if p is not None:
+        print(f"problem: {_problem_text(db, p)}", file=out)
+        if p.why == "torn" and writer_alive(path) and db.queues is not None \
+                and db.queues.appending == p.log_id:
+            print("  note: a writer is alive and appends to this log; a record being written "
+                  "looks torn until its write completes: run verify again", file=out)
+        _print_discarded(db, tail, out)
+    if n_mismatch:
+        print(f"problem: {n_mismatch} change{'s' if n_mismatch != 1 else ''} in the valid prefix "
+              f"do not fit the tables of {META_FILE} (the enactor would fail on them):", file=out)
+        for m in mismatches:
+            print(f"  {m}", file=out)
+        if n_mismatch > len(mismatches):
+            print(f"  ... and {n_mismatch - len(mismatches)} more", file=out)
+
+    found = p is not None or n_mismatch or missing
+    moved = db.queues_moved()
+    if db.changed or (moved and found):
+        for c in db.changed:
+            print(f"note: {c}", file=out)
+        print("result: inconclusive: the logs changed while they were read (a live writer or "
+              "enactor rotated or cleaned one); run verify again", file=out)
+        return 2
+    if moved:
+        print("note: the queue state changed while the logs were read; every record read "
+              "verified", file=out)
+    if found:
+        print("result: PROBLEM", file=out)
+        return 1
+    print("result: ok", file=out)
+    return 0
+
+
+def _discarded_tail(db: _Db) -> dict:
+    """For each discarded log: (whole records found in it, size, state text); and under key
+    None, for the problem log: (whole records found past the problem, bytes past it)."""
+    ls = db.logs
+    res: dict = {}
+    p = ls.problem
+    if p is not None and any(lf.log_id == p.log_id for lf in ls.valid):
+        data = _read_log(db.path, p.log_id) or b""
+        res[None] = (_salvage(data, p.offset), max(0, len(data) - p.offset))
+    for lid in ls.discarded:
+        data = _read_log(db.path, lid) or b""
+        st = _salvage(data, 0)
+        if first_record_id(data) is None:
+            why = "discarded: does not start with a record"
+        elif p is not None and p.log_id == lid and p.why == "gap":
+            why = "discarded: gap before it"
+        else:
+            why = "discarded: after the problem"
+        res[lid] = (st, len(data), why)
+    return res
+
+
+def _print_discarded(db: _Db, tail: dict, out: TextIO) -> None:
+    parts = []
+    records = 0
+    nbytes = 0
+    ids: list[int] = []
+    if None in tail:
+        st, n = tail[None]
+        p = db.logs.problem
+        parts.append(f"log{p.log_id} from byte {p.offset} ({n} bytes, {st.count} whole "
+                     f"record{'s' if st.count != 1 else ''})")
+        records += st.count
+        nbytes += n
+        ids += [i for i in (st.first, st.last) if i is not None]
+    for lid in db.logs.discarded:
+        st, n, _ = tail[lid]
+        parts.append(f"log{lid} ({n} bytes, {st.count} whole record{'s' if st.count != 1 else ''})")
+        records += st.count
+        nbytes += n
+        ids += [i for i in (st.first, st.last) if i is not None]
+    span = f", ids {min(ids)}..{max(ids)}" if ids else ""
+    print(f"replay discards {records} whole record{'s' if records != 1 else ''} after the problem "
+          f"({nbytes} bytes{span}):", file=out)
+    for part in parts:
+        print(f"  {part}", file=out)
+
+
+# -- dump ------------------------------------------------------------------------------------
+
+def _preview(data: bytes) -> str:
+    head = data[:PREVIEW_BYTES]
+    more = "..." if len(data) > PREVIEW_BYTES else ""
+    text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in head)
+    return f"{head.hex()}{more} |{text}{more}|"
+
+
+def _op_text(op) -> str:
+    if op.kind == DROP_TABLE:
+        return f"drop_table table {op.table}"
+    if op.kind == INSERT_INDEX:
+        entries = ", ".join(f"{e}: 0x{v:x}" for e, v in entries_of(op.mask, op.data))
+        return f"insert_index table {op.table} chunk {op.key} {{{entries}}}"
+    if op.data is None:
+        return f"insert_value table {op.table} index {op.key} removed"
+    return (f"insert_value table {op.table} index {op.key} {len(op.data)} bytes "
+            f"{_preview(op.data)}")
+
+
+def _op_json(op) -> dict:
+    if op.kind == DROP_TABLE:
+        return {"op": "drop_table", "table": op.table}
+    if op.kind == INSERT_INDEX:
+        return {"op": "insert_index", "table": op.table, "chunk": op.key,
+                "entries": {str(e): v for e, v in entries_of(op.mask, op.data)}}
+    return {"op": "insert_value", "table": op.table, "index": op.key,
+            "value_hex": None if op.data is None else op.data.hex()}
+
+
+def dump(path: str, out: TextIO, json_lines: bool = False) -> int:
+    """Print every record of the valid prefix in record-id order, then the problem that ends it,
+    if any. Text: a ``record ID log{N} byte OFFSET`` line, then one indented line per change.
+    ``json_lines``: one JSON object per record, ``{"record_id", "log", "offset", "ops"}``, and
+    a last ``{"problem": {...}}`` (or ``{"note": ...}``) object, so every line parses. Exit 0
+    clean, 1 if a problem ends the prefix, 2 cannot examine."""
+    db = _open(path, out, json_lines)
+    if db is None:
+        return 2
+    try:
+        for lf, rec in db.prefix():
+            if json_lines:
+                print(json.dumps({"record_id": rec.record_id, "log": f"log{lf.log_id}",
+                                  "offset": rec.start, "ops": [_op_json(op) for op in rec.ops]}),
+                      file=out)
+            else:
+                print(f"record {rec.record_id} log{lf.log_id} byte {rec.start}", file=out)
+                for op in rec.ops:
+                    print(f"  {_op_text(op)}", file=out)
+    except OSError as e:
+        _error(out, f"cannot read {path}: {e.strerror or e}", json_lines)
+        return 2
+    if db.changed:
+        for c in db.changed:
+            msg = f"{c}; the dump stops here: run it again"
+            print(json.dumps({"note": msg}) if json_lines else f"note: {msg}", file=out)
+        return 2
+    p = db.logs.problem
+    if p is not None:
+        if json_lines:
+            print(json.dumps({"problem": _problem_json(db, p)}), file=out)
+        else:
+            print(f"problem: {_problem_text(db, p)}; replay stops here", file=out)
+        return 1
+    return 0
+
+
+__all__ = ["inspect_db", "verify", "dump"]

@@ -1,0 +1,393 @@
+"""Readers: any number, in any process, that see every committed record without asking anyone.
+
+A reader never writes: not to disk, not to shared memory (it maps the overlay read-only), and
+it takes no lock, so it can never make the writer wait (invariant 6). Lookup order is the
+overlay, then the table's pending drop, then the table file, all inside one sequence-lock
+window (see ``overlay.py``): when the window's counter moved, the reader looks again. The table
+file is read inside the window too, so a slot that the enactor applies and the writer drops from
+the overlay meanwhile is simply looked up again, never read half-written.
+
+Two modes:
+
+* **shared memory** while a writer is alive: the segment named by the queue file's generation.
+  A segment marked superseded names its successor (the overlay grew, or a new writer replaced a
+  killed one); a counter that stays odd for more than ~50 ms makes the reader ask whether the
+  writer is alive (its ``writer.lock``) instead of spinning on.
+* **private** when there is no live writer: the reader reads the logs' longest valid prefix into
+  its own memory (as replay would apply it) over the table files. It checks the queue file's
+  identity on each lookup, so it moves to shared memory as soon as a writer publishes one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterable
+
+from .errors import ArgumentRangeError, ArgumentTypeError, ClosedError, DatabaseError
+from .format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, entries_of
+from .logs import read_logs
+from .overlay import (COMMITTED, DURABLE, ENACTED, ENTRIES, GENERATION, HEAP_BYTES, HEAP_USED,
+                      HEADER_WORDS, K, LIVE, M64, NDROPS, NEXT_GEN, NSLOTS, SLOT_WORDS, STATE,
+                      SUPERSEDED, OverlayReader, segment_name)
+from .queues import QUEUE_FILE, load_queues, writer_alive
+from .tables import TableFiles, check_key, load_catalog
+
+ZERO_CHUNK = bytes(CHUNK_BYTES)
+STUCK_SECONDS = 0.05
+
+
+class Reader:
+    """Read-only view of a database directory, in any process. A context manager."""
+
+    def __init__(self, path: str | os.PathLike):
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        self.path = os.path.realpath(os.fspath(path))
+        if not os.path.isdir(self.path):
+            raise DatabaseError(f"{self.path} does not exist; open a Writer on it first")
+        self._catalog = load_catalog(self.path)
+        self._files = TableFiles(self.path, self._catalog, writable=False)
+        self._queue_file = os.path.join(self.path, QUEUE_FILE)
+        self._seg: OverlayReader | None = None
+        self._private: dict | None = None  # (table, key) -> data, in private mode
+        self._private_drops: set[int] = set()
+        self._private_last = 0
+        self._private_stamp = None
+        self._closed = False
+        self.recoveries = 0  # times this reader moved segment or mode
+        self._attach()
+
+    # -- modes -------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        """Map the live writer's segment, or else read the logs privately."""
+        for _ in range(100):
+            stamp = self._stamp()
+            st = load_queues(self.path)
+            if st is not None and writer_alive(self.path):
+                try:
+                    seg = OverlayReader(segment_name(self.path, st.generation))
+                except FileNotFoundError:
+                    seg = None
+                if seg is not None:
+                    if seg.q[STATE] == LIVE:
+                        self._use_segment(seg)
+                        return
+                    seg.release()
+            if self._build_private(stamp):
+                return
+        raise DatabaseError(f"{self.path} kept changing while the reader opened; try again")
+
+    def _use_segment(self, seg: OverlayReader) -> None:
+        if self._seg is not None:
+            self._seg.release()
+        self._seg = seg
+        self._private = None
+        self._catalog.update(load_catalog(self.path))
+
+    def _stamp(self):
+        try:
+            s = os.stat(self._queue_file)
+            return (s.st_ino, s.st_mtime_ns, s.st_size)
+        except FileNotFoundError:
+            return None
+
+    def _build_private(self, stamp) -> bool:
+        """Read the logs' valid prefix into memory; False if the queues changed meanwhile."""
+        self._catalog.update(load_catalog(self.path))
+        logs = read_logs(self.path)
+        if self._stamp() != stamp:
+            return False
+        data: dict = {}
+        drops: set[int] = set()
+        for rec in logs.records():
+            for op in rec.ops:
+                if op.kind == DROP_TABLE:
+                    drops.add(op.table)
+                    for key in [k for k in data if k[0] == op.table]:
+                        del data[key]
+                elif op.kind == INSERT_INDEX:
+                    key = (op.table, op.key)
+                    base = data.get(key)
+                    if base is None:
+                        base = ZERO_CHUNK if op.table in drops else self._files.read_chunk(*key)
+                    chunk = bytearray(base)
+                    for e, v in entries_of(op.mask, op.data):
+                        chunk[e * 8:e * 8 + 8] = v.to_bytes(8, "little")
+                    data[key] = bytes(chunk)
+                else:
+                    data[(op.table, op.key)] = op.data
+        if self._seg is not None:
+            self._seg.release()
+            self._seg = None
+        st = load_queues(self.path)
+        last = logs.last_record_id
+        self._private_last = last if last is not None else (st.last_cleaned_record if st else 0)
+        self._private = data
+        self._private_drops = drops
+        self._private_stamp = stamp
+        return True
+
+    def _recover(self) -> None:
+        """The segment was superseded, closed, or its writer died: find what to read now."""
+        self.recoveries += 1
+        seg = self._seg
+        if seg is not None and seg.q[0] == SUPERSEDED and seg.q[STATE] != LIVE and seg.q[NEXT_GEN]:
+            try:
+                nxt = OverlayReader(segment_name(self.path, seg.q[NEXT_GEN]))
+                if nxt.q[STATE] == LIVE:
+                    self._use_segment(nxt)
+                    return
+                nxt.release()
+            except FileNotFoundError:
+                pass
+        self._attach()
+
+    def _wait_stable(self, spins: int, started: float) -> float:
+        """Called while the counter is odd: yield, and after a while check the writer lives."""
+        if spins < 64:
+            return started
+        now = time.monotonic()
+        if not started:
+            return now
+        if now - started > STUCK_SECONDS:
+            if self._seg.q[0] == SUPERSEDED or not writer_alive(self.path):
+                self._recover()
+                return 0.0
+            return now
+        time.sleep(0)
+        return started
+
+    def _private_fresh(self) -> None:
+        if self._stamp() != self._private_stamp:
+            self._attach()
+
+    # -- lookups -----------------------------------------------------------------------------
+    def value(self, table: int, index: int) -> bytes | None:
+        """The newest committed value of slot ``index`` of value table ``table``, or None."""
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
+        check_key(self._catalog, table, index, "value")
+        if self._seg is None:
+            self._private_fresh()
+            if self._seg is None:
+                return self._private_value(table, index)
+        spins = 0
+        started = 0.0
+        tag = table + 1
+        while True:
+            seg = self._seg
+            if seg is None:
+                return self._private_value(table, index)
+            q = seg.q
+            s = q[0]
+            if s == SUPERSEDED:
+                self._recover()
+                continue
+            if not s & 1:
+                # inline OverlayReader.find: this is the hot path
+                w = ((((index ^ (table << 47)) * K) & M64) >> seg.shift) * SLOT_WORDS + HEADER_WORDS
+                end = seg.slots_end
+                while True:
+                    t = q[w + 1]
+                    if t == tag and q[w] == index:
+                        loc = q[w + 3]
+                        stored = loc & 0xFFFFFFFF
+                        if stored:
+                            off = (loc >> 32) << 4
+                            data = seg.m[off:off + stored - 1]
+                        else:
+                            data = None
+                        break
+                    if not t:
+                        if q[NDROPS] and table in seg.drops():
+                            data = None
+                        else:
+                            data = self._files.read_value(table, index)
+                        break
+                    w += SLOT_WORDS
+                    if w == end:
+                        w = HEADER_WORDS
+                if q[0] == s:
+                    return data
+            spins += 1
+            started = self._wait_stable(spins, started)
+
+    def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
+        """``value`` for many indices of one table, in one consistent snapshot."""
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
+        indices = list(indices)
+        t = check_key(self._catalog, table, 0, "value")
+        limit = t.max_key
+        for i in indices:
+            if type(i) is not int or not 0 <= i < limit:
+                check_key(self._catalog, table, i, "value")
+        if self._seg is None:
+            self._private_fresh()
+            if self._seg is None:
+                return [self._private_value(table, i) for i in indices]
+        spins = 0
+        started = 0.0
+        tag = table + 1
+        tbits = table << 47
+        read_value = self._files.read_value
+        while True:
+            seg = self._seg
+            if seg is None:
+                return [self._private_value(table, i) for i in indices]
+            q = seg.q
+            s = q[0]
+            if s == SUPERSEDED:
+                self._recover()
+                continue
+            if not s & 1:
+                m = seg.m
+                shift = seg.shift
+                end = seg.slots_end
+                dropped = bool(q[NDROPS]) and table in seg.drops()
+                out = []
+                append = out.append
+                for index in indices:
+                    w = ((((index ^ tbits) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
+                    while True:
+                        tg = q[w + 1]
+                        if tg == tag and q[w] == index:
+                            loc = q[w + 3]
+                            stored = loc & 0xFFFFFFFF
+                            if stored:
+                                off = (loc >> 32) << 4
+                                append(m[off:off + stored - 1])
+                            else:
+                                append(None)
+                            break
+                        if not tg:
+                            append(None if dropped else read_value(table, index))
+                            break
+                        w += SLOT_WORDS
+                        if w == end:
+                            w = HEADER_WORDS
+                if q[0] == s:
+                    return out
+            spins += 1
+            started = self._wait_stable(spins, started)
+
+    def index_chunk(self, table: int, chunk: int) -> bytes:
+        """The 512 bytes of an index chunk (zeros where never written)."""
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
+        check_key(self._catalog, table, chunk, "index")
+        if self._seg is None:
+            self._private_fresh()
+        spins = 0
+        started = 0.0
+        while True:
+            seg = self._seg
+            if seg is None:
+                data = self._private.get((table, chunk))
+                if data is not None:
+                    return data
+                if table in self._private_drops:
+                    return ZERO_CHUNK
+                return self._files.read_chunk(table, chunk)
+            q = seg.q
+            s = q[0]
+            if s == SUPERSEDED:
+                self._recover()
+                continue
+            if not s & 1:
+                got = seg.find(table, chunk)
+                if got is not None:
+                    data = got[1] or ZERO_CHUNK
+                elif q[NDROPS] and table in seg.drops():
+                    data = ZERO_CHUNK
+                else:
+                    data = self._files.read_chunk(table, chunk)
+                if q[0] == s:
+                    return data
+            spins += 1
+            started = self._wait_stable(spins, started)
+
+    def index_entry(self, table: int, chunk: int, entry: int) -> int:
+        """One u64 entry (0..63) of an index chunk."""
+        if type(entry) is not int or not 0 <= entry < 64:
+            if not isinstance(entry, int) or isinstance(entry, bool):
+                raise ArgumentTypeError(f"entry must be an int, not {type(entry).__name__}")
+            raise ArgumentRangeError(f"entry {entry} is outside 0..63")
+        data = self.index_chunk(table, chunk)
+        return int.from_bytes(data[entry * 8:entry * 8 + 8], "little")
+
+    def _private_value(self, table: int, index: int) -> bytes | None:
+        key = (table, index)
+        if key in self._private:
+            return self._private[key]
+        if table in self._private_drops:
+            return None
+        return self._files.read_value(table, index)
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def last_record_id(self) -> int:
+        """The newest record id this reader can see."""
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
+        seg = self._seg
+        if seg is None:
+            self._private_fresh()
+            seg = self._seg
+            if seg is None:
+                return self._private_last
+        while True:
+            s = seg.q[0]
+            v = seg.q[COMMITTED]
+            if s == SUPERSEDED:
+                self._recover()
+                return self.last_record_id
+            if not s & 1 and seg.q[0] == s:
+                return v
+            time.sleep(0)
+
+    @property
+    def mode(self) -> str:
+        """``"shared-memory"`` while following a live writer, else ``"private"``."""
+        return "shared-memory" if self._seg is not None else "private"
+
+    def stats(self) -> dict:
+        """Record ids, queues, overlay use and generation as this reader sees them."""
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
+        st = load_queues(self.path)
+        out = {
+            "mode": self.mode,
+            "committed": self.last_record_id,
+            "logs": ({"appending": st.appending, "read": st.read, "cleanup": st.cleanup,
+                      "pool": st.pool} if st else None),
+            "recoveries": self.recoveries,
+        }
+        seg = self._seg
+        if seg is not None:
+            q = seg.q
+            out.update(durable=q[DURABLE], enacted=q[ENACTED], generation=q[GENERATION],
+                       overlay_entries=q[ENTRIES], overlay_bytes=q[HEAP_USED],
+                       overlay_capacity_entries=q[NSLOTS] // 2, overlay_capacity_bytes=q[HEAP_BYTES])
+        else:
+            out.update(private_entries=len(self._private or ()))
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._seg is not None:
+            self._seg.release()
+            self._seg = None
+        self._files.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<mpwal.Reader {self.path} {'closed' if self._closed else self.mode}>"

@@ -1,0 +1,786 @@
+"""The writer: the one process that appends records to the log and publishes them to readers.
+
+A commit (``Writer.record()`` block) goes, under one lock of the writer process:
+
+1. make room: absorb what the enactor has applied (drop those overlay entries by the record-id
+   rule), and if the overlay or the un-enacted log bytes are over their limits, grow the overlay
+   into a new shared-memory generation or wait for enactment (backpressure);
+2. encode the record and append it to the appending log (invariant 1: bytes in the log first);
+3. publish it into the overlay inside one sequence-lock window, so readers see all of it or none;
+4. rotate the appending log into the read queue once it passes ``log_size`` bytes.
+
+Durability: ``durability="commit"`` then waits until an fsync covers the record; one thread
+fsyncs for every commit waiting at that moment (group commit). ``sync()`` does the same for
+everything committed so far.
+
+Open (replay): the writer takes ``writer.lock``, bumps the queue epoch (a running enactor of an
+earlier writer lets go of ``enactor.lock``), takes ``enactor.lock`` itself, reads the longest
+valid prefix of the logs and applies it to the table files (records are after-images, so this
+is idempotent), fsyncs the tables, and only then truncates the logs into the pool. The overlay
+of the new generation starts empty: everything replayed is in the tables. Segments left by a
+killed writer are marked superseded and unlinked.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import errno
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from typing import Iterable
+
+import filelock
+
+from . import fileio
+from .enactor import BATCH_BYTES, BATCH_RECORDS, Enactor
+from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
+                     DatabaseError, ForkedError, StorageError, WriterFailedError, storage_error)
+from .format import CHUNK_BYTES, DROP_TABLE, encode_record
+from .logs import read_logs
+from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSED,
+                      SUPERSEDED_STATE, OverlayWriter, segment_name, stale_segments,
+                      supersede_segment)
+from .queues import (ENACTOR_LOCK, QUEUE_LOCK, QueueState, WriterLock, file_lock, load_queues,
+                     log_ids, log_path, save_queues)
+from .record import Record
+from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog
+from .tables import IndexTable, ValueTable
+
+log = logging.getLogger("mpwal")
+
+_live_writers: "weakref.WeakSet[Writer]" = weakref.WeakSet()
+MAX_UNSYNCED_LOGS = 64
+ZERO_CHUNK = bytes(CHUNK_BYTES)
+
+
+class Writer:
+    """The one writer of a database directory. Thread-safe; a context manager.
+
+    Options (all keyword-only):
+
+    * ``sync_wal`` (True): fsync each log when it is rotated.
+    * ``sync_data`` (True): fsync the tables before a log holding their data is truncated.
+    * ``durability``: ``"relaxed"`` (default; commits return once the record is in the log file
+      and visible to readers) or ``"commit"`` (each commit returns once it is on disk; threads
+      share fsyncs).
+    * ``log_size`` (64 MiB) and ``log_age`` (1 s): rotate the appending log past this size, or
+      when it is this old and not empty.
+    * ``enactor``: ``"thread"`` (default), ``"process"``, or ``"none"`` (run ``mpwal enactor PATH``
+      yourself).
+    * ``overlay_slots`` / ``overlay_bytes``: first shared-memory capacity (entries, data bytes);
+      it doubles up to ``max_overlay_bytes`` when short.
+    * ``max_pending_bytes`` (1 GiB): un-enacted log bytes allowed before commits wait.
+    * ``backpressure_timeout`` (30 s): how long a commit waits for room before
+      ``BackpressureError``.
+    """
+
+    def __init__(self, path: str | os.PathLike, tables: Iterable[IndexTable | ValueTable] = (), *,
+                 sync_wal: bool = True, sync_data: bool = True, durability: str = "relaxed",
+                 log_size: int = 64 << 20, log_age: float = 1.0, enactor: str = "thread",
+                 overlay_slots: int = 1 << 16, overlay_bytes: int = 64 << 20,
+                 max_overlay_bytes: int = 1 << 30, max_pending_bytes: int = 1 << 30,
+                 backpressure_timeout: float = 30.0):
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        if durability not in ("relaxed", "commit"):
+            raise ArgumentRangeError(f"durability must be 'relaxed' or 'commit', not {durability!r}")
+        if enactor not in ("thread", "process", "none"):
+            raise ArgumentRangeError(f"enactor must be 'thread', 'process' or 'none', not {enactor!r}")
+        for name, v, lo in (("log_size", log_size, 1), ("overlay_slots", overlay_slots, 16),
+                            ("overlay_bytes", overlay_bytes, 4096),
+                            ("max_overlay_bytes", max_overlay_bytes, 4096),
+                            ("max_pending_bytes", max_pending_bytes, 1)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ArgumentTypeError(f"{name} must be an int, not {type(v).__name__}")
+            if v < lo:
+                raise ArgumentRangeError(f"{name} must be at least {lo}, got {v}")
+        for name, v in (("log_age", log_age), ("backpressure_timeout", backpressure_timeout)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ArgumentRangeError(f"{name} must be a number of seconds >= 0, got {v!r}")
+        self.path = os.path.realpath(os.fspath(path))
+        self.sync_wal = bool(sync_wal)
+        self.sync_data = bool(sync_data)
+        self.durability = durability
+        self.log_size = log_size
+        self.log_age = float(log_age)
+        self.enactor_mode = enactor
+        self.max_overlay_bytes = max(max_overlay_bytes, overlay_bytes)
+        self.max_pending_bytes = max_pending_bytes
+        self.backpressure_timeout = float(backpressure_timeout)
+        self._pid = os.getpid()
+        self._closed = False
+        self._forked = False
+        self._failed: BaseException | None = None
+        self._lock = threading.RLock()
+        self._sync_cond = threading.Condition(threading.Lock())
+        self._syncing = False
+        self._durable = 0
+        self._app_id: int | None = None  # appending log
+        self._app_fd = -1
+        self._app_bytes = 0
+        self._app_since = 0.0
+        self._unsynced: list[int] = []  # fds of rotated logs not yet fsynced
+        self._pending: collections.deque = collections.deque()  # (rid, keys, drops, nbytes)
+        self._pending_bytes = 0
+        self._rotations = 0
+        self._enactor_restarts = 0
+        self._enactor_thread: threading.Thread | None = None
+        self._enactor_obj: Enactor | None = None
+        self._enactor_proc: subprocess.Popen | None = None
+        self._enactor_stop = threading.Event()
+        self._enactor_errors: list[str] = []
+        self._wlock: WriterLock | None = None
+        self._ov: OverlayWriter | None = None
+
+        self._open_dir()
+        self._wlock = WriterLock(self.path)
+        try:
+            self._catalog = merge_catalog(self.path, tables)
+            self._files = TableFiles(self.path, self._catalog, writable=False)
+            self._queue_lock = file_lock(self.path, QUEUE_LOCK)
+            self._replay(overlay_slots, overlay_bytes)
+        except BaseException:
+            if self._ov is not None:
+                self._ov.retire(CLOSED)
+            self._wlock.release()
+            raise
+        _live_writers.add(self)
+        self._stop = threading.Event()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="mpwal-housekeeping",
+                                             daemon=True)
+        self._housekeeper.start()
+        self._start_enactor()
+
+    # -- opening -----------------------------------------------------------------------------
+    def _open_dir(self) -> None:
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, f"creating the database directory {self.path}") from None
+        if not os.path.isdir(self.path):
+            raise DatabaseError(f"{self.path} is not a directory; give a directory path")
+        if not is_database(self.path):
+            stray = [n for n in os.listdir(self.path) if n not in ("writer.lock",)]
+            if stray:
+                raise DatabaseError(
+                    f"{self.path} is not empty and is not an mpwal database (no {META_FILE}): "
+                    "give an empty or new directory")
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StorageError(errno.EACCES, f"no write permission on {self.path} (permission "
+                                             "denied: check the directory's owner and mode)")
+
+    def _replay(self, overlay_slots: int, overlay_bytes: int) -> None:
+        """Apply the longest valid prefix of the logs to the tables; start a new generation."""
+        with self._queue_lock:
+            st = load_queues(self.path) or QueueState()
+            st.epoch += 1
+            st.writer_pid = self._pid
+            st.sync_data = self.sync_data
+            save_queues(self.path, st)
+        enactor_lock = file_lock(self.path, ENACTOR_LOCK)
+        try:
+            enactor_lock.acquire(timeout=30)
+        except filelock.Timeout:
+            raise DatabaseError(f"an enactor process still holds {ENACTOR_LOCK} after 30 s; stop "
+                                "it (it lets go when a new writer opens) and reopen") from None
+        try:
+            logs = read_logs(self.path)  # an I/O error raises here and keeps every log
+            if logs.problem:
+                log.warning("replay of %s stops at %s; later records are dropped",
+                            self.path, logs.problem)
+            applier = Enactor(self.path)
+            try:
+                batch: list = []
+                size = 0
+                count = 0
+                for rec in logs.records():
+                    has_drop = any(op.kind == DROP_TABLE for op in rec.ops)
+                    if batch and (has_drop or len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES):
+                        applier._apply(batch)
+                        batch, size = [], 0
+                    batch.append(rec)
+                    size += rec.end - rec.start
+                    count += 1
+                if batch:
+                    applier._apply(batch)
+                applier.files.sync()
+            finally:
+                applier.files.close()
+            last = logs.last_record_id or 0
+            with self._queue_lock:
+                st = load_queues(self.path) or st
+                for lid in log_ids(self.path):
+                    self._truncate_log(lid)
+                fileio.sync_dir(self.path)
+                ids = log_ids(self.path)
+                st.pool = ids[:16]
+                for lid in ids[16:]:
+                    os.unlink(log_path(self.path, lid))
+                st.read, st.cleanup, st.appending = [], [], None
+                st.next_log = (max(ids) + 1) if ids else max(st.next_log, 0)
+                st.last_cleaned_record = max(st.last_cleaned_record, last)
+                self._next_id = st.last_cleaned_record + 1
+                old_gen = st.generation
+                st.generation = old_gen + 1
+                self._ov = OverlayWriter(self.path, st.generation, overlay_slots, overlay_bytes)
+                q = self._ov.q
+                q[COMMITTED] = q[DURABLE] = q[ENACTED] = self._next_id - 1
+                self._durable = self._next_id - 1
+                save_queues(self.path, st, sync=True)
+                self._queue = st
+            if count:
+                log.debug("replayed %d records of %s through record %d", count, self.path, last)
+        except OSError as e:
+            raise e if isinstance(e, StorageError) else storage_error(e, "replaying the logs") from None
+        finally:
+            enactor_lock.release()
+        for name in stale_segments(self.path):
+            if name != self._ov.name:
+                supersede_segment(name, self._ov.generation)
+
+    def _truncate_log(self, lid: int) -> None:
+        fd = os.open(log_path(self.path, lid), os.O_RDWR)
+        try:
+            if os.fstat(fd).st_size:
+                fileio.truncate(fd, 0)
+                fileio.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- the public API ----------------------------------------------------------------------
+    def record(self) -> Record:
+        """Start one atomic record; use it as a context manager."""
+        self._check_usable()
+        return Record(self)
+
+    def value(self, table: int, index: int) -> bytes | None:
+        """The newest committed value of a slot (overlay first, then the table file)."""
+        self._check_usable()
+        check_key(self._catalog, table, index, "value")
+        with self._lock:
+            got = self._ov.get(table, index)
+            if got is not None:
+                return got[1]
+            if table in self._ov.drops():
+                return None
+            return self._files.read_value(table, index)
+
+    def index_chunk(self, table: int, chunk: int) -> bytes:
+        """The newest committed 512 bytes of an index chunk."""
+        self._check_usable()
+        check_key(self._catalog, table, chunk, "index")
+        with self._lock:
+            return self._chunk_now(table, chunk)
+
+    def index_entry(self, table: int, chunk: int, entry: int) -> int:
+        data = self.index_chunk(table, chunk)
+        if type(entry) is not int or not 0 <= entry < 64:
+            raise ArgumentRangeError(f"entry {entry!r} is outside 0..63")
+        return int.from_bytes(data[entry * 8:entry * 8 + 8], "little")
+
+    @property
+    def last_record_id(self) -> int:
+        """The newest committed record id (0 before the first)."""
+        return self._next_id - 1
+
+    def sync(self) -> int:
+        """Return once every record committed before this call is on disk; returns its id."""
+        self._check_usable()
+        target = self._next_id - 1
+        self._wait_durable(target)
+        return target
+
+    def stats(self) -> dict:
+        """Record ids, queues, overlay use and enactor state, for monitoring."""
+        self._check_usable()
+        with self._lock:
+            self._absorb()
+            ov = self._ov
+            st = load_queues(self.path) or self._queue
+            return {
+                "committed": self._next_id - 1,
+                "durable": self._durable,
+                "enacted": ov.q[ENACTED],
+                "generation": ov.generation,
+                "logs": {"appending": st.appending, "read": list(st.read),
+                         "cleanup": list(st.cleanup), "pool": list(st.pool)},
+                "pending_bytes": self._pending_bytes,
+                "pending_records": len(self._pending),
+                "overlay_entries": len(ov.where),
+                "overlay_bytes": ov.used,
+                "overlay_capacity_entries": ov.nslots // 2,
+                "overlay_capacity_bytes": ov.heap_bytes,
+                "rotations": self._rotations,
+                "enactor": self.enactor_mode,
+                "enactor_pid": ov.q[ENACTOR_PID],
+                "enactor_restarts": self._enactor_restarts,
+                "enactor_errors": list(self._enactor_errors),
+            }
+
+    def close(self) -> None:
+        """Rotate, let the enactor finish, and remove the shared memory. Idempotent."""
+        if self._closed or self._forked:
+            return
+        self._closed = True
+        _live_writers.discard(self)
+        self._stop.set()
+        if self._housekeeper is not threading.current_thread():
+            self._housekeeper.join()
+        try:
+            with self._lock:
+                if self._failed is None:
+                    try:
+                        self._rotate()
+                    except StorageError:
+                        pass  # recorded in _failed; the logs stay for replay
+            self._stop_enactor()
+            if self._failed is None:
+                self._drain_here()
+        finally:
+            with self._lock:
+                if self._app_fd >= 0:
+                    os.close(self._app_fd)
+                    self._app_fd = -1
+                for fd in self._unsynced:
+                    os.close(fd)
+                self._unsynced = []
+                self._files.close()
+                self._ov.retire(CLOSED)
+                self._wlock.release()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"record {self._next_id - 1}"
+        return f"<mpwal.Writer {self.path} {state}>"
+
+    # -- committing --------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._forked or os.getpid() != self._pid:
+            self._forked = True
+            raise ForkedError("this Writer was inherited through fork(); the parent still owns "
+                              "it: open a Reader (or, after the parent closes, a new Writer) here")
+        if self._closed:
+            raise ClosedError(f"the Writer of {self.path} is closed; open a new mpwal.Writer")
+        if self._failed is not None:
+            raise WriterFailedError(
+                f"an earlier I/O error ({self._failed}) stopped this Writer; committed records are "
+                "safe in the log: close it and open a new Writer to replay")
+
+    def _commit(self, rec: Record) -> int:
+        values = rec._values
+        chunks = rec._chunks
+        drops = rec._drops
+        with self._lock:
+            self._check_usable()
+            rid = self._next_id
+            data = encode_record(rid, drops, chunks, values)
+            self._make_room(len(values) + len(chunks), values, len(chunks), drops, len(data))
+            self._append(data)
+            self._publish(rid, drops, chunks, values, len(data))
+            self._next_id = rid + 1
+            if self._app_bytes >= self.log_size:
+                self._rotate()
+        if self.durability == "commit":
+            self._wait_durable(rid)
+        return rid
+
+    def _append(self, data: bytes) -> None:
+        if self._app_fd < 0:
+            self._open_appending()
+        try:
+            fileio.write_all(self._app_fd, data)
+        except OSError as e:
+            try:  # take the torn bytes back, so the log ends at a record boundary
+                os.ftruncate(self._app_fd, self._app_bytes)
+                os.lseek(self._app_fd, self._app_bytes, os.SEEK_SET)
+            except OSError:
+                pass  # replay stops at the torn record anyway
+            raise self._fail(e, "appending a record to the log")
+        if not self._app_bytes:
+            self._app_since = time.monotonic()
+        self._app_bytes += len(data)
+
+    def _fail(self, e: OSError, doing: str) -> StorageError:
+        err = storage_error(e, doing)
+        self._failed = err
+        log.error("%s: the writer stops accepting commits", err)
+        return err
+
+    def _open_appending(self) -> None:
+        try:
+            with self._queue_lock:
+                st = load_queues(self.path) or self._queue
+                created = not st.pool
+                if st.pool:
+                    lid = st.pool.pop(0)
+                else:
+                    lid = st.next_log
+                    st.next_log += 1
+                fd = os.open(log_path(self.path, lid), os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    os.ftruncate(fd, 0)
+                    if created and self.sync_wal:
+                        fileio.sync_dir(self.path)
+                    st.appending = lid
+                    save_queues(self.path, st)
+                except BaseException:
+                    os.close(fd)
+                    raise
+        except OSError as e:
+            raise self._fail(e, "opening a new log file") from None
+        self._app_id, self._app_fd, self._app_bytes = lid, fd, 0
+        self._queue = st
+
+    def _chunk_now(self, table: int, chunk: int) -> bytes:
+        got = self._ov.get(table, chunk)
+        if got is not None:
+            return got[1]
+        if table in self._ov.drops():
+            return ZERO_CHUNK
+        return self._files.read_chunk(table, chunk)
+
+    def _publish(self, rid: int, drops, chunks, values, nbytes: int) -> None:
+        """Make the record visible: one sequence-lock window for all of it."""
+        images = []
+        for (t, c), (mask, entries) in chunks.items():
+            base = bytearray(ZERO_CHUNK if t in drops else self._chunk_now(t, c))
+            for e, v in entries.items():
+                base[e * 8:e * 8 + 8] = v.to_bytes(8, "little")
+            images.append((t, c, bytes(base)))
+        ov = self._ov
+        put = ov.put
+        ov.begin()
+        try:
+            if drops:
+                d = ov.drops()
+                for t in drops:
+                    ov.remove_table(t)
+                    d[t] = rid
+                ov.set_drops(d)
+            for t, c, img in images:
+                put(t, c, rid, img)
+            for (t, i), v in values.items():
+                put(t, i, rid, v)
+            ov.q[COMMITTED] = rid
+        finally:
+            ov.end()
+        keys = list(values)
+        keys.extend(chunks)
+        self._pending.append((rid, keys, tuple(drops), nbytes))
+        self._pending_bytes += nbytes
+
+    # -- room: absorbing enactment, growing, waiting ----------------------------------------
+    def _absorb(self) -> None:
+        """Drop overlay entries whose records the enactor applied (the record-id rule)."""
+        ov = self._ov
+        enacted = ov.q[ENACTED]
+        pend = self._pending
+        while pend and pend[0][0] <= enacted:
+            ov.begin()
+            try:
+                removed = 0
+                d = None
+                while pend and pend[0][0] <= enacted and removed < 4096:
+                    rid, keys, drops, nbytes = pend.popleft()
+                    remove_if = ov.remove_if
+                    for t, k in keys:
+                        remove_if(t, k, rid)
+                    removed += len(keys) + 1
+                    self._pending_bytes -= nbytes
+                    if drops:
+                        d = d if d is not None else ov.drops()
+                        for t in drops:
+                            if d.get(t) == rid:
+                                del d[t]
+                if d is not None:
+                    ov.set_drops(d)
+                if not pend:
+                    ov.reclaim()
+            finally:
+                ov.end()
+
+    def _make_room(self, new_keys: int, values: dict, nchunks: int, drops, nbytes: int) -> None:
+        self._absorb()
+        ov = self._ov
+        sizes = [len(v) for v in values.values() if v] if values else []
+        if nchunks:
+            sizes.extend([CHUNK_BYTES] * nchunks)
+
+        def fits() -> bool:
+            return (ov.room_for(new_keys, sizes)
+                    and (self._pending_bytes + nbytes <= self.max_pending_bytes or not self._pending)
+                    and len(set(ov.drops()) | set(drops)) <= MAX_DROPS)
+
+        if fits():
+            return
+        need = sum(sizes)
+        if need + new_keys * 64 > self.max_overlay_bytes:
+            raise BackpressureError(
+                f"one record of {need} bytes cannot fit in max_overlay_bytes="
+                f"{self.max_overlay_bytes}; split it or raise max_overlay_bytes")
+        if not ov.room_for(new_keys, sizes) and self._grow(new_keys, need):
+            ov = self._ov
+            if fits():
+                return
+        self._rotate()
+        deadline = time.monotonic() + self.backpressure_timeout
+        delay = 0.0005
+        while True:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+            self._absorb()
+            if fits():
+                return
+            self._supervise_enactor()
+            if time.monotonic() > deadline:
+                raise BackpressureError(
+                    f"enactment did not free room within {self.backpressure_timeout} s "
+                    f"(overlay {ov.used} of {ov.heap_bytes} bytes, {len(ov.where)} entries, "
+                    f"{self._pending_bytes} log bytes pending); check that an enactor runs "
+                    "(stats()['enactor_errors']) or raise the limits")
+
+    def _grow(self, new_keys: int, need: int) -> bool:
+        """Move to a generation with twice the capacity, if the limits allow; readers follow."""
+        old = self._ov
+        nslots = old.nslots
+        while (len(old.where) + new_keys) > nslots // 2:
+            nslots *= 2
+        heap = old.heap_bytes
+        while old.used + need > heap * 0.75:
+            heap *= 2
+        if nslots == old.nslots and heap == old.heap_bytes:
+            nslots *= 2
+            heap *= 2
+        if heap + nslots * 32 > self.max_overlay_bytes:
+            return False
+        gen = old.generation + 1
+        try:
+            new = OverlayWriter(self.path, gen, nslots, heap)
+        except StorageError as e:
+            log.warning("cannot grow the overlay: %s", e)
+            return False
+        new.begin()
+        new.copy_from(old)
+        new.end()
+        with self._queue_lock:
+            st = load_queues(self.path) or self._queue
+            st.generation = gen
+            save_queues(self.path, st)
+            self._queue = st
+        old.retire(SUPERSEDED_STATE, gen)
+        new.q[ENACTED] = max(new.q[ENACTED], old.q[ENACTED])
+        self._ov = new
+        old.release()
+        log.debug("overlay grew to generation %d: %d slots, %d heap bytes", gen, nslots, heap)
+        return True
+
+    # -- rotation and durability -------------------------------------------------------------
+    def _rotate(self) -> None:
+        """Move the appending log to the read queue (fsync it first with ``sync_wal``)."""
+        if self._app_fd < 0 or not self._app_bytes:
+            return
+        fd, lid = self._app_fd, self._app_id
+        try:
+            if self.sync_wal:
+                fileio.fsync(fd)
+            with self._queue_lock:
+                st = load_queues(self.path) or self._queue
+                st.appending = None
+                st.read.append(lid)
+                save_queues(self.path, st)
+                self._queue = st
+        except OSError as e:
+            raise self._fail(e, f"rotating log{lid}") from None
+        self._app_fd, self._app_id, self._app_bytes = -1, None, 0
+        self._rotations += 1
+        if self.sync_wal:
+            os.close(fd)
+            self._set_durable(self._next_id - 1 if self._pending else self._durable)
+        else:
+            self._unsynced.append(fd)
+            if len(self._unsynced) > MAX_UNSYNCED_LOGS:
+                for f in self._unsynced:
+                    os.close(f)
+                self._unsynced = []
+        log.debug("rotated log%d into the read queue", lid)
+
+    def _set_durable(self, rid: int) -> None:
+        with self._sync_cond:
+            if rid > self._durable:
+                self._durable = rid
+                self._ov.q[DURABLE] = rid
+            self._sync_cond.notify_all()
+
+    def _wait_durable(self, rid: int) -> None:
+        """Group commit: the first waiting thread fsyncs for all; the others wait for it."""
+        while True:
+            with self._sync_cond:
+                while self._durable < rid and self._syncing:
+                    self._sync_cond.wait()
+                if self._durable >= rid:
+                    return
+                self._syncing = True
+            try:
+                with self._lock:
+                    self._check_usable()
+                    target = self._next_id - 1
+                    fds = [os.dup(self._app_fd)] if self._app_fd >= 0 else []
+                    fds.extend(os.dup(f) for f in self._unsynced)
+                    unsynced = self._unsynced
+                    self._unsynced = []
+                try:
+                    for fd in fds:
+                        fileio.fdatasync(fd)
+                    if not self.sync_data:
+                        self._sync_tables()
+                except OSError as e:
+                    with self._lock:
+                        raise self._fail(e, "syncing the log") from None
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                    for fd in unsynced:
+                        os.close(fd)
+                with self._sync_cond:
+                    self._syncing = False
+                self._set_durable(target)
+            except BaseException:
+                with self._sync_cond:
+                    self._syncing = False
+                    self._sync_cond.notify_all()
+                raise
+
+    def _sync_tables(self) -> None:
+        """fsync every table file (the enactor may have written them without it)."""
+        for t in self._catalog.values():
+            fd = os.open(os.path.join(self.path, t.file_name), os.O_RDONLY)
+            try:
+                fileio.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # -- background work ---------------------------------------------------------------------
+    def _housekeeping(self) -> None:
+        """Absorb enactment, rotate old logs and keep an enactor running, every 20 ms."""
+        while not self._stop.wait(0.02):
+            try:
+                with self._lock:
+                    if self._closed or self._failed is not None:
+                        continue
+                    self._absorb()
+                    if (self._app_bytes and self.log_age >= 0
+                            and time.monotonic() - self._app_since >= self.log_age):
+                        self._rotate()
+                self._supervise_enactor()
+            except StorageError:
+                pass  # recorded in _failed; the next commit reports it
+            except Exception:  # never let housekeeping die silently
+                log.exception("mpwal housekeeping")
+
+    def _start_enactor(self) -> None:
+        self._enactor_stop = threading.Event()
+        if self.enactor_mode == "thread":
+            e = Enactor(self.path, self._enactor_stop)
+            e.detach_on_new_writer = False
+            self._enactor_obj = e
+            self._enactor_thread = threading.Thread(target=self._run_enactor_thread, args=(e,),
+                                                    name="mpwal-enactor", daemon=True)
+            self._enactor_thread.start()
+        elif self.enactor_mode == "process":
+            code = "import sys; from mpwal.enactor import run_process; run_process(sys.argv[1], int(sys.argv[2]))"
+            self._enactor_proc = subprocess.Popen(
+                [sys.executable, "-c", code, self.path, str(os.getpid())],
+                stdin=subprocess.DEVNULL, close_fds=True)
+        self._enactor_started = time.monotonic()
+
+    def _run_enactor_thread(self, e: Enactor) -> None:
+        try:
+            e.run()
+        except BaseException:
+            self._enactor_errors.append(repr(e.error))
+
+    def _supervise_enactor(self) -> None:
+        """Restart an enactor that died (at most once a second)."""
+        if self._closed or time.monotonic() - self._enactor_started < 1.0:
+            return
+        dead = ((self._enactor_thread is not None and not self._enactor_thread.is_alive())
+                or (self._enactor_proc is not None and self._enactor_proc.poll() is not None))
+        if dead:
+            if self._enactor_proc is not None:
+                self._enactor_errors.append(f"enactor process exited with {self._enactor_proc.returncode}")
+            self._enactor_restarts += 1
+            log.warning("restarting the enactor of %s", self.path)
+            self._start_enactor()
+
+    def _stop_enactor(self) -> None:
+        self._enactor_stop.set()
+        if self._enactor_thread is not None:
+            self._enactor_thread.join()
+            self._enactor_thread = None
+        if self._enactor_proc is not None:
+            self._enactor_proc.terminate()
+            try:
+                self._enactor_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._enactor_proc.kill()
+                self._enactor_proc.wait()
+            self._enactor_proc = None
+
+    def _drain_here(self) -> None:
+        """Enact and clean everything left, in this process, if no other enactor is at work."""
+        lock = file_lock(self.path, ENACTOR_LOCK)
+        try:
+            lock.acquire(timeout=5)
+        except filelock.Timeout:
+            return  # a hand-started enactor holds it and will finish the work
+        try:
+            e = Enactor(self.path)
+            e.detach_on_new_writer = False
+            try:
+                e.drain()
+            finally:
+                e.files.close()
+                if e.progress:
+                    e.progress.close()
+            with self._lock:
+                self._absorb()
+        except OSError as e:
+            log.error("enacting at close failed (%s); the logs stay for the next replay", e)
+        finally:
+            lock.release()
+
+
+def _after_fork_in_child() -> None:
+    for w in list(_live_writers):
+        w._forked = True
+        if w._wlock is not None:
+            try:
+                os.close(w._wlock.fd)  # the parent's descriptor keeps the OFD lock
+            except OSError:
+                pass
+            w._wlock.fd = -1
+    _live_writers.clear()
+
+
+def _close_at_exit() -> None:
+    for w in list(_live_writers):
+        if w._pid == os.getpid():
+            try:
+                w.close()
+            except Exception:
+                pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)
