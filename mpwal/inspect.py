@@ -257,6 +257,7 @@ def inspect_db(path: str, out: TextIO) -> int:
         print(f"error: cannot read {path}: {e.strerror or e}", file=out)
         return 2
     realpath = os.path.realpath(path)
+    from .queues import WriterLock; WriterLock(path).release()
     print(f"database {realpath}", file=out)
 
     print("tables:", file=out)
@@ -283,7 +284,7 @@ def inspect_db(path: str, out: TextIO) -> int:
                 after = salvaged.get(lid, _Stats())
                 state = f"valid up to byte {ls.problem.offset}, then {ls.problem.why}"
                 if after.count:
-                    state += f" ({after.count} whole records {after.ids()} after it)"
+                    state += f" ({_n(after.count, 'whole record')} {after.ids()} after it)"
         elif lid in ls.empty:
             st, state = _Stats(), "empty"
         else:
@@ -335,6 +336,10 @@ def inspect_db(path: str, out: TextIO) -> int:
         print("note: the database changed while it was read (a live writer or enactor); "
               "the numbers above may mix two moments", file=out)
     return 0
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def _name(lid) -> str:
@@ -423,10 +428,10 @@ def _table_mismatch(catalog: dict[int, Table], op) -> str | None:
     if t is None:
         return f"table {op.table} is not defined in {META_FILE}"
     if op.kind == INSERT_INDEX and t.kind != "index":
-        return f"insert_index into table {op.table}, which is a {t.kind} table"
+        return f"insert_index into table {op.table}, which is a value table"
     if op.kind == INSERT_VALUE:
         if t.kind != "value":
-            return f"insert_value into table {op.table}, which is a {t.kind} table"
+            return f"insert_value into table {op.table}, which is an index table"
         if op.data is not None and len(op.data) > t.slot_size:
             return (f"a {len(op.data)}-byte value in table {op.table}, whose slot_size is "
                     f"{t.slot_size}")
@@ -486,8 +491,8 @@ def verify(path: str, out: TextIO) -> int:
     total = sum(s.count for s in db.stats.values())
     if db.last_id is not None:
         first = next(s.first for s in db.stats.values() if s.first is not None)
-        print(f"valid prefix: {total} records, {first}..{db.last_id}, in {len(ls.valid)} "
-              f"log{'s' if len(ls.valid) != 1 else ''}", file=out)
+        print(f"valid prefix: {_n(total, 'record')}, {first}..{db.last_id}, in "
+              f"{_n(len(ls.valid), 'log')}", file=out)
     else:
         print("valid prefix: no records", file=out)
 
@@ -499,8 +504,8 @@ def verify(path: str, out: TextIO) -> int:
                   "looks torn until its write completes: run verify again", file=out)
         _print_discarded(db, tail, out)
     if n_mismatch:
-        print(f"problem: {n_mismatch} change{'s' if n_mismatch != 1 else ''} in the valid prefix "
-              f"do not fit the tables of {META_FILE} (the enactor would fail on them):", file=out)
+        print(f"problem: {_n(n_mismatch, 'change')} in the valid prefix "
+              f"{'does' if n_mismatch == 1 else 'do'} not fit the tables of {META_FILE} (the enactor would fail on them):", file=out)
         for m in mismatches:
             print(f"  {m}", file=out)
         if n_mismatch > len(mismatches):
@@ -554,19 +559,19 @@ def _print_discarded(db: _Db, tail: dict, out: TextIO) -> None:
     if None in tail:
         st, n = tail[None]
         p = db.logs.problem
-        parts.append(f"log{p.log_id} from byte {p.offset} ({n} bytes, {st.count} whole "
-                     f"record{'s' if st.count != 1 else ''})")
+        parts.append(f"log{p.log_id} from byte {p.offset} ({n} bytes, "
+                     f"{_n(st.count, 'whole record')})")
         records += st.count
         nbytes += n
         ids += [i for i in (st.first, st.last) if i is not None]
     for lid in db.logs.discarded:
         st, n, _ = tail[lid]
-        parts.append(f"log{lid} ({n} bytes, {st.count} whole record{'s' if st.count != 1 else ''})")
+        parts.append(f"log{lid} ({n} bytes, {_n(st.count, 'whole record')})")
         records += st.count
         nbytes += n
         ids += [i for i in (st.first, st.last) if i is not None]
     span = f", ids {min(ids)}..{max(ids)}" if ids else ""
-    print(f"replay discards {records} whole record{'s' if records != 1 else ''} after the problem "
+    print(f"replay discards {_n(records, 'whole record')} after the problem "
           f"({nbytes} bytes{span}):", file=out)
     for part in parts:
         print(f"  {part}", file=out)

@@ -262,6 +262,10 @@ class OverlayWriter(_Segment):
         """Whether ``new_entries`` more keys and blocks of these data sizes fit now."""
         if len(self.where) + new_entries > self.nslots * MAX_LOAD:
             return False
+        sizes = list(sizes)
+        # fast path: a block never takes more than twice its size plus the smallest class
+        if self.bump + 2 * sum(sizes) + MIN_CLASS * len(sizes) <= self.heap_start + self.heap_bytes:
+            return True
         need = 0
         by_class: dict[int, int] = {}
         for n in sizes:
@@ -275,20 +279,6 @@ class OverlayWriter(_Segment):
         return self.bump + need <= self.heap_start + self.heap_bytes
 
     # -- entries -----------------------------------------------------------------------------
-    def _alloc(self, n: int) -> int:
-        c = size_class(n)
-        if not c:
-            return 0
-        self.used += c
-        lst = self.free.get(c)
-        if lst:
-            return lst.pop()
-        off = self.bump
-        if off + c > self.heap_start + self.heap_bytes:
-            raise MemoryError("overlay heap full")  # callers check room_for() first
-        self.bump = off + c
-        return off
-
     def _free(self, loc: int) -> None:
         stored = loc & 0xFFFFFFFF
         c = size_class(stored - 1) if stored else 0
@@ -298,37 +288,65 @@ class OverlayWriter(_Segment):
 
     def put(self, table: int, index: int, record_id: int, data) -> None:
         """Make (table, index) hold ``data`` (bytes, or None for a removal) from ``record_id``."""
+        self.put_many((((table, index), data),), record_id)
+
+    def put_many(self, items, record_id: int) -> None:
+        """``put`` for many ((table, index), data) pairs of one record: the publish hot path."""
         q = self.q
-        key = (table, index)
-        w = self.where.get(key)
-        if w is None:
-            w = self.home(table, index)
-            end = self.slots_end
-            while q[w + 1]:
-                w += SLOT_WORDS
-                if w == end:
-                    w = HEADER_WORDS
-            self.where[key] = w
-            q[w] = index
-            q[w + 1] = table + 1
-            old = 0
-        else:
-            old = q[w + 3]
-        if data is None:
-            self._free(old)
-            loc = 0
-        else:
-            n = len(data)
-            if old and size_class(n) == size_class((old & 0xFFFFFFFF) - 1) and old & 0xFFFFFFFF:
-                off = (old >> 32) << 4  # same class: overwrite in place
+        m = self.m
+        where = self.where
+        free = self.free
+        shift = self.shift
+        end = self.slots_end
+        used = self.used
+        for key, data in items:
+            w = where.get(key)
+            if w is None:
+                table, index = key
+                w = ((((index ^ (table << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
+                while q[w + 1]:
+                    w += SLOT_WORDS
+                    if w == end:
+                        w = HEADER_WORDS
+                where[key] = w
+                q[w] = index
+                q[w + 1] = table + 1
+                old = old_c = 0
             else:
-                self._free(old)
-                off = self._alloc(n)
-            if n:
-                self.m[off:off + n] = data
-            loc = ((off >> 4) << 32) | (n + 1)
-        q[w + 2] = record_id
-        q[w + 3] = loc
+                old = q[w + 3]
+                n_old = (old & 0xFFFFFFFF) - 1
+                old_c = 0 if n_old <= 0 else (MIN_CLASS if n_old <= MIN_CLASS else 1 << (n_old - 1).bit_length())
+            if data is None:
+                loc = 0
+                c = 0
+            else:
+                n = len(data)
+                c = 0 if not n else (MIN_CLASS if n <= MIN_CLASS else 1 << (n - 1).bit_length())
+                if c and c == old_c:
+                    off = (old >> 32) << 4  # same class: overwrite in place
+                    old_c = 0
+                elif c:
+                    lst = free.get(c)
+                    if lst:
+                        off = lst.pop()
+                    else:
+                        off = self.bump
+                        if off + c > self.heap_start + self.heap_bytes:
+                            self.used = used
+                            raise MemoryError("overlay heap full")  # callers check room_for() first
+                        self.bump = off + c
+                    used += c
+                else:
+                    off = 0
+                if n:
+                    m[off:off + n] = data
+                loc = ((off >> 4) << 32) | (n + 1)
+            if old_c:
+                used -= old_c
+                free.setdefault(old_c, []).append((old >> 32) << 4)
+            q[w + 2] = record_id
+            q[w + 3] = loc
+        self.used = used
 
     def get(self, table: int, index: int):
         """(record_id, data) of an entry, or None. Writer-side, no seq check needed."""

@@ -457,9 +457,8 @@ class Writer:
             base = bytearray(ZERO_CHUNK if t in drops else self._chunk_now(t, c))
             for e, v in entries.items():
                 base[e * 8:e * 8 + 8] = v.to_bytes(8, "little")
-            images.append((t, c, bytes(base)))
+            images.append(((t, c), bytes(base)))
         ov = self._ov
-        put = ov.put
         ov.begin()
         try:
             if drops:
@@ -468,10 +467,9 @@ class Writer:
                     ov.remove_table(t)
                     d[t] = rid
                 ov.set_drops(d)
-            for t, c, img in images:
-                put(t, c, rid, img)
-            for (t, i), v in values.items():
-                put(t, i, rid, v)
+            if images:
+                ov.put_many(images, rid)
+            ov.put_many(values.items(), rid)
             ov.q[COMMITTED] = rid
         finally:
             ov.end()
