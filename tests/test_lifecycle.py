@@ -1,0 +1,364 @@
+"""Rotation, enactment, cleaning, replay, durability and bounded memory (issue 3)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import mpwal
+from mpwal import fileio
+from mpwal.logs import read_logs
+from mpwal.overlay import OverlayWriter, stale_segments
+from mpwal.queues import load_queues, log_ids
+
+from procs import (INDEX_TABLE, TABLES, VALUE_TABLE, check_value, commit_workload,
+                   expected_state, make_value, read_state)
+
+
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+
+
+def wait_for(cond, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.parametrize("enactor", ["thread", "process"])
+def test_long_run_recycles_logs_and_stays_bounded(db, enactor):
+    """Committing for a while with small rotations recycles log files through the pool (at most
+    16 kept), and disk and shared memory stop growing; readers stay correct throughout."""
+    keys, per = 300, 10
+    w = mpwal.Writer(db, TABLES, enactor=enactor, log_size=4096, log_age=0.02)
+    r = mpwal.Reader(db)
+    try:
+        sizes = []
+        rid = 0
+        for round_ in range(5):
+            commit_workload(w, rid + 1, rid + 150, keys, per)
+            rid += 150
+            assert read_state(r, keys) == expected_state(rid, keys, per)
+            wait_for(lambda: w.stats()["enacted"] == rid)
+            wait_for(lambda: not w.stats()["logs"]["read"] and not w.stats()["logs"]["cleanup"])
+            s = w.stats()
+            assert s["overlay_entries"] == 0 and s["pending_bytes"] == 0
+            assert len(s["logs"]["pool"]) <= 16
+            assert len(log_ids(db)) <= 17
+            sizes.append(dir_bytes(db))
+        assert s["rotations"] > 30
+        assert max(sizes[2:]) <= sizes[1] * 1.5 + 65536  # the logs are reused, not multiplied
+        assert s["enactor_restarts"] == 0 and s["enactor_errors"] == []
+        if enactor == "process":
+            assert s["enactor_pid"] != os.getpid()
+    finally:
+        r.close()
+        w.close()
+    with mpwal.Reader(db) as r:
+        assert read_state(r, keys) == expected_state(rid, keys, per)
+
+
+def test_age_rotation_enacts_a_trickle(db):
+    """A single small commit is rotated and enacted within about log_age, not at 64 MiB."""
+    with mpwal.Writer(db, TABLES, log_age=0.2) as w:
+        with w.record() as rec:
+            rec.insert_value(VALUE_TABLE, 1, b"x")
+        wait_for(lambda: w.stats()["enacted"] == 1, timeout=5)
+        wait_for(lambda: w.stats()["overlay_entries"] == 0, timeout=5)
+        assert w.value(VALUE_TABLE, 1) == b"x"
+
+
+def test_visible_only_after_log_write(db, monkeypatch):
+    """Invariant 1: while a record's bytes are being appended, no reader sees it; once it is
+    published, its bytes are in the log file."""
+    w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
+    r = mpwal.Reader(db)
+    seen = []
+    real_write = fileio.write_all
+    real_put = OverlayWriter.put_many
+
+    def write_all(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith("log"):
+            seen.append(("write", r.last_record_id, r.value(VALUE_TABLE, 5)))
+        real_write(fd, data)
+
+    def put_many(self, items, rid):
+        logs = read_logs(db)
+        seen.append(("publish", rid, logs.last_record_id))
+        real_put(self, items, rid)
+
+    monkeypatch.setattr(fileio, "write_all", write_all)
+    monkeypatch.setattr(OverlayWriter, "put_many", put_many)
+    try:
+        for rid in (1, 2):
+            with w.record() as rec:
+                rec.insert_value(VALUE_TABLE, 5, make_value(5, rid))
+    finally:
+        monkeypatch.undo()
+        r.close()
+        w.close()
+    writes = [s for s in seen if s[0] == "write"]
+    publishes = [s for s in seen if s[0] == "publish"]
+    assert writes[0][1:] == (0, None) and writes[1][1] == 1
+    assert check_value(5, writes[1][2]) == 1
+    assert [(p[1], p[2]) for p in publishes] == [(1, 1), (2, 2)]
+
+
+def test_record_id_rule_keeps_newer_overlay_entry(db):
+    """Invariant 2: enacting record 1 does not remove key 5's overlay entry written by record 2,
+    and an entry leaves the overlay only once its data is in the table file."""
+    w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
+    try:
+        with w.record() as rec:
+            rec.insert_value(VALUE_TABLE, 5, b"one")
+            rec.insert_value(VALUE_TABLE, 6, b"six")
+        w._rotate()
+        with w.record() as rec:
+            rec.insert_value(VALUE_TABLE, 5, b"two")
+        from mpwal.enactor import Enactor
+        e = Enactor(db)
+        e.detach_on_new_writer = False
+        e.step()  # enacts record 1 only: record 2 is still in the appending log
+        assert e.enacted == 1
+        w._absorb()
+        assert w._ov.get(VALUE_TABLE, 5) == (2, b"two")
+        assert w._ov.get(VALUE_TABLE, 6) is None
+        assert e.files.read_value(VALUE_TABLE, 6) == b"six"
+        with mpwal.Reader(db) as r:
+            assert r.value(VALUE_TABLE, 5) == b"two" and r.value(VALUE_TABLE, 6) == b"six"
+        e.files.close()
+        if e.progress:
+            e.progress.close()
+    finally:
+        w.close()
+
+
+def test_truncate_only_after_tables_synced(db, monkeypatch):
+    """Invariant 3: a log is truncated only after its records are enacted and the tables are
+    fsynced, and logs are truncated in order."""
+    events = []
+    real_fsync, real_truncate = fileio.fsync, fileio.truncate
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1]))
+        real_fsync(fd)
+
+    def truncate(fd, n):
+        events.append(("truncate", os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1]))
+        real_truncate(fd, n)
+
+    w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000, log_size=600)
+    monkeypatch.setattr(fileio, "fsync", fsync)
+    monkeypatch.setattr(fileio, "truncate", truncate)
+    commit_workload(w, 1, 30, 100, 5)
+    w.close()  # drains: enacts and cleans every log in this process
+    monkeypatch.undo()
+    truncs = [name for kind, name in events if kind == "truncate"]
+    assert len(truncs) >= 3
+    first_trunc = events.index(("truncate", truncs[0]))
+    assert ("fsync", "value3.tbl") in events[:first_trunc]
+    assert ("fsync", "index1.tbl") in events[:first_trunc]
+    order = [int(n[3:]) for n in truncs]
+    assert order == sorted(order)  # fresh logs are numbered in rotation order
+
+
+def test_replay_applies_longest_prefix_and_is_idempotent(db, tmp_path):
+    """Replay applies records in id order up to a torn tail; replaying twice gives the same
+    tables."""
+    import shutil
+    pid = os.fork()
+    if pid == 0:
+        w = mpwal.Writer(db, TABLES, enactor="none", log_size=1500, log_age=1000)
+        commit_workload(w, 1, 40, 200, 5)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    logs = read_logs(db)
+    assert len(logs.valid) > 2 and logs.last_record_id == 40
+    last = logs.valid[-1]
+    path = os.path.join(db, f"log{last.log_id}")
+    cut = last.records[-1].start + 7  # tear the newest record
+    os.truncate(path, cut)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(db, copy)
+    with mpwal.Writer(db, TABLES) as w:
+        assert w.last_record_id == 39
+        assert read_state(w, 200) == expected_state(39, 200, 5)
+    tables1 = {n: open(os.path.join(db, n), "rb").read() for n in ("value3.tbl", "index1.tbl")}
+    # replay the same logs on top of tables that already hold them: same result
+    for n in ("value3.tbl", "index1.tbl"):
+        shutil.copy(os.path.join(db, n), os.path.join(copy, n))
+    with mpwal.Writer(copy, TABLES) as w:
+        assert read_state(w, 200) == expected_state(39, 200, 5)
+    for n, data in tables1.items():
+        assert open(os.path.join(copy, n), "rb").read() == data
+    for seg in stale_segments(os.path.realpath(copy)):
+        pytest.fail(f"segment left: {seg}")
+
+
+def test_replay_io_error_fails_open_and_keeps_logs(db, monkeypatch):
+    """Invariant 4: an I/O error while reading the logs fails the open and deletes nothing."""
+    pid = os.fork()
+    if pid == 0:
+        w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
+        commit_workload(w, 1, 10, 50, 5)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    before = {n: open(os.path.join(db, n), "rb").read() for n in os.listdir(db) if n.startswith("log")}
+    import mpwal.logs as logs_mod
+    real = logs_mod.fileio.read_file
+
+    def failing(path):
+        if os.path.basename(path).startswith("log"):
+            raise OSError(5, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(logs_mod.fileio, "read_file", failing)
+    with pytest.raises(mpwal.StorageError, match="I/O error"):
+        mpwal.Writer(db, TABLES)
+    monkeypatch.undo()
+    after = {n: open(os.path.join(db, n), "rb").read() for n in os.listdir(db) if n.startswith("log")}
+    assert after == before
+    with mpwal.Writer(db, TABLES) as w:
+        assert read_state(w, 50) == expected_state(10, 50, 5)
+
+
+def test_sync_makes_everything_durable(db, monkeypatch):
+    """sync() returns after an fsync that covers every record committed before it."""
+    calls = []
+    real = fileio.fdatasync
+    monkeypatch.setattr(fileio, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
+    with mpwal.Writer(db, TABLES, sync_wal=False, log_age=1000) as w:
+        commit_workload(w, 1, 5, 50, 3)
+        assert w.stats()["durable"] == 0
+        assert w.sync() == 5
+        assert calls and w.stats()["durable"] == 5
+        n = len(calls)
+        w.sync()
+        assert len(calls) == n  # nothing new: no fsync
+
+
+def test_group_commit_shares_fsyncs(db, monkeypatch):
+    """With durability="commit", 4 threads committing at once share fsyncs: fewer fsyncs than
+    commits, and every commit returns durable."""
+    calls = []
+    real = fileio.fdatasync
+
+    def slow_sync(fd):
+        calls.append(fd)
+        time.sleep(0.005)  # a disk that takes its time lets commits pile up
+        real(fd)
+
+    monkeypatch.setattr(fileio, "fdatasync", slow_sync)
+    with mpwal.Writer(db, TABLES, durability="commit", log_age=1000) as w:
+        errors = []
+
+        def work(t):
+            try:
+                for i in range(25):
+                    with w.record() as rec:
+                        rec.insert_value(VALUE_TABLE, t * 100 + i, b"v")
+                    assert w.stats()["durable"] >= rec.record_id
+            except Exception as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert w.last_record_id == 100
+        assert len(calls) < 100
+
+
+def test_backpressure_waits_then_raises(db):
+    """With no enactor and tight limits, a commit waits up to the timeout, then raises
+    BackpressureError; what was committed stays intact."""
+    w = mpwal.Writer(db, TABLES, enactor="none", max_pending_bytes=2000,
+                     backpressure_timeout=0.3, log_age=1000)
+    try:
+        committed = 0
+        with pytest.raises(mpwal.BackpressureError, match="enactor"):
+            for rid in range(1, 100):
+                with w.record() as rec:
+                    rec.insert_value(VALUE_TABLE, rid, make_value(rid, rid))
+                committed = rid
+        assert 0 < committed < 99
+        for rid in range(1, committed + 1):
+            assert check_value(rid, w.value(VALUE_TABLE, rid)) == rid
+    finally:
+        w.close()
+    with mpwal.Writer(db, TABLES) as w:
+        assert w.last_record_id == committed
+
+
+def test_backpressure_resumes_when_enactor_catches_up(db):
+    """With an enactor running, tight limits only slow commits down; nothing fails."""
+    with mpwal.Writer(db, TABLES, max_pending_bytes=4000, max_overlay_bytes=1 << 16,
+                      overlay_slots=64, overlay_bytes=8192, log_size=1024, log_age=0.01) as w:
+        commit_workload(w, 1, 150, 500, 8)
+        assert read_state(w, 500) == expected_state(150, 500, 8)
+        s = w.stats()
+        assert s["overlay_capacity_bytes"] <= 1 << 16
+
+
+def test_overlay_memory_is_given_back(db):
+    """After a burst is enacted the overlay is emptied and its heap reset (reclaim)."""
+    with mpwal.Writer(db, TABLES, log_age=0.02) as w:
+        big = mpwal.ValueTable(9, slot_size=4096)
+        w.close()
+    with mpwal.Writer(db, TABLES + [mpwal.ValueTable(9, slot_size=4096)], log_age=0.02) as w:
+        for rid in range(50):
+            with w.record() as rec:
+                rec.insert_values(9, [(rid * 20 + i, b"z" * 4000) for i in range(20)])
+        wait_for(lambda: w.stats()["overlay_entries"] == 0)
+        wait_for(lambda: w.stats()["pending_records"] == 0)
+        assert w._ov.bump == w._ov.heap_start and w._ov.used == 0
+        del big
+
+
+def test_enactor_process_killed_is_replaced(db):
+    """Killing the enactor process does not block the writer for good: it is restarted and
+    enactment goes on."""
+    import signal
+    with mpwal.Writer(db, TABLES, enactor="process", log_size=1024, log_age=0.02) as w:
+        commit_workload(w, 1, 20, 100, 5)
+        wait_for(lambda: w.stats()["enactor_pid"] not in (0, os.getpid()))
+        os.kill(w.stats()["enactor_pid"], signal.SIGKILL)
+        commit_workload(w, 21, 60, 100, 5)
+        wait_for(lambda: w.stats()["enacted"] == 60, timeout=30)
+        assert w.stats()["enactor_restarts"] >= 1
+
+
+def test_hand_started_enactor_lets_a_new_writer_replay(db):
+    """`mpwal enactor PATH` running beside the writer enacts; a new writer takes over after the
+    old one dies without being blocked by it."""
+    import signal
+    import subprocess
+    import sys
+    with mpwal.Writer(db, TABLES, enactor="none"):
+        pass
+    proc = subprocess.Popen([sys.executable, "-m", "mpwal", "enactor", db])
+    try:
+        pid = os.fork()
+        if pid == 0:
+            w = mpwal.Writer(db, TABLES, enactor="none", log_size=1024, log_age=0.02)
+            commit_workload(w, 1, 50, 100, 5)
+            time.sleep(0.5)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        with mpwal.Writer(db, TABLES, enactor="none", log_size=1024, log_age=0.02) as w:
+            assert w.last_record_id == 50
+            commit_workload(w, 51, 80, 100, 5)
+            wait_for(lambda: w.stats()["enacted"] == 80, timeout=30)
+            assert read_state(w, 100) == expected_state(80, 100, 5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
