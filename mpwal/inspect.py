@@ -21,7 +21,12 @@ Each function writes to the text stream ``out`` and returns the process exit sta
   gap in the record ids, a log that does not start with a record, or a record that does not
   match the tables in ``mpwal.meta``;
 * 2: the directory could not be examined: it is not an mpwal database, an I/O error, or (for
-  ``verify`` and ``dump``) the logs changed while they were read; run again.
+  ``verify`` and ``dump``) the logs changed while they were read so that the answer may mix two
+  moments (a log cleaned or reused under us, or the queue state moving while a problem was
+  seen); run again.
+
+``inspect_db`` returns 0 whenever it could read the directory, problems or not; it points to
+``verify`` for them.
 """
 
 from __future__ import annotations
@@ -99,6 +104,9 @@ def _salvage(buf, pos: int) -> _Stats:
             stats.add(rec)
         if scan.problem is None:
             break
+        if scan.problem == "out of sequence":  # a whole record: count on from it
+            pos += scan.end
+            continue
         nxt = buf.find(begin, pos + scan.end + 1)
         if nxt < 0:
             break
@@ -111,7 +119,8 @@ class _Db:
 
     ``prefix()`` streams the records of the valid prefix a second time, one log at a time, so a
     large database is never held in memory as decoded records; each log is checked to be the
-    one ``read_logs`` saw (same first record id, same valid bytes), else ``changed`` says so.
+    one ``read_logs`` saw (same first record id, and its valid bytes still verify up to the
+    same end), else ``changed`` says so.
     """
 
     def __init__(self, path: str):
@@ -245,19 +254,20 @@ def inspect_db(path: str, out: TextIO) -> int:
         db.run_prefix()
         rows = []
         salvaged = {}
-        for lid in _all_log_ids(db):
+        valid = {lf.log_id for lf in db.logs.valid}
+        p = db.logs.problem
+        for lid in log_ids(path):
             data = _read_log(path, lid)
-            if lid in db.stats:  # a valid log: only what follows a problem in it
-                p = db.logs.problem
-                if p is not None and p.log_id == lid and data:
-                    salvaged[lid] = _salvage(data, p.offset)
+            if not data:
                 continue
-            salvaged[lid] = _salvage(data, 0) if data else _Stats()
+            if lid not in valid:
+                salvaged[lid] = _salvage(data, 0)
+            elif p is not None and p.log_id == lid:  # what follows the problem in a valid log
+                salvaged[lid] = _salvage(data, p.offset)
     except OSError as e:
         print(f"error: cannot read {path}: {e.strerror or e}", file=out)
         return 2
     realpath = os.path.realpath(path)
-    from .queues import WriterLock; WriterLock(path).release()
     print(f"database {realpath}", file=out)
 
     print("tables:", file=out)
@@ -277,8 +287,8 @@ def inspect_db(path: str, out: TextIO) -> int:
     order = [lf.log_id for lf in ls.valid] + list(ls.discarded) + list(ls.empty)
     problem_log = ls.problem.log_id if ls.problem else None
     for lid in order:
-        if lid in db.stats:
-            st = db.stats[lid]
+        if lid in valid:
+            st = db.stats.get(lid, _Stats())
             state = "valid"
             if lid == problem_log:
                 after = salvaged.get(lid, _Stats())
@@ -303,8 +313,9 @@ def inspect_db(path: str, out: TextIO) -> int:
     else:
         print("  (none)", file=out)
 
-    firsts = [s.first for s in list(db.stats.values()) + list(salvaged.values()) if s.first is not None]
-    lasts = [s.last for s in list(db.stats.values()) + list(salvaged.values()) if s.last is not None]
+    every = list(db.stats.values()) + list(salvaged.values())
+    firsts = [s.first for s in every if s.first is not None]
+    lasts = [s.last for s in every if s.last is not None]
     if firsts:
         print(f"record ids on disk: {min(firsts)}..{max(lasts)}", file=out)
     else:
@@ -319,7 +330,8 @@ def inspect_db(path: str, out: TextIO) -> int:
 
     alive = writer_alive(path)
     if qs is None:
-        print("queue state: none (no queue file; a writer rebuilds it from the logs on open)", file=out)
+        print("queue state: none (no queue file; a writer rebuilds it from the logs on open)",
+              file=out)
     else:
         print(f"last cleaned record: {qs.last_cleaned_record}", file=out)
         print(f"queue state: version {qs.version}, epoch {qs.epoch}, generation {qs.generation}, "
@@ -327,7 +339,8 @@ def inspect_db(path: str, out: TextIO) -> int:
               f"cleanup [{_names(qs.cleanup)}], pool [{_names(qs.pool)}], next log {qs.next_log}, "
               f"sync_data {qs.sync_data}", file=out)
         if not alive:
-            print("  (written by the last writer; the next writer rebuilds it from the logs)", file=out)
+            print("  (written by the last writer; the next writer rebuilds it from the logs)",
+                  file=out)
     print(f"writer: {'alive' if alive else 'not alive'} (writer.lock "
           f"{'held' if alive else 'not held'})", file=out)
 
@@ -348,10 +361,6 @@ def _name(lid) -> str:
 
 def _names(ids) -> str:
     return ", ".join(f"log{i}" for i in ids)
-
-
-def _all_log_ids(db: _Db) -> list[int]:
-    return log_ids(db.path)
 
 
 _STATE_NAMES = {0: "new", 1: "live", 2: "superseded", 3: "closed"}
@@ -505,7 +514,8 @@ def verify(path: str, out: TextIO) -> int:
         _print_discarded(db, tail, out)
     if n_mismatch:
         print(f"problem: {_n(n_mismatch, 'change')} in the valid prefix "
-              f"{'does' if n_mismatch == 1 else 'do'} not fit the tables of {META_FILE} (the enactor would fail on them):", file=out)
+              f"{'does' if n_mismatch == 1 else 'do'} not fit the tables of {META_FILE} "
+              "(the enactor would fail on them):", file=out)
         for m in mismatches:
             print(f"  {m}", file=out)
         if n_mismatch > len(mismatches):

@@ -709,8 +709,8 @@ class Writer:
             self._enactor_errors.append(repr(e.error))
 
     def _supervise_enactor(self) -> None:
-        """Restart an enactor that died (at most once a second)."""
-        if self._closed or time.monotonic() - self._enactor_started < 1.0:
+        """Restart an enactor that died (at most five times a second)."""
+        if self._closed or time.monotonic() - self._enactor_started < 0.2:
             return
         dead = ((self._enactor_thread is not None and not self._enactor_thread.is_alive())
                 or (self._enactor_proc is not None and self._enactor_proc.poll() is not None))
@@ -738,10 +738,10 @@ class Writer:
     def _drain_here(self) -> None:
         """Enact and clean everything left, in this process, if no other enactor is at work."""
         lock = file_lock(self.path, ENACTOR_LOCK)
-        try:
-            lock.acquire(timeout=5)
+        try:  # our own enactor is stopped; with enactor="none" one started by hand may hold it
+            lock.acquire(timeout=5 if self.enactor_mode != "none" else 0.05)
         except filelock.Timeout:
-            return  # a hand-started enactor holds it and will finish the work
+            return  # that enactor finishes the work
         try:
             e = Enactor(self.path)
             e.detach_on_new_writer = False
