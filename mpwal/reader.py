@@ -47,6 +47,8 @@ class Reader:
         if not os.path.isdir(self.path):
             raise DatabaseError(f"{self.path} does not exist; open a Writer on it first")
         self._catalog = load_catalog(self.path)
+        self._limits: dict[int, int] = {}  # value table -> max index, for the hot path's check
+        self._refresh_catalog()
         self._files = TableFiles(self.path, self._catalog, writable=False)
         self._queue_file = os.path.join(self.path, QUEUE_FILE)
         self._seg: OverlayReader | None = None
@@ -83,7 +85,20 @@ class Reader:
             self._seg.release()
         self._seg = seg
         self._private = None
+        self._refresh_catalog()
+
+    def _refresh_catalog(self) -> None:
+        """Tables added by a writer since we opened become readable."""
         self._catalog.update(load_catalog(self.path))
+        self._limits = {tid: t.max_key for tid, t in self._catalog.items() if t.kind == "value"}
+
+    def _check_value_key(self, table, index) -> None:
+        """The slow path of argument checking: raise the precise error."""
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
+        if table not in self._catalog and isinstance(table, int):
+            self._refresh_catalog()
+        check_key(self._catalog, table, index, "value")
 
     def _stamp(self):
         try:
@@ -94,7 +109,7 @@ class Reader:
 
     def _build_private(self, stamp) -> bool:
         """Read the logs' valid prefix into memory; False if the queues changed meanwhile."""
-        self._catalog.update(load_catalog(self.path))
+        self._refresh_catalog()
         logs = read_logs(self.path)
         if self._stamp() != stamp:
             return False
@@ -165,9 +180,9 @@ class Reader:
     # -- lookups -----------------------------------------------------------------------------
     def value(self, table: int, index: int) -> bytes | None:
         """The newest committed value of slot ``index`` of value table ``table``, or None."""
-        if self._closed:
-            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
-        check_key(self._catalog, table, index, "value")
+        limit = self._limits.get(table)
+        if limit is None or type(index) is not int or not 0 <= index < limit:
+            self._check_value_key(table, index)
         if self._seg is None:
             self._private_fresh()
             if self._seg is None:
@@ -215,14 +230,14 @@ class Reader:
 
     def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
         """``value`` for many indices of one table, in one consistent snapshot."""
-        if self._closed:
-            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
         indices = list(indices)
-        t = check_key(self._catalog, table, 0, "value")
-        limit = t.max_key
+        limit = self._limits.get(table)
+        if limit is None:
+            self._check_value_key(table, 0)
+            limit = self._limits[table]
         for i in indices:
             if type(i) is not int or not 0 <= i < limit:
-                check_key(self._catalog, table, i, "value")
+                self._check_value_key(table, i)
         if self._seg is None:
             self._private_fresh()
             if self._seg is None:
@@ -378,6 +393,7 @@ class Reader:
         if self._closed:
             return
         self._closed = True
+        self._limits = {}  # every lookup now takes the slow path, which raises ClosedError
         if self._seg is not None:
             self._seg.release()
             self._seg = None
