@@ -430,7 +430,7 @@ class Writer:
                 fd = os.open(log_path(self.path, lid), os.O_WRONLY | os.O_CREAT, 0o600)
                 try:
                     os.ftruncate(fd, 0)
-                    if created and self.sync_wal:
+                    if created and (self.sync_wal or self.durability == "commit"):
                         fileio.sync_dir(self.path)
                     st.appending = lid
                     save_queues(self.path, st)
