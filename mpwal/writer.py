@@ -126,6 +126,7 @@ class Writer:
         self._app_bytes = 0
         self._app_since = 0.0
         self._unsynced: list[int] = []  # fds of rotated logs not yet fsynced
+        self._dir_dirty = False  # a log file was created and the directory not fsynced
         self._pending: collections.deque = collections.deque()  # (rid, keys, drops, nbytes)
         self._pending_bytes = 0
         self._rotations = 0
@@ -430,8 +431,11 @@ class Writer:
                 fd = os.open(log_path(self.path, lid), os.O_WRONLY | os.O_CREAT, 0o600)
                 try:
                     os.ftruncate(fd, 0)
-                    if created and (self.sync_wal or self.durability == "commit"):
-                        fileio.sync_dir(self.path)
+                    if created:
+                        if self.sync_wal or self.durability == "commit":
+                            fileio.sync_dir(self.path)
+                        else:
+                            self._dir_dirty = True  # sync() makes the new name durable
                     st.appending = lid
                     save_queues(self.path, st)
                 except BaseException:
@@ -638,6 +642,9 @@ class Writer:
                     unsynced = self._unsynced
                     self._unsynced = []
                 try:
+                    if self._dir_dirty:
+                        self._dir_dirty = False
+                        fileio.sync_dir(self.path)
                     for fd in fds:
                         fileio.fdatasync(fd)
                     if not self.sync_data:
