@@ -1,0 +1,522 @@
+"""mpwal.inspect: verify, dump and inspect on databases built by hand (no Writer), and that none
+of them changes a byte on disk or in shared memory (invariant 8)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import pytest
+
+from mpwal import inspect as mi
+from mpwal import overlay as ov
+from mpwal.format import BEGIN_SIZE, encode_record
+from mpwal.queues import QueueState, WriterLock, save_queues
+from mpwal.tables import IndexTable, ValueTable, merge_catalog
+
+
+# -- building databases by hand ----------------------------------------------------------------
+
+def rec(rid: int, drop: bool = False) -> bytes:
+    """Record ``rid``: an index change, a value, a removal, and optionally a table drop."""
+    return encode_record(
+        rid, [1] if drop else [],
+        {(1, rid): (0b100001, {0: rid, 5: 0xABCDEF})},
+        {(3, rid): f"value {rid}".encode(), (3, 1000 + rid): None})
+
+
+def make_db(tmp_path, logs=((1, 2, 3), (4, 5, 6), (7, 8, 9)),
+            queues: bool = True) -> tuple[str, dict]:
+    """A database whose ``log{i}`` holds the records ``logs[i]``; returns (path, offsets) where
+    offsets[rid] = (log id, byte offset of the record)."""
+    path = str(tmp_path / "db")
+    os.makedirs(path)
+    merge_catalog(path, [IndexTable(1), ValueTable(3, 64)])
+    offsets = {}
+    for lid, rids in enumerate(logs):
+        blob = b""
+        for r in rids:
+            offsets[r] = (lid, len(blob))
+            blob += rec(r)
+        with open(os.path.join(path, f"log{lid}"), "wb") as f:
+            f.write(blob)
+    if queues:
+        n = len(logs)
+        save_queues(path, QueueState(epoch=1, generation=1, appending=n - 1 if n else None,
+                                     read=list(range(n - 1)), next_log=n))
+    return path, offsets
+
+
+def flip(path: str, log_id: int, offset: int) -> None:
+    p = os.path.join(path, f"log{log_id}")
+    with open(p, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+def snapshot(path: str) -> dict:
+    """Names, sizes, mtimes and content hashes of the directory's files, and its own mtime."""
+    snap = {".": os.stat(path).st_mtime_ns}
+    for name in sorted(os.listdir(path)):
+        p = os.path.join(path, name)
+        st = os.stat(p)
+        with open(p, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        snap[name] = (st.st_size, st.st_mtime_ns, st.st_mode, digest)
+    return snap
+
+
+def run(fn, path, **kw) -> tuple[int, str]:
+    out = io.StringIO()
+    rc = fn(path, out, **kw)
+    return rc, out.getvalue()
+
+
+ALL = [mi.inspect_db, mi.verify, mi.dump]
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+def test_verify_clean(tmp_path):
+    path, _ = make_db(tmp_path)
+    rc, text = run(mi.verify, path)
+    assert rc == 0, text
+    assert "result: ok" in text
+    assert "valid prefix: 9 records, 1..9, in 3 logs" in text
+    assert "problem" not in text
+
+
+def test_verify_clean_without_queue_file_and_empty_pool_log(tmp_path):
+    path, _ = make_db(tmp_path, queues=False)
+    open(os.path.join(path, "log3"), "wb").close()
+    rc, text = run(mi.verify, path)
+    assert rc == 0, text
+    assert "empty" in text
+
+
+@pytest.mark.parametrize("k", [2, 4, 6, 9])
+def test_verify_names_the_record_with_a_flipped_byte(tmp_path, k):
+    path, offsets = make_db(tmp_path)
+    lid, off = offsets[k]
+    flip(path, lid, off + len(rec(k)) - 22)  # inside the value bytes of record k
+    rc, text = run(mi.verify, path)
+    assert rc == 1, text
+    line = next(ln for ln in text.splitlines() if ln.startswith("problem:"))
+    assert f"log{lid} at byte {off}, record {k}: crc" in line
+    assert "result: PROBLEM" in text
+    # every whole record after k is counted as discarded by replay
+    assert f"replay discards {9 - k} whole record" in text
+
+
+def test_verify_flipped_begin_byte_names_the_record_by_sequence(tmp_path):
+    path, offsets = make_db(tmp_path)
+    lid, off = offsets[5]
+    flip(path, lid, off)
+    rc, text = run(mi.verify, path)
+    assert rc == 1
+    assert f"log{lid} at byte {off}, record 5 by sequence: bad type" in text
+    assert "replay discards 4 whole records" in text  # 6, 7, 8, 9
+
+
+def test_verify_flipped_record_id_says_which_was_expected(tmp_path):
+    path, offsets = make_db(tmp_path)
+    lid, off = offsets[5]
+    flip(path, lid, off + 1)  # low byte of the id: 5 ^ 0x5A
+    rc, text = run(mi.verify, path)
+    assert rc == 1
+    assert f"log{lid} at byte {off}, record {5 ^ 0x5A} (expected 5): crc" in text
+
+
+def test_verify_torn_tail(tmp_path):
+    path, offsets = make_db(tmp_path)
+    lid, off = offsets[9]
+    p = os.path.join(path, f"log{lid}")
+    os.truncate(p, off + len(rec(9)) - 3)
+    rc, text = run(mi.verify, path)
+    assert rc == 1, text
+    assert f"log{lid} at byte {off}, record 9: torn" in text
+    assert "valid prefix: 8 records, 1..8" in text
+    assert "replay discards 0 whole records" in text
+
+
+def test_verify_torn_inside_begin(tmp_path):
+    path, offsets = make_db(tmp_path)
+    lid, off = offsets[9]
+    os.truncate(os.path.join(path, f"log{lid}"), off + BEGIN_SIZE - 2)
+    rc, text = run(mi.verify, path)
+    assert rc == 1
+    assert f"log{lid} at byte {off}, record 9 by sequence: torn" in text
+
+
+def test_verify_missing_middle_log_is_a_gap(tmp_path):
+    path, _ = make_db(tmp_path)
+    os.unlink(os.path.join(path, "log1"))
+    rc, text = run(mi.verify, path)
+    assert rc == 1, text
+    assert "log2 at byte 0: gap: expected record 4, but the next log starts at record 7" in text
+    assert "valid prefix: 3 records, 1..3" in text
+    assert "replay discards 3 whole records" in text
+    assert "discarded: gap before it" in text
+
+
+def test_verify_out_of_sequence_inside_a_log(tmp_path):
+    path, _ = make_db(tmp_path, logs=((1, 2, 3), (4, 6, 7)))
+    rc, text = run(mi.verify, path)
+    assert rc == 1
+    assert "log1 at byte" in text and "record 6 (expected 5): out of sequence" in text
+    assert "replay discards 2 whole records" in text
+
+
+def test_verify_log_without_first_record(tmp_path):
+    path, _ = make_db(tmp_path, logs=((1, 2, 3),))
+    with open(os.path.join(path, "log7"), "wb") as f:
+        f.write(b"\x00garbage")
+    rc, text = run(mi.verify, path)
+    assert rc == 1
+    assert "log7 at byte 0: no first record" in text
+    assert "does not start with a record" in text
+
+
+def test_verify_discarded_logs_are_counted(tmp_path):
+    path, offsets = make_db(tmp_path)
+    lid, off = offsets[2]
+    flip(path, lid, off + len(rec(2)) - 22)
+    rc, text = run(mi.verify, path)
+    assert rc == 1
+    assert "replay discards 7 whole records" in text  # 3, then 4..9 in two later logs
+    assert "log1 (" in text and "log2 (" in text
+
+
+def test_verify_records_that_do_not_fit_the_tables(tmp_path):
+    path, _ = make_db(tmp_path, logs=())
+    with open(os.path.join(path, "log0"), "wb") as f:
+        f.write(encode_record(1, [], {}, {(3, 0): b"x" * 65}))
+        f.write(encode_record(2, [], {}, {(9, 0): b"x"}))
+        f.write(encode_record(3, [], {(3, 0): (1, {0: 1})}, {}))
+        f.write(encode_record(4, [], {}, {(1, 0): b"x"}))
+    rc, text = run(mi.verify, path)
+    assert rc == 1, text
+    assert "4 changes in the valid prefix do not fit" in text
+    assert "a 65-byte value in table 3, whose slot_size is 64" in text
+    assert "table 9 is not defined" in text
+    assert "insert_index into table 3, which is a value table" in text
+    assert "insert_value into table 1, which is an index table" in text
+
+
+def test_verify_missing_table_file(tmp_path):
+    path, _ = make_db(tmp_path)
+    os.unlink(os.path.join(path, "value3.tbl"))
+    rc, text = run(mi.verify, path)
+    assert rc == 1
+    assert "table file value3.tbl is missing" in text
+
+
+# -- dump --------------------------------------------------------------------------------------
+
+def test_dump_text_has_every_record_and_op(tmp_path):
+    path, offsets = make_db(tmp_path)
+    rc, text = run(mi.dump, path)
+    assert rc == 0, text
+    for rid, (lid, off) in offsets.items():
+        assert f"record {rid} log{lid} byte {off}\n" in text
+        assert f"insert_index table 1 chunk {rid} {{0: 0x{rid:x}, 5: 0xabcdef}}" in text
+        assert f"insert_value table 3 index {rid} {len(f'value {rid}')} bytes " in text
+        assert f"|value {rid}|" in text
+        assert f"insert_value table 3 index {1000 + rid} removed" in text
+    assert "problem" not in text
+
+
+def test_dump_drop_and_long_value_preview(tmp_path):
+    path, _ = make_db(tmp_path, logs=())
+    with open(os.path.join(path, "log0"), "wb") as f:
+        f.write(encode_record(1, [1], {}, {(3, 2): bytes(range(40))}))
+    rc, text = run(mi.dump, path)
+    assert rc == 0
+    assert "drop_table table 1" in text
+    assert f"40 bytes {bytes(range(16)).hex()}... |" in text
+
+
+def test_dump_json_lines_parse(tmp_path):
+    path, offsets = make_db(tmp_path)
+    rc, text = run(mi.dump, path, json_lines=True)
+    assert rc == 0
+    objs = [json.loads(line) for line in text.splitlines()]
+    assert [o["record_id"] for o in objs] == list(range(1, 10))
+    o = objs[3]
+    assert o["log"] == "log1" and o["offset"] == offsets[4][1]
+    assert o["ops"] == [
+        {"op": "insert_index", "table": 1, "chunk": 4, "entries": {"0": 4, "5": 0xABCDEF}},
+        {"op": "insert_value", "table": 3, "index": 4, "value_hex": b"value 4".hex()},
+        {"op": "insert_value", "table": 3, "index": 1004, "value_hex": None},
+    ]
+
+
+def test_dump_json_drop(tmp_path):
+    path, _ = make_db(tmp_path, logs=())
+    with open(os.path.join(path, "log0"), "wb") as f:
+        f.write(rec(1, drop=True))
+    rc, text = run(mi.dump, path, json_lines=True)
+    assert rc == 0
+    assert json.loads(text)["ops"][0] == {"op": "drop_table", "table": 1}
+
+
+def test_dump_stops_at_the_problem(tmp_path):
+    path, offsets = make_db(tmp_path)
+    lid, off = offsets[6]
+    flip(path, lid, off + len(rec(6)) - 22)
+    rc, text = run(mi.dump, path)
+    assert rc == 1
+    assert "record 5 log1" in text and "record 6 log1" not in text and "record 7" not in text
+    assert text.splitlines()[-1].startswith(f"problem: log{lid} at byte {off}, record 6: crc")
+    rc, text = run(mi.dump, path, json_lines=True)
+    assert rc == 1
+    objs = [json.loads(line) for line in text.splitlines()]
+    assert [o["record_id"] for o in objs[:-1]] == [1, 2, 3, 4, 5]
+    assert objs[-1]["problem"]["why"] == "crc"
+    assert objs[-1]["problem"]["log"] == f"log{lid}"
+    assert objs[-1]["problem"]["offset"] == off
+    assert objs[-1]["problem"]["record_id"] == 6
+
+
+def test_dump_empty_database(tmp_path):
+    path, _ = make_db(tmp_path, logs=(), queues=False)
+    assert run(mi.dump, path) == (0, "")
+    assert run(mi.dump, path, json_lines=True) == (0, "")
+
+
+# -- inspect -----------------------------------------------------------------------------------
+
+def test_inspect_with_queue_file(tmp_path):
+    path, _ = make_db(tmp_path)
+    open(os.path.join(path, "log3"), "wb").close()
+    save_queues(path, QueueState(version=4, epoch=2, generation=3, appending=2, read=[1],
+                                 cleanup=[0], pool=[3], next_log=4, last_cleaned_record=0))
+    rc, text = run(mi.inspect_db, path)
+    assert rc == 0, text
+    lines = text.splitlines()
+
+    def row(name):
+        return next(ln.split() for ln in lines if ln.split()[:1] == [name])
+
+    assert row("log0")[1:5] == [str(len(rec(1)) * 3), "3", "1..3", "cleanup"]
+    assert row("log1")[3:5] == ["4..6", "read"]
+    assert row("log2")[3:5] == ["7..9", "appending"]
+    assert row("log3")[1:5] == ["0", "0", "-", "pool"]
+    assert "index1.tbl" in text and "value3.tbl" in text
+    assert row("3")[:3] == ["3", "value", "64"]
+    assert "record ids on disk: 1..9" in text
+    assert "valid prefix: records 1..9" in text
+    assert "last cleaned record: 0" in text
+    assert "queue state: version 5, epoch 2, generation 3" in text
+    assert "writer: not alive" in text
+    assert "shared memory: no segments" in text
+
+
+def test_inspect_without_queue_file(tmp_path):
+    path, _ = make_db(tmp_path, queues=False)
+    rc, text = run(mi.inspect_db, path)
+    assert rc == 0, text
+    assert "queue state: none" in text
+    assert "unknown" in text
+    assert "record ids on disk: 1..9" in text
+
+
+def test_inspect_damaged_database(tmp_path):
+    path, offsets = make_db(tmp_path)
+    lid, off = offsets[5]
+    flip(path, lid, off + len(rec(5)) - 22)
+    save_queues(path, QueueState(appending=7, read=[0, 1, 2]))  # log7 does not exist
+    rc, text = run(mi.inspect_db, path)
+    assert rc == 0, text
+    assert f"valid up to byte {off}, then crc (1 whole record 6..6 after it)" in text
+    assert "discarded by replay" in text
+    assert "record ids on disk: 1..9" in text
+    assert "valid prefix: records 1..4" in text
+    assert "missing on disk" in text
+
+
+def test_inspect_shows_shared_memory_and_live_writer(tmp_path):
+    path, _ = make_db(tmp_path)
+    real = os.path.realpath(path)
+    lock = WriterLock(path)
+    seg = ov.OverlayWriter(real, 5, 64, 4096)
+    try:
+        seg.begin()
+        seg.put(3, 1, 9, b"hello")
+        seg.put(3, 2, 9, None)
+        seg.end()
+        for word, v in ((ov.COMMITTED, 9), (ov.DURABLE, 8), (ov.ENACTED, 3)):
+            seg.q[word] = v
+        before_shm = bytes(seg.m)
+        before = snapshot(path)
+        rc, text = run(mi.inspect_db, path)
+        assert rc == 0, text
+        assert "writer: alive" in text
+        assert f"{seg.name}: generation 5, live, writer pid {os.getpid()}" in text
+        assert ("committed 9, durable 8, enacted 3; entries 2 of 64 slots, "
+                "heap 16 of 4096 bytes") in text
+        assert bytes(seg.m) == before_shm  # mapped read-only, nothing written
+        assert snapshot(path) == before
+        lock.release()
+        rc, text = run(mi.inspect_db, path)
+        assert "writer: not alive" in text
+        assert "its writer is gone" in text
+    finally:
+        lock.release()
+        seg.retire(ov.CLOSED)
+        seg.release()
+    assert not ov.stale_segments(real)
+
+
+# -- not a database, and nothing changes -------------------------------------------------------
+
+@pytest.mark.parametrize("fn", ALL)
+def test_not_a_database(tmp_path, fn):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for p in (str(empty), str(tmp_path / "missing")):
+        rc, text = run(fn, p)
+        assert rc == 2
+        assert text.startswith("error: ") and "not an mpwal database" in text
+    assert os.listdir(empty) == []
+    assert not (tmp_path / "missing").exists()
+    a_file = tmp_path / "file"
+    a_file.write_bytes(b"x")
+    rc, text = run(fn, str(a_file))
+    assert rc == 2 and text.startswith("error: ")
+
+
+def test_dump_json_error_is_json(tmp_path):
+    rc, text = run(mi.dump, str(tmp_path), json_lines=True)
+    assert rc == 2
+    assert "not an mpwal database" in json.loads(text)["error"]
+
+
+def _damage(kind: str, path: str, offsets: dict) -> None:
+    if kind == "crc":
+        lid, off = offsets[5]
+        flip(path, lid, off + 20)
+    elif kind == "torn":
+        lid, off = offsets[9]
+        os.truncate(os.path.join(path, f"log{lid}"), off + 7)
+    elif kind == "gap":
+        os.unlink(os.path.join(path, "log1"))
+    elif kind == "garbage":
+        with open(os.path.join(path, "log9"), "wb") as f:
+            f.write(b"\x07" * 100)
+
+
+@pytest.mark.parametrize("damage", ["none", "crc", "torn", "gap", "garbage"])
+@pytest.mark.parametrize("queues", [True, False])
+def test_nothing_changes_on_disk(tmp_path, damage, queues):
+    path, offsets = make_db(tmp_path, queues=queues)
+    open(os.path.join(path, "log5"), "wb").close()
+    _damage(damage, path, offsets)
+    before = snapshot(path)
+    for fn in ALL:
+        run(fn, path)
+    run(mi.dump, path, json_lines=True)
+    assert snapshot(path) == before
+    assert not ov.stale_segments(os.path.realpath(path))
+
+
+def test_no_write_calls_are_made(tmp_path, monkeypatch):
+    """Every open is read-only, no lock is taken, nothing is renamed, truncated or removed, and
+    shared memory is opened and mapped read-only (root ignores file modes, so this checks the
+    calls rather than relying on a read-only directory)."""
+    import builtins
+    import fcntl
+    import mmap
+
+    import posix_ipc
+
+    path, offsets = make_db(tmp_path)
+    _damage("crc", path, offsets)
+    real = os.path.realpath(path)
+    lock = WriterLock(path)
+    seg = ov.OverlayWriter(real, 1, 16, 4096)
+    calls = []
+
+    def guard(name, fn, bad):
+        def wrapped(*a, **kw):
+            if bad(*a, **kw):
+                calls.append((name, a, kw))
+                raise AssertionError(f"write-like call {name}{a}{kw}")
+            return fn(*a, **kw)
+        monkeypatch.setattr(*name_of(name), wrapped)
+
+    def name_of(dotted):
+        mod, attr = dotted.rsplit(".", 1)
+        return {"os": os, "builtins": builtins, "fcntl": fcntl, "mmap": mmap,
+                "posix_ipc": posix_ipc}[mod], attr
+
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    try:
+        guard("os.open", os.open, lambda p, flags, *a, **kw: bool(flags & write_flags))
+        guard("builtins.open", builtins.open,
+              lambda f, mode="r", *a, **kw: any(c in mode for c in "wax+"))
+        for name in ("os.truncate", "os.ftruncate", "os.unlink", "os.remove", "os.rename",
+                     "os.replace", "os.mkdir", "os.makedirs", "fcntl.flock", "fcntl.lockf"):
+            guard(name, eval(name), lambda *a, **kw: True)
+        guard("fcntl.fcntl", fcntl.fcntl,
+              lambda fd, cmd, *a: cmd not in (fcntl.F_OFD_GETLK, fcntl.F_GETLK, fcntl.F_GETFL))
+        guard("posix_ipc.SharedMemory", posix_ipc.SharedMemory,
+              lambda name, flags=0, *a, **kw: flags != 0 or not kw.get("read_only"))
+        guard("posix_ipc.unlink_shared_memory", posix_ipc.unlink_shared_memory, lambda *a: True)
+        guard("mmap.mmap", mmap.mmap,
+              lambda fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, *a:
+              bool(prot & mmap.PROT_WRITE))
+        outs = [run(fn, path) for fn in ALL] + [run(mi.dump, path, json_lines=True)]
+    finally:
+        monkeypatch.undo()
+        lock.release()
+        seg.retire(ov.CLOSED)
+        seg.release()
+    assert not calls
+    assert [rc for rc, _ in outs] == [0, 1, 1, 1]
+    assert f"{seg.name}: generation 1, live" in outs[0][1]
+    assert "writer: alive" in outs[0][1]
+
+
+def test_discarded_log_with_out_of_sequence_records_is_counted_whole(tmp_path):
+    path, _ = make_db(tmp_path, logs=((1, 2, 3), (7, 9, 10)))
+    rc, text = run(mi.verify, path)
+    assert rc == 1
+    assert "log1 at byte 0: gap: expected record 4, but the next log starts at record 7" in text
+    assert "replay discards 3 whole records" in text  # 7, 9 and 10
+
+
+def test_live_changes_are_reported_not_mixed(tmp_path, monkeypatch):
+    """A log cleaned between read_logs and the second pass, or a queue state that moves while a
+    problem is seen, makes verify/dump say so and exit 2 instead of printing a mix."""
+    path, offsets = make_db(tmp_path)
+    real_load = mi.load_queues
+    bumps = iter(range(1, 1000))
+
+    def moving(p):
+        st = real_load(p)
+        st.version += next(bumps)
+        return st
+
+    monkeypatch.setattr(mi, "load_queues", moving)
+    rc, text = run(mi.verify, path)
+    assert rc == 0 and "note: the queue state changed" in text  # clean: every record verified
+    _damage("crc", path, offsets)
+    rc, text = run(mi.verify, path)
+    assert rc == 2 and "result: inconclusive" in text
+    rc, text = run(mi.inspect_db, path)
+    assert rc == 0 and "note: the database changed while it was read" in text
+    monkeypatch.undo()
+
+    monkeypatch.setattr(mi, "_read_log", lambda p, lid: b"")  # every log cleaned meanwhile
+    rc, text = run(mi.dump, path)
+    assert rc == 2 and text == "note: log0 was cleaned or reused while it was read; the dump " \
+        "stops here: run it again\n"
+    rc, text = run(mi.dump, path, json_lines=True)
+    assert rc == 2 and "cleaned or reused" in json.loads(text)["note"]
+    rc, text = run(mi.verify, path)
+    assert rc == 2 and "note: log0 was cleaned or reused" in text
