@@ -25,6 +25,7 @@ class LogFile:
     size: int
     records: list[Record] = field(default_factory=list)
     end: int = 0  # bytes of valid records from the start
+    last_record: int | None = None  # id of the last valid record
 
 
 @dataclass
@@ -49,8 +50,8 @@ class LogSet:
     @property
     def last_record_id(self) -> int | None:
         for lf in reversed(self.valid):
-            if lf.records:
-                return lf.records[-1].record_id
+            if lf.last_record is not None:
+                return lf.last_record
         return None
 
     def records(self):
@@ -106,6 +107,8 @@ def read_logs(path: str, keep_records: bool = True) -> LogSet:
             for _ in scan.records():
                 pass
         lf.end = scan.end
+        if scan.end:
+            lf.last_record = scan.expect_id - 1
         expect = scan.expect_id
         valid.append(lf)
         if scan.problem:

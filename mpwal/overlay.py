@@ -302,6 +302,9 @@ class OverlayWriter(_Segment):
         for key, data in items:
             w = where.get(key)
             if w is None:
+                if len(where) >= self.nslots - 1:
+                    self.used = used
+                    raise MemoryError("overlay slots full")  # callers check room_for() first
                 table, index = key
                 w = ((((index ^ (table << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
                 while q[w + 1]:
@@ -410,6 +413,8 @@ class OverlayWriter(_Segment):
     def set_drops(self, drops: dict[int, int]) -> None:
         q = self.q
         items = sorted(drops.items())
+        if len(items) > MAX_DROPS:
+            raise MemoryError(f"more than {MAX_DROPS} pending drops")  # the writer waits first
         for i, (t, r) in enumerate(items):
             q[DROP_BASE + 2 * i] = t
             q[DROP_BASE + 2 * i + 1] = r

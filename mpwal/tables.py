@@ -126,6 +126,9 @@ def load_catalog(path: str) -> dict[int, Table]:
         raise storage_error(e, f"reading {meta}") from None
     try:
         doc = json.loads(raw)
+        if not isinstance(doc, dict) or not isinstance(doc.get("tables"), list) or \
+                not all(isinstance(d, dict) for d in doc["tables"]):
+            raise ValueError("not an object with a list of table objects")
         version = doc["mpwal"]
         tables = [table_from(d) for d in doc["tables"]]
     except (ValueError, KeyError, TypeError, TableError) as e:
@@ -240,7 +243,8 @@ def check_key(catalog: dict, tid, key, kind: str) -> Table:
             raise TableError(f"a table id must be an int, not {type(tid).__name__}")
         raise TableError(f"table {tid} is not defined; known tables: {sorted(catalog)}")
     if t.kind != kind:
-        raise TableError(f"table {tid} is a {t.kind} table, not a {kind} table")
+        raise TableError(f"table {tid} is {'an' if t.kind == 'index' else 'a'} {t.kind} table, "
+                         f"not {'an' if kind == 'index' else 'a'} {kind} table")
     if type(key) is not int:
         if isinstance(key, bool) or not isinstance(key, int):
             from .errors import ArgumentTypeError
