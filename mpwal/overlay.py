@@ -279,13 +279,6 @@ class OverlayWriter(_Segment):
         return self.bump + need <= self.heap_start + self.heap_bytes
 
     # -- entries -----------------------------------------------------------------------------
-    def _free(self, loc: int) -> None:
-        stored = loc & 0xFFFFFFFF
-        c = size_class(stored - 1) if stored else 0
-        if c:
-            self.used -= c
-            self.free.setdefault(c, []).append((loc >> 32) << 4)
-
     def put(self, table: int, index: int, record_id: int, data) -> None:
         """Make (table, index) hold ``data`` (bytes, or None for a removal) from ``record_id``."""
         self.put_many((((table, index), data),), record_id)
@@ -366,45 +359,59 @@ class OverlayWriter(_Segment):
 
     def remove_if(self, table: int, index: int, record_id: int) -> bool:
         """Remove the entry if it still holds ``record_id``'s data (the record-id rule)."""
-        w = self.where.get((table, index))
-        if w is None or self.q[w + 2] != record_id:
-            return False
-        self._remove_at(w, (table, index))
-        return True
+        return self.remove_record(((table, index),), record_id) == 1
+
+    def remove_record(self, keys, record_id: int) -> int:
+        """``remove_if`` for every key a record wrote: the enactment hot path. Returns how many
+        entries went (a key rewritten by a newer record stays)."""
+        q = self.q
+        where = self.where
+        free = self.free
+        end = self.slots_end
+        shift = self.shift
+        removed = 0
+        for key in keys:
+            w = where.get(key)
+            if w is None or q[w + 2] != record_id:
+                continue
+            removed += 1
+            loc = q[w + 3]
+            n = (loc & 0xFFFFFFFF) - 1
+            if n > 0:
+                c = MIN_CLASS if n <= MIN_CLASS else 1 << (n - 1).bit_length()
+                self.used -= c
+                lst = free.get(c)
+                if lst is None:
+                    free[c] = [(loc >> 32) << 4]
+                else:
+                    lst.append((loc >> 32) << 4)
+            del where[key]
+            # backward shift: pull later entries of the probe run into the hole when their home
+            # does not lie cyclically in (hole, j]; no tombstones, so lookups stay short
+            hole = j = w
+            while True:
+                j += SLOT_WORDS
+                if j == end:
+                    j = HEADER_WORDS
+                t = q[j + 1]
+                if not t:
+                    break
+                idx = q[j]
+                h = ((((idx ^ ((t - 1) << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
+                if (hole < j and hole < h <= j) or (hole > j and (h > hole or h <= j)):
+                    continue
+                q[hole] = idx
+                q[hole + 2] = q[j + 2]
+                q[hole + 3] = q[j + 3]
+                q[hole + 1] = t
+                where[(t - 1, idx)] = hole
+                hole = j
+            q[hole + 1] = 0  # an empty slot is one whose tag is 0
+        return removed
 
     def remove_table(self, table: int) -> None:
         for key in [k for k in self.where if k[0] == table]:
-            self._remove_at(self.where[key], key)
-
-    def _remove_at(self, w: int, key) -> None:
-        """Empty slot ``w`` and shift back the entries of its probe run that belong before it."""
-        q = self.q
-        self._free(q[w + 3])
-        del self.where[key]
-        end = self.slots_end
-        hole = w
-        j = w
-        while True:
-            j += SLOT_WORDS
-            if j == end:
-                j = HEADER_WORDS
-            t = q[j + 1]
-            if not t:
-                break
-            h = self.home(t - 1, q[j])
-            # move j into the hole unless its home lies cyclically in (hole, j]
-            if (hole < j and hole < h <= j) or (hole > j and (h > hole or h <= j)):
-                continue
-            q[hole] = q[j]
-            q[hole + 2] = q[j + 2]
-            q[hole + 3] = q[j + 3]
-            q[hole + 1] = t
-            self.where[(t - 1, q[j])] = hole
-            hole = j
-        q[hole + 1] = 0
-        q[hole] = 0
-        q[hole + 2] = 0
-        q[hole + 3] = 0
+            self.remove_record((key,), self.q[self.where[key] + 2])
 
     # -- drops -------------------------------------------------------------------------------
     def drops(self) -> dict[int, int]:

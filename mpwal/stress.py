@@ -49,6 +49,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import random
 import signal
 import struct
@@ -351,24 +352,25 @@ def percentiles(values) -> tuple[float, float, float] | None:
 
 def _reader_main(idx: int, path: str, wl: dict, stop, counts, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    out = {"idx": idx, "reads": 0, "errors": 0, "messages": [], "recoveries": 0, "lat": b"",
+    out = {"idx": idx, "reads": 0, "errors": 0, "recoveries": 0, "lat": b"",
            "ops": {"value": 0, "values": 0, "chunk": 0}}
     try:
-        _reader_loop(idx, path, Workload(**wl), stop, counts, out)
+        _reader_loop(idx, path, Workload(**wl), stop, counts, out, results)
     except BaseException:
         out["errors"] += 1
-        out["messages"].append(f"reader {idx} crashed:\n{traceback.format_exc()}")
-    results.put(out)
+        results.put(("error", f"reader {idx} crashed:\n{traceback.format_exc()}"))
+    results.put(("result", out))
 
 
-def _reader_loop(idx: int, path: str, wl: Workload, stop, counts, out: dict) -> None:
+def _reader_loop(idx: int, path: str, wl: Workload, stop, counts, out: dict, results) -> None:
+    """Read and check until ``stop``; error descriptions go to the parent as they happen (the
+    first MAX_MESSAGES), the counts and latency samples at the end in ``out``."""
     from .reader import Reader
     plan = Plan(wl)
     rng = random.Random((wl.seed << 8) + idx + 1)
     seen = [0] * wl.keys
     seen_index = [0] * wl.index_slots
     lat = Samples()
-    msgs = out["messages"]
     nerr = 0
     reads = 0
     ops = out["ops"]
@@ -380,8 +382,12 @@ def _reader_loop(idx: int, path: str, wl: Workload, stop, counts, out: dict) -> 
     def error(msg: str) -> None:
         nonlocal nerr
         nerr += 1
-        if len(msgs) < MAX_MESSAGES:
-            msgs.append(f"reader {idx} ({r.mode}): {msg}")
+        if nerr <= MAX_MESSAGES:
+            try:
+                where = f"{r.mode}, generation {r.stats().get('generation', '-')}"
+            except Exception as e:  # noqa: BLE001 - only for the message
+                where = f"{r.mode}, stats() raised {e!r}"
+            results.put(("error", f"reader {idx} ({where}): {msg}"))
 
     r = Reader(path)
     counts[idx] = 0  # ready
@@ -654,6 +660,7 @@ class Stress:
         self.final_last: int | None = None
         self.readers: list = []
         self.reader_results: list[dict] = []
+        self.early_results: list[dict] = []
         self.stop_readers = self.ctx.Event()
         self.counts = self.ctx.Array("q", [-1] * max(1, args.readers), lock=False)
         self.results = self.ctx.Queue()
@@ -678,7 +685,10 @@ class Stress:
         if len(self.errors) < MAX_MESSAGES:
             self.errors.append(msg)
         self._clear_line()
-        print(f"ERROR: {msg}", file=self.out, flush=True)
+        t = time.monotonic() - self.run_started if self.run_started else 0.0
+        print(f"{t:6.1f}s  ERROR: {msg}", file=self.out, flush=True)
+        if self.tty:
+            self._last_show = 0.0
 
     def event(self, msg: str) -> None:
         """One line about the run (a kill, a restart, a warning of the writer)."""
@@ -700,7 +710,8 @@ class Stress:
             return 2
         self.plan = Plan(self.wl)
         mode = f"--records {a.records}" if a.records is not None else f"{a.seconds:g} s"
-        print(f"mpwal stress: {self.path}, {mode}, {a.readers} readers, value {a.value_size} B, "
+        readers = f"{a.readers} reader{'' if a.readers == 1 else 's'}"
+        print(f"mpwal stress: {self.path}, {mode}, {readers}, value {a.value_size} B, "
               f"batch {a.batch}, {a.keys:,} keys, durability {a.durability}, enactor {a.enactor}"
               f"{', chaos' if a.chaos else ''}, seed {a.seed}", file=self.out, flush=True)
         try:
@@ -708,7 +719,7 @@ class Stress:
                 self._writers()
             except KeyboardInterrupt:
                 self.interrupted = True
-                self.error("interrupted (Ctrl-C)")
+                self.error("aborted (Ctrl-C)")
             finally:
                 self._stop_readers()
             self._final_checks()
@@ -716,6 +727,8 @@ class Stress:
             self._cleanup_processes()
             self._check_segments()
         self._summary()
+        if self.interrupted:
+            return 130
         return 0 if self.passed else 1
 
     @property
@@ -822,6 +835,7 @@ class Stress:
                 self.error("the writer did not open within 120 s")
                 self._kill_writer(proc, conn, during_open=True)
                 return "failed"
+            self._reader_errors()
             self._show(now)
             wake = [now + 0.1]
             if kill_at is not None:
@@ -839,13 +853,25 @@ class Stress:
                 msg = conn.recv()
             except (EOFError, OSError):
                 return self._writer_died(proc)
+            except KeyboardInterrupt:
+                if self.interrupted:
+                    raise  # a second Ctrl-C: give up at once
+                self.interrupted = True
+                kill_at = ekill_at = None
+                self.event("interrupted (Ctrl-C): stopping the writer cleanly and checking; "
+                           "Ctrl-C again to abort")
+                continue
             kind = msg[0]
             if kind == "ready":
                 pass
             elif kind == "opening":
                 opening_at = time.monotonic()
-                if a.chaos and not first and self.rng.random() < 0.25:
-                    kill_at = opening_at + self.rng.uniform(0.0, 0.15)
+                if (a.chaos and not first and not self._time_up(opening_at)
+                        and self.rng.random() < 0.25):
+                    # anywhere in the open: replay, truncating the logs, the new segment
+                    recent = self.open_seconds[-5:]
+                    span = max(0.05, 1.2 * sum(recent) / len(recent)) if recent else 0.15
+                    kill_at = opening_at + self.rng.uniform(0.0, span)
             elif kind == "open":
                 kill_at = None
                 last, stats = msg[1], msg[2]
@@ -1032,27 +1058,43 @@ class Stress:
                and any(p.is_alive() for p in self.readers) and time.monotonic() < deadline):
             time.sleep(0.01)
 
+    def _reader_errors(self) -> None:
+        """Show the readers' error descriptions as they come (their counts come at the end)."""
+        while True:
+            try:
+                kind, res = self.results.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "error":
+                self.error(res, count=0)
+            else:  # a reader that ended early (crashed): keep its result
+                self.early_results.append(res)
+
     def _stop_readers(self) -> None:
         self.stop_readers.set()
         if self.run_ended is None:
             self.run_ended = time.monotonic()
-        got = 0
+        got = len(self.early_results)
+        for res in self.early_results:
+            self.reader_results.append(res)
+            self.error_count += res["errors"]
         deadline = time.monotonic() + 60
         while got < len(self.readers) and time.monotonic() < deadline:
             try:
-                res = self.results.get(timeout=0.5)
-            except Exception:  # queue.Empty
+                kind, res = self.results.get(timeout=0.5)
+            except queue.Empty:
                 if not any(p.is_alive() for p in self.readers):
                     try:
-                        res = self.results.get(timeout=1)
-                    except Exception:
+                        kind, res = self.results.get(timeout=1)
+                    except queue.Empty:
                         break
                 else:
                     continue
+            if kind == "error":
+                self.error(res, count=0)
+                continue
             got += 1
             self.reader_results.append(res)
-            for m in res["messages"]:
-                self.error(m, count=0)
             self.error_count += res["errors"]
         for p in self.readers:
             p.join(10)
@@ -1175,7 +1217,10 @@ class Stress:
             rows.append(("lost acknowledged records", _fmt_int(self.lost)))
             rows.append(("committed records rolled back", _fmt_int(self.rolled_back)))
         rows.append(("errors", _fmt_int(self.error_count)))
-        rows.append(("verdict", "PASS" if self.passed else "FAIL"))
+        verdict = "PASS" if self.passed else "FAIL"
+        if self.interrupted:
+            verdict += " (interrupted: exit status 130)"
+        rows.append(("verdict", verdict))
         w = max(len(k) for k, _ in rows)
         print(file=self.out)
         print("mpwal stress summary", file=self.out)
@@ -1227,10 +1272,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--records", type=_positive_int, default=None,
                    help="run until this record id is committed")
     p.add_argument("--readers", type=_nonneg_int, default=2, help="reader processes (default 2)")
-    p.add_argument("--value-size", type=_nonneg_int, default=100,
+    p.add_argument("--value-size", type=_nonneg_int, default=None,
                    help=f"payload bytes per value (default 100; plus a {HEADER.size}-byte header)")
-    p.add_argument("--batch", type=_positive_int, default=100, help="values per record (default 100)")
-    p.add_argument("--keys", type=_positive_int, default=100_000,
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="values per record (default 100)")
+    p.add_argument("--keys", type=_positive_int, default=None,
                    help="key space of the value table (default 100000)")
     p.add_argument("--durability", choices=("relaxed", "commit"), default="relaxed",
                    help="writer durability (default relaxed)")
@@ -1239,12 +1285,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chaos", action="store_true",
                    help="kill (SIGKILL) and restart the writer, and the enactor process, at "
                         "random moments; check that nothing acknowledged is lost")
-    p.add_argument("--seed", type=int, default=None, help="seed of the workload and the chaos "
-                                                           "schedule (default: random, printed)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the workload and the chaos schedule (default: random, printed; "
+                        "with --dir on an earlier stress database, the workload options it was "
+                        "made with)")
     p.add_argument("--log-size", type=_positive_int, default=4 << 20,
                    help="writer log_size in bytes (default 4 MiB, so logs rotate often)")
     p.add_argument("--log-age", type=float, default=0.5, help="writer log_age in seconds (default 0.5)")
     return p
+
+
+def _stored_workload(path: str) -> dict:
+    """The workload parameters of an earlier stress run in ``path`` (empty if none)."""
+    try:
+        with open(os.path.join(path, PARAMS_FILE)) as f:
+            got = json.load(f)
+        return got if isinstance(got, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1256,6 +1314,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     if args.records is None and args.seconds is None:
         args.seconds = 10.0
+    stored = _stored_workload(args.dir) if args.dir is not None else {}
+    for name, default in (("seed", None), ("keys", 100_000), ("batch", 100), ("value_size", 100)):
+        if getattr(args, name) is None:
+            setattr(args, name, stored.get(name, default))
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little")
     args.seed &= (1 << 64) - 1

@@ -495,9 +495,7 @@ class Writer:
                 d = None
                 while pend and pend[0][0] <= enacted and removed < 4096:
                     rid, keys, drops, nbytes = pend.popleft()
-                    remove_if = ov.remove_if
-                    for t, k in keys:
-                        remove_if(t, k, rid)
+                    ov.remove_record(keys, rid)
                     removed += len(keys) + 1
                     self._pending_bytes -= nbytes
                     if drops:
