@@ -183,26 +183,13 @@ class Reader:
         limit = self._limits.get(table)
         if limit is None or type(index) is not int or not 0 <= index < limit:
             self._check_value_key(table, index)
-        if self._seg is None:
-            self._private_fresh()
-            if self._seg is None:
-                return self._private_value(table, index)
-        spins = 0
-        started = 0.0
-        tag = table + 1
-        while True:
-            seg = self._seg
-            if seg is None:
-                return self._private_value(table, index)
+        seg = self._seg
+        if seg is not None:  # the hot path: _lookup inlined, one try; else _value_retry
             q = seg.q
             s = q[0]
-            if s == SUPERSEDED:
-                self._recover()
-                continue
             if not s & 1:
-                # inline OverlayReader.find: this is the hot path
                 w = ((((index ^ (table << 47)) * K) & M64) >> seg.shift) * SLOT_WORDS + HEADER_WORDS
-                end = seg.slots_end
+                tag = table + 1
                 while True:
                     t = q[w + 1]
                     if t == tag and q[w] == index:
@@ -221,8 +208,50 @@ class Reader:
                             data = self._files.read_value(table, index)
                         break
                     w += SLOT_WORDS
-                    if w == end:
+                    if w == seg.slots_end:
                         w = HEADER_WORDS
+                if q[0] == s:
+                    return data
+        return self._value_retry(table, index)
+
+    def _lookup(self, seg, q, table: int, index: int) -> bytes | None:
+        """Overlay, then a pending drop, then the table file; call inside a seq window."""
+        w = ((((index ^ (table << 47)) * K) & M64) >> seg.shift) * SLOT_WORDS + HEADER_WORDS
+        tag = table + 1
+        while True:
+            t = q[w + 1]
+            if t == tag and q[w] == index:
+                loc = q[w + 3]
+                stored = loc & 0xFFFFFFFF
+                if stored:
+                    off = (loc >> 32) << 4
+                    return seg.m[off:off + stored - 1]
+                return None
+            if not t:
+                if q[NDROPS] and table in seg.drops():
+                    return None
+                return self._files.read_value(table, index)
+            w += SLOT_WORDS
+            if w == seg.slots_end:
+                w = HEADER_WORDS
+
+    def _value_retry(self, table: int, index: int) -> bytes | None:
+        """``value`` when the first try failed: private mode, a moved counter, a new segment."""
+        if self._seg is None:
+            self._private_fresh()
+        spins = 0
+        started = 0.0
+        while True:
+            seg = self._seg
+            if seg is None:
+                return self._private_value(table, index)
+            q = seg.q
+            s = q[0]
+            if s == SUPERSEDED:
+                self._recover()
+                continue
+            if not s & 1:
+                data = self._lookup(seg, q, table, index)
                 if q[0] == s:
                     return data
             spins += 1
