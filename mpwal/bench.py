@@ -1,0 +1,858 @@
+#!/usr/bin/env python3
+"""Benchmarks: mpwal beside SQLite (WAL mode) and LMDB, on the same workloads, in one run.
+
+    python scripts/bench.py              # every figure, full sizes (several minutes)
+    python scripts/bench.py --quick      # every figure, small sizes (under a minute on 2 cores)
+    python scripts/bench.py --only ingest,reads --markdown
+
+Figures (``--only`` takes these names or their numbers):
+
+1. ``ingest``    records of 1, 100 and 1000 values of 100 bytes, as fast as one thread commits
+                 them: mpwal durability="relaxed", SQLite synchronous=NORMAL, LMDB sync off.
+2. ``commit``    durable commits of 1-value records, 1 and 4 threads: mpwal durability="commit"
+                 (group commit), SQLite synchronous=FULL (one connection per thread), LMDB sync on.
+3. ``reads``     random point reads in 1 and 2 reader processes while a writer process ingests:
+                 lookups/s per reader process, one key at a time and in batches of 100.
+4. ``large``     64 KiB values, MB/s, beside a plain file fsynced as mpwal fsyncs its log
+                 (every 64 MiB or every second).
+5. ``sustained`` ingestion for a minute (5 s with --quick) with enactment running; the directory's
+                 disk usage and mpwal's /dev/shm usage at the end.
+
+Every timed loop runs for a fixed time and counts what it finished (time.perf_counter). The
+column mpwal/this is mpwal's rate (its first row: the default configuration) divided by the
+row's, on the table's first column and the same workload: above 1 mpwal is faster. Each workload gets a fresh temporary directory, removed afterwards; mpwal
+writers are closed so their shared memory is unlinked. Nothing here asserts on timings.
+
+LMDB is optional (``pip install mpwal[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import random
+import shutil
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import mpwal
+
+try:
+    import lmdb
+    LMDB_MISSING = None
+except ImportError:
+    lmdb = None
+    LMDB_MISSING = "lmdb not installed (pip install mpwal[bench])"
+
+VALUE_TABLE = 3        # mpwal table for the 100-byte values
+LARGE_TABLE = 4        # mpwal table for the 64 KiB values
+SMALL = 100            # bytes per value, figures 1, 2, 3, 5
+LARGE = 64 << 10       # bytes per value, figure 4
+FILE_FSYNC_EVERY = 64 << 20   # the plain file's fsync period: mpwal's log_size default …
+FILE_FSYNC_AGE = 1.0          # … and log_age default
+LMDB_MAP_SIZE = 1 << 36       # address space only; the file grows as data is written
+FILL = bytes(random.Random(1).randrange(256) for _ in range(SMALL - 8))
+BIG_FILL = random.Random(2).randbytes(LARGE - 8)
+
+
+def val(key: int) -> bytes:
+    """A 100-byte value that starts with its key, so readers can check what they got."""
+    return key.to_bytes(8, "little") + FILL
+
+
+def big_val(key: int) -> bytes:
+    return key.to_bytes(8, "little") + BIG_FILL
+
+
+def lkey(key: int) -> bytes:
+    """LMDB key: 8 bytes big-endian, so ascending integers are ascending keys."""
+    return key.to_bytes(8, "big")
+
+
+@dataclass
+class Sizes:
+    ingest_s: float        # seconds per (workload, system) in figure 1
+    commit_s: float        # figure 2
+    read_keys: int         # keys written before the readers start, figure 3
+    read_s: float          # seconds per read phase, figure 3
+    large_bytes: int       # bytes of 64 KiB values per system, figure 4
+    large_s: float         # time limit per system, figure 4
+    sustained_s: float     # figure 5
+    enactor_process_row: bool  # figure 5 also runs mpwal with enactor="process"
+    keyspace: int = 1_000_000  # keys cycle over this range (figures 1, 2, 5)
+
+
+FULL = Sizes(ingest_s=5, commit_s=5, read_keys=200_000, read_s=5, large_bytes=1 << 30,
+             large_s=60, sustained_s=60, enactor_process_row=True)
+QUICK = Sizes(ingest_s=0.5, commit_s=0.75, read_keys=20_000, read_s=0.5, large_bytes=64 << 20,
+              large_s=3, sustained_s=5, enactor_process_row=False)
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+def run_for(seconds: float, step) -> tuple[int, float]:
+    """Call ``step(i)`` for i = 0, 1, … until ``seconds`` have passed; return (calls, elapsed)."""
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        step(n)
+        n += 1
+        now = time.perf_counter()
+        if now >= deadline:
+            return n, now - t0
+
+
+def run_bounded(count: int, seconds: float, step) -> tuple[int, float]:
+    """Call ``step(i)`` for i in range(count), stopping early after ``seconds``."""
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    i = 0
+    while i < count:
+        step(i)
+        i += 1
+        if time.perf_counter() >= deadline:
+            break
+    return i, time.perf_counter() - t0
+
+
+def run_threads(nthreads: int, seconds: float, make_step) -> tuple[int, float]:
+    """Run ``make_step(t)``'s step function in ``nthreads`` threads started together, each for
+    ``seconds``; return (calls summed over threads, longest elapsed)."""
+    barrier = threading.Barrier(nthreads)
+    results: list = [None] * nthreads
+
+    def body(t):
+        try:
+            step = make_step(t)
+            barrier.wait()
+            results[t] = run_for(seconds, step)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            barrier.abort()
+            results[t] = e
+
+    threads = [threading.Thread(target=body, args=(t,)) for t in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return sum(r[0] for r in results), max(r[1] for r in results)
+
+
+def dir_disk_bytes(path: str) -> int:
+    """Bytes the files under ``path`` occupy on disk (allocated blocks)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def shm_bytes(prefix: str = "mpwal-") -> tuple[int, int]:
+    """(size, allocated bytes) of the /dev/shm entries whose names start with ``prefix``."""
+    size = used = 0
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return 0, 0
+    for n in names:
+        if n.startswith(prefix):
+            try:
+                st = os.stat(os.path.join("/dev/shm", n))
+            except FileNotFoundError:
+                continue
+            size += st.st_size
+            used += st.st_blocks * 512
+    return size, used
+
+
+def mpwal_shm_prefix(db: str) -> str:
+    """The /dev/shm name prefix of ``db``'s segments (all mpwal segments if unknown)."""
+    try:
+        from mpwal.overlay import segment_prefix
+        return segment_prefix(os.path.realpath(db))[1:]
+    except Exception:  # noqa: BLE001
+        return "mpwal-"
+
+
+# -- the three systems: opening ------------------------------------------------------------------
+
+MPWAL_DIRS: list[str] = []  # every mpwal directory made, checked for leftover segments at the end
+
+
+def open_mpwal(db: str, durability: str = "relaxed", enactor: str | None = None):
+    MPWAL_DIRS.append(db)
+    kw = {} if enactor is None else {"enactor": enactor}
+    return mpwal.Writer(db, tables=[mpwal.IndexTable(1), mpwal.ValueTable(VALUE_TABLE, slot_size=256),
+                                    mpwal.ValueTable(LARGE_TABLE, slot_size=LARGE)],
+                        sync_wal=True, sync_data=True, durability=durability, **kw)
+
+
+def open_sqlite(db: str, sync: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={sync}")
+    conn.execute("CREATE TABLE IF NOT EXISTS kv(k INTEGER PRIMARY KEY, v BLOB)")
+    return conn
+
+
+def sqlite_put(conn: sqlite3.Connection, items) -> None:
+    """One record = one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany("INSERT OR REPLACE INTO kv(k, v) VALUES (?, ?)", items)
+    conn.execute("COMMIT")
+
+
+def open_lmdb(db: str, sync: bool, readonly: bool = False):
+    if readonly:
+        return lmdb.open(db, map_size=LMDB_MAP_SIZE, readonly=True, lock=True, max_readers=256)
+    return lmdb.open(db, map_size=LMDB_MAP_SIZE, sync=sync, metasync=sync, max_readers=256)
+
+
+def lmdb_put(env, items) -> None:
+    """One record = one write transaction; ``items`` already carry LMDB keys."""
+    with env.begin(write=True) as txn:
+        if len(items) == 1:
+            txn.put(*items[0])
+        else:
+            txn.cursor().putmulti(items)
+
+
+def key_block(i: int, per_record: int, keyspace: int) -> int:
+    """First key of record ``i`` when records of ``per_record`` keys cycle over ``keyspace``."""
+    return (i * per_record) % (keyspace - keyspace % per_record)
+
+
+# -- figure 1: ingestion -------------------------------------------------------------------------
+
+def ingest_mpwal(tmp: str, per_record: int, z: Sizes, enactor: str | None = None) -> dict:
+    w = open_mpwal(os.path.join(tmp, "db"), durability="relaxed", enactor=enactor)
+    try:
+        def step(i):
+            k0 = key_block(i, per_record, z.keyspace)
+            with w.record() as rec:
+                if per_record == 1:
+                    rec.insert_value(VALUE_TABLE, k0, val(k0))
+                else:
+                    rec.insert_values(VALUE_TABLE, [(k, val(k)) for k in range(k0, k0 + per_record)])
+        n, dt = run_for(z.ingest_s, step)
+    finally:
+        w.close()
+    return {"records/s": n / dt, "values/s": n * per_record / dt}
+
+
+def ingest_sqlite(tmp: str, per_record: int, z: Sizes, sync: str = "NORMAL") -> dict:
+    conn = open_sqlite(os.path.join(tmp, "db.sqlite"), sync)
+    try:
+        def step(i):
+            k0 = key_block(i, per_record, z.keyspace)
+            sqlite_put(conn, [(k, val(k)) for k in range(k0, k0 + per_record)])
+        n, dt = run_for(z.ingest_s, step)
+    finally:
+        conn.close()
+    return {"records/s": n / dt, "values/s": n * per_record / dt}
+
+
+def ingest_lmdb(tmp: str, per_record: int, z: Sizes, sync: bool = False) -> dict:
+    env = open_lmdb(os.path.join(tmp, "db.lmdb"), sync)
+    try:
+        def step(i):
+            k0 = key_block(i, per_record, z.keyspace)
+            lmdb_put(env, [(lkey(k), val(k)) for k in range(k0, k0 + per_record)])
+        n, dt = run_for(z.ingest_s, step)
+    finally:
+        env.close()
+    return {"records/s": n / dt, "values/s": n * per_record / dt}
+
+
+def figure_ingest(z: Sizes):
+    rows = []
+    for per in (1, 100, 1000):
+        wl = f"{per} value{'s' if per > 1 else ''}/record"
+        rows.append(measure(wl, "mpwal (relaxed)", ingest_mpwal, per, z))
+        rows.append(measure(wl, "mpwal (relaxed, enactor process)", ingest_mpwal, per, z, "process"))
+        rows.append(measure(wl, "SQLite WAL NORMAL", ingest_sqlite, per, z))
+        rows.append(measure(wl, "LMDB sync off", ingest_lmdb, per, z, needs="lmdb"))
+    return Figure("1. Ingestion: 100-byte values, one thread, one record per commit",
+                  ["records/s", "values/s"], rows,
+                  notes=["mpwal: sync_wal=True, durability=\"relaxed\" (fsync at log rotation); "
+                         "SQLite: synchronous=NORMAL (fsync at checkpoints); LMDB: sync=False, metasync=False.",
+                         "Timed: the commit loop only (opening and closing are outside)."])
+
+
+# -- figure 2: durable commits -------------------------------------------------------------------
+
+def commit_mpwal(tmp: str, nthreads: int, z: Sizes) -> dict:
+    w = open_mpwal(os.path.join(tmp, "db"), durability="commit")
+    try:
+        def make_step(t):
+            def step(i):
+                k = (t + nthreads * i) % z.keyspace
+                with w.record() as rec:
+                    rec.insert_value(VALUE_TABLE, k, val(k))
+            return step
+        n, dt = run_threads(nthreads, z.commit_s, make_step)
+    finally:
+        w.close()
+    return {"commits/s": n / dt}
+
+
+def commit_sqlite(tmp: str, nthreads: int, z: Sizes) -> dict:
+    db = os.path.join(tmp, "db.sqlite")
+    open_sqlite(db, "FULL").close()   # create the table before the threads race to
+    conns: list[sqlite3.Connection] = []
+    try:
+        def make_step(t):
+            conn = open_sqlite(db, "FULL")   # one connection per thread
+            conns.append(conn)
+
+            def step(i):
+                k = (t + nthreads * i) % z.keyspace
+                sqlite_put(conn, [(k, val(k))])
+            return step
+        n, dt = run_threads(nthreads, z.commit_s, make_step)
+    finally:
+        for c in conns:
+            c.close()
+    return {"commits/s": n / dt}
+
+
+def commit_lmdb(tmp: str, nthreads: int, z: Sizes) -> dict:
+    env = open_lmdb(os.path.join(tmp, "db.lmdb"), sync=True)
+    try:
+        def make_step(t):
+            def step(i):
+                k = (t + nthreads * i) % z.keyspace
+                lmdb_put(env, [(lkey(k), val(k))])
+            return step
+        n, dt = run_threads(nthreads, z.commit_s, make_step)
+    finally:
+        env.close()
+    return {"commits/s": n / dt}
+
+
+def figure_commit(z: Sizes):
+    rows = []
+    for nt in (1, 4):
+        wl = f"{nt} thread{'s' if nt > 1 else ''}"
+        rows.append(measure(wl, "mpwal (commit)", commit_mpwal, nt, z))
+        rows.append(measure(wl, "SQLite WAL FULL", commit_sqlite, nt, z))
+        rows.append(measure(wl, "LMDB sync on", commit_lmdb, nt, z, needs="lmdb"))
+    return Figure("2. Durable commits: 1-value records, each commit returns once on disk",
+                  ["commits/s"], rows,
+                  notes=["mpwal: one Writer shared by the threads, durability=\"commit\" (group commit); "
+                         "SQLite: synchronous=FULL, a connection per thread, busy_timeout=30 s; "
+                         "LMDB: sync=True, one Environment shared by the threads."])
+
+
+# -- figure 3: point reads in reader processes while a writer process ingests ---------------------
+# Process bodies are module-level functions, as the 'spawn' start method requires.
+
+def _writer_proc(system: str, db: str, nkeys: int, ready, ok, stop, count, out) -> None:
+    """Write keys 0..nkeys-1, set ``ok`` and ``ready``, then overwrite records of 100 of them
+    until stopped, counting records in ``count``. A failure goes on ``out``, then ``ready``."""
+    try:
+        per = 100
+        if system == "mpwal":
+            w = open_mpwal(db, durability="relaxed")
+            def put(k0):
+                with w.record() as rec:
+                    rec.insert_values(VALUE_TABLE, [(k, val(k)) for k in range(k0, k0 + per)])
+            close = w.close
+        elif system == "sqlite":
+            conn = open_sqlite(db, "NORMAL")
+            def put(k0):
+                sqlite_put(conn, [(k, val(k)) for k in range(k0, k0 + per)])
+            close = conn.close
+        else:
+            env = open_lmdb(db, sync=False)
+            def put(k0):
+                lmdb_put(env, [(lkey(k), val(k)) for k in range(k0, k0 + per)])
+            close = env.close
+        try:
+            for k0 in range(0, nkeys, per):
+                put(k0)
+            ok.value = 1
+            ready.set()
+            n = 0
+            while not stop.is_set():
+                put(key_block(n, per, nkeys))
+                n += 1
+                count.value = n
+        finally:
+            close()
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        out.put(("error", "writer process", traceback.format_exc()))
+        out.close()
+        out.join_thread()   # in the pipe before the parent wakes up
+        ready.set()
+
+
+def _reader_proc(system: str, db: str, nkeys: int, seconds: float, seed: int, db_ready, rounds,
+                 out) -> None:
+    """Once ``db_ready`` is set, open the store and say so on ``out``; then, for each event of
+    ``rounds`` in turn, wait for it and do random lookups one key at a time for ``seconds``, then
+    in batches of 100 for ``seconds``, and put (lookups/s single, lookups/s batched, wrong
+    answers) on ``out``."""
+    try:
+        rng = random.Random(seed)
+        keys = [rng.randrange(nkeys) for _ in range(20_000)]
+        batches = [keys[i:i + 100] for i in range(0, len(keys), 100)]
+        bad = 0
+        if not db_ready.wait(300):
+            raise RuntimeError("the writer process did not write the keys within 300 s")
+        if system == "mpwal":
+            r = mpwal.Reader(db)
+            get = lambda k: r.value(VALUE_TABLE, k)                     # noqa: E731
+            get_many = lambda ks: r.values(VALUE_TABLE, ks)             # noqa: E731
+            close = r.close
+        elif system == "sqlite":
+            conn = sqlite3.connect(db, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=30000")
+            one = "SELECT v FROM kv WHERE k = ?"
+            many = "SELECT k, v FROM kv WHERE k IN (" + ",".join("?" * 100) + ")"
+
+            def get(k):
+                row = conn.execute(one, (k,)).fetchone()
+                return row[0] if row else None
+
+            def get_many(ks):
+                found = dict(conn.execute(many, ks).fetchall())
+                return [found.get(k) for k in ks]
+            close = conn.close
+        else:
+            env = open_lmdb(db, sync=False, readonly=True)
+
+            def get(k):
+                with env.begin() as txn:
+                    return txn.get(lkey(k))
+
+            def get_many(ks):
+                with env.begin() as txn:
+                    return [txn.get(lkey(k)) for k in ks]
+            close = env.close
+        try:
+            out.put(("ready", seed))
+
+            def single(i):
+                nonlocal bad
+                j = (i * 100) % len(keys)
+                for k in keys[j:j + 100]:
+                    v = get(k)
+                    if v is None or v[:8] != k.to_bytes(8, "little"):
+                        bad += 1
+
+            def batched(i):
+                nonlocal bad
+                ks = batches[i % len(batches)]
+                for k, v in zip(ks, get_many(ks)):
+                    if v is None or v[:8] != k.to_bytes(8, "little"):
+                        bad += 1
+            for go in rounds:
+                go.wait()
+                bad = 0
+                n1, dt1 = run_for(seconds, single)
+                n2, dt2 = run_for(seconds, batched)
+                out.put(("result", n1 * 100 / dt1, n2 * 100 / dt2, bad))
+        finally:
+            close()
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        out.put(("error", f"reader process {seed}", traceback.format_exc()))
+
+
+def child_error(who: str, tb: str) -> RuntimeError:
+    """The exception to raise for a failed child process; its traceback goes to stderr."""
+    print(f"--- {who} failed:\n{tb}", file=sys.stderr)
+    return RuntimeError(f"{who}: {tb.strip().splitlines()[-1]}")
+
+
+def reads_system(tmp: str, system: str, z: Sizes) -> dict[int, tuple]:
+    """A writer process and two reader processes (started together; the readers open the store
+    once the writer has written the keys). Round 1: reader 0 reads alone; round 2: both read.
+    Returns {readers: (single lookups/s per process, batched lookups/s per process, writer
+    records/s meanwhile, wrong answers)}."""
+    ctx = mp.get_context("spawn")
+    db = os.path.join(tmp, {"mpwal": "db", "sqlite": "db.sqlite", "lmdb": "db.lmdb"}[system])
+    if system == "mpwal":
+        MPWAL_DIRS.append(db)
+    ready, ok, stop, count = ctx.Event(), ctx.RawValue("b", 0), ctx.Event(), ctx.RawValue("Q", 0)
+    wout, out = ctx.Queue(), ctx.Queue()   # the writer's errors; the readers' messages
+    rounds = {1: ctx.Event(), 2: ctx.Event()}
+    procs = [ctx.Process(target=_writer_proc, args=(system, db, z.read_keys, ready, ok, stop, count, wout))]
+    procs += [ctx.Process(target=_reader_proc, args=(system, db, z.read_keys, z.read_s, seed, ready,
+                                                     [rounds[n] for n in (1, 2) if seed < n], out))
+              for seed in (0, 1)]
+    for p in procs:
+        p.start()
+
+    def collect(n):
+        msgs = []
+        while len(msgs) < n:
+            tag, *rest = out.get(timeout=300 + 4 * z.read_s)
+            if tag == "error":
+                raise child_error(*rest)
+            msgs.append(rest)
+        return msgs
+
+    result = {}
+    try:
+        if not ready.wait(300):
+            raise RuntimeError("the writer process did not finish writing the keys within 300 s")
+        if not ok.value:
+            raise child_error(*wout.get(timeout=10)[1:])
+        collect(2)                     # both readers have opened the store
+        for nreaders in (1, 2):
+            c0, t0 = count.value, time.perf_counter()
+            rounds[nreaders].set()
+            msgs = collect(nreaders)
+            wrate = (count.value - c0) / (time.perf_counter() - t0)
+            result[nreaders] = (sum(m[0] for m in msgs) / nreaders, sum(m[1] for m in msgs) / nreaders,
+                                wrate, sum(m[2] for m in msgs))
+    finally:
+        for p in procs[1:]:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        stop.set()
+        procs[0].join(300)
+        if procs[0].is_alive():
+            procs[0].kill()
+        if ok.value and not wout.empty():   # the writer failed after the keys were written
+            raise child_error(*wout.get()[1:])
+    return result
+
+
+def figure_reads(z: Sizes):
+    rows = []
+    labels = {"mpwal": "mpwal", "sqlite": "SQLite WAL NORMAL", "lmdb": "LMDB"}
+    per_system = {}
+    for system in ("mpwal", "sqlite", "lmdb"):
+        needs = {"mpwal": "mpwal", "lmdb": "lmdb"}.get(system)
+        per_system[system] = measure("", labels[system], reads_system, system, z, needs=needs, raw=True)
+    notes = [f"{z.read_keys:,} keys of 100 bytes written first; the writer process then keeps "
+             "overwriting them in records of 100 (mpwal relaxed, SQLite NORMAL, LMDB sync off).",
+             "Readers: mpwal r.value() / r.values(); SQLite SELECT … WHERE k = ? / k IN (100 keys); "
+             "LMDB txn.get in a read transaction per lookup / per batch. Lookups/s per reader process."]
+    for nreaders in (1, 2):
+        for kind, idx in (("value()", 0), ("values() ×100", 1)):
+            wl = f"{nreaders} reader{'s' if nreaders > 1 else ''}, {kind}"
+            for system in ("mpwal", "sqlite", "lmdb"):
+                got = per_system[system]
+                if isinstance(got, str):
+                    rows.append(Row(wl, labels[system], None, got))
+                    continue
+                s = got[nreaders]
+                rows.append(Row(wl, labels[system], {"lookups/s/process": s[idx], "writer rec/s": s[2]}))
+                if s[3]:
+                    notes.append(f"{labels[system]}, {nreaders} reader(s): {s[3]} lookups returned "
+                                 "a missing or wrong value")
+    return Figure("3. Point reads per reader process while a writer process ingests",
+                  ["lookups/s/process", "writer rec/s"], rows, notes=notes)
+
+
+# -- figure 4: large values ----------------------------------------------------------------------
+
+def large_mpwal(tmp: str, z: Sizes) -> dict:
+    w = open_mpwal(os.path.join(tmp, "db"), durability="relaxed")
+    count = z.large_bytes // LARGE
+    try:
+        def step(i):
+            with w.record() as rec:
+                rec.insert_value(LARGE_TABLE, i % count, big_val(i))
+        n, dt = run_bounded(count, z.large_s, step)
+    finally:
+        w.close()
+    return {"MB/s": n * LARGE / dt / 1e6}
+
+
+def large_file(tmp: str, z: Sizes) -> dict:
+    """Appends to one file, fsynced as mpwal fsyncs its log with sync_wal: every 64 MiB
+    (log_size) or once the unsynced part is a second old (log_age)."""
+    fd = os.open(os.path.join(tmp, "plain.dat"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    unsynced, since = 0, time.perf_counter()
+    try:
+        def step(i):
+            nonlocal unsynced, since
+            unsynced += os.write(fd, big_val(i))
+            if unsynced >= FILE_FSYNC_EVERY or time.perf_counter() - since >= FILE_FSYNC_AGE:
+                os.fsync(fd)
+                unsynced, since = 0, time.perf_counter()
+        n, dt = run_bounded(z.large_bytes // LARGE, z.large_s, step)
+    finally:
+        os.close(fd)
+    return {"MB/s": n * LARGE / dt / 1e6}
+
+
+def large_sqlite(tmp: str, z: Sizes) -> dict:
+    conn = open_sqlite(os.path.join(tmp, "db.sqlite"), "NORMAL")
+    try:
+        n, dt = run_bounded(z.large_bytes // LARGE, z.large_s, lambda i: sqlite_put(conn, [(i, big_val(i))]))
+    finally:
+        conn.close()
+    return {"MB/s": n * LARGE / dt / 1e6}
+
+
+def large_lmdb(tmp: str, z: Sizes) -> dict:
+    env = open_lmdb(os.path.join(tmp, "db.lmdb"), sync=False)
+    try:
+        n, dt = run_bounded(z.large_bytes // LARGE, z.large_s, lambda i: lmdb_put(env, [(lkey(i), big_val(i))]))
+    finally:
+        env.close()
+    return {"MB/s": n * LARGE / dt / 1e6}
+
+
+def figure_large(z: Sizes):
+    wl = "64 KiB values"
+    rows = [measure(wl, "mpwal (relaxed)", large_mpwal, z),
+            measure(wl, f"plain file, fsync/{FILE_FSYNC_EVERY >> 20} MiB", large_file, z),
+            measure(wl, "SQLite WAL NORMAL", large_sqlite, z),
+            measure(wl, "LMDB sync off", large_lmdb, z, needs="lmdb")]
+    return Figure(f"4. Large values: one 64 KiB value per record, up to {z.large_bytes >> 20} MiB "
+                  f"or {z.large_s:g} s per system", ["MB/s"], rows,
+                  notes=["MB = 10^6 bytes of values committed per second; timed: the commit loop only.",
+                         "mpwal: durability=\"relaxed\", sync_wal and sync_data on (the log is fsynced "
+                         "at rotation, every 64 MiB or 1 s; the enactor writes the values again into the "
+                         "table file); SQLite: synchronous=NORMAL; LMDB: sync off."])
+
+
+# -- figure 5: sustained ingestion with enactment ------------------------------------------------
+
+SUSTAINED_PER = 100
+SUSTAINED_NOTES: list[str] = []
+
+
+def sustained_mpwal(tmp: str, z: Sizes, enactor: str | None = None) -> dict:
+    db = os.path.join(tmp, "db")
+    w = open_mpwal(db, durability="relaxed", enactor=enactor)
+    try:
+        def step(i):
+            k0 = key_block(i, SUSTAINED_PER, z.keyspace)
+            with w.record() as rec:
+                rec.insert_values(VALUE_TABLE, [(k, val(k)) for k in range(k0, k0 + SUSTAINED_PER)])
+        n, dt = run_for(z.sustained_s, step)
+        disk, (shm, shm_used) = dir_disk_bytes(tmp), shm_bytes(mpwal_shm_prefix(db))
+        st = w.stats()
+    finally:
+        w.close()
+    SUSTAINED_NOTES.append(
+        f"mpwal{'' if enactor is None else f' (enactor={enactor})'} at the end: committed record "
+        f"{st['committed']:,}, enacted {st['enacted']:,}, {st['pending_bytes'] / 2**20:.1f} MiB of "
+        f"log not yet enacted, {st['rotations']} rotations, overlay generation {st['generation']}.")
+    return {"records/s": n / dt, "values/s": n * SUSTAINED_PER / dt,
+            "disk MiB": disk / 2**20, "shm MiB": shm / 2**20, "shm used MiB": shm_used / 2**20}
+
+
+def sustained_sqlite(tmp: str, z: Sizes) -> dict:
+    db = os.path.join(tmp, "db.sqlite")
+    conn = open_sqlite(db, "NORMAL")
+    try:
+        def step(i):
+            k0 = key_block(i, SUSTAINED_PER, z.keyspace)
+            sqlite_put(conn, [(k, val(k)) for k in range(k0, k0 + SUSTAINED_PER)])
+        n, dt = run_for(z.sustained_s, step)
+        disk = dir_disk_bytes(tmp)
+    finally:
+        conn.close()
+    return {"records/s": n / dt, "values/s": n * SUSTAINED_PER / dt, "disk MiB": disk / 2**20}
+
+
+def sustained_lmdb(tmp: str, z: Sizes) -> dict:
+    db = os.path.join(tmp, "db.lmdb")
+    env = open_lmdb(db, sync=False)
+    try:
+        def step(i):
+            k0 = key_block(i, SUSTAINED_PER, z.keyspace)
+            lmdb_put(env, [(lkey(k), val(k)) for k in range(k0, k0 + SUSTAINED_PER)])
+        n, dt = run_for(z.sustained_s, step)
+        disk = dir_disk_bytes(tmp)
+    finally:
+        env.close()
+    return {"records/s": n / dt, "values/s": n * SUSTAINED_PER / dt, "disk MiB": disk / 2**20}
+
+
+def figure_sustained(z: Sizes):
+    wl = f"{z.sustained_s:g} s"
+    rows = [measure(wl, "mpwal (relaxed)", sustained_mpwal, z)]
+    if z.enactor_process_row:   # the enactor in its own process, off the writer's GIL
+        rows.append(measure(wl, "mpwal (relaxed, enactor=process)", sustained_mpwal, z, "process"))
+    rows += [measure(wl, "SQLite WAL NORMAL", sustained_sqlite, z),
+             measure(wl, "LMDB sync off", sustained_lmdb, z, needs="lmdb")]
+    return Figure(f"5. Sustained ingestion: records of {SUSTAINED_PER} values of 100 bytes for "
+                  f"{z.sustained_s:g} s, keys cycling over {z.keyspace:,}",
+                  ["records/s", "values/s", "disk MiB", "shm MiB", "shm used MiB"], rows,
+                  notes=["mpwal's enactor (default: a thread of the writer) applies rotated logs to the "
+                         "table files meanwhile. Disk: allocated bytes of the directory at the end, "
+                         "before closing; shm: size and allocated bytes of mpwal's /dev/shm segments "
+                         "at the same moment."] + SUSTAINED_NOTES)
+
+
+# -- results and tables --------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    workload: str
+    system: str
+    metrics: dict | None
+    note: str | None = None
+
+
+@dataclass
+class Figure:
+    title: str
+    columns: list[str]
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+
+def measure(workload: str, system: str, fn, *args, needs: str | None = None, raw: bool = False):
+    """Run one workload on one system in a fresh temporary directory. Returns a Row (or, with
+    ``raw``, ``fn``'s result); a missing system or an error becomes the row's note."""
+    missing = {"lmdb": LMDB_MISSING}.get(needs)
+    if missing:
+        return missing if raw else Row(workload, system, None, missing)
+    print(f"  … {system}{', ' + workload if workload else ''}", file=sys.stderr, flush=True)
+    tmp = tempfile.mkdtemp(prefix="mpwal-bench-", dir=ARGS.dir)
+    t0 = time.perf_counter()
+    try:
+        got = fn(tmp, *args)
+    except Exception as e:  # noqa: BLE001 - one failing row does not stop the others
+        traceback.print_exc()
+        msg = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return msg if raw else Row(workload, system, None, msg)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"    {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return got if raw else Row(workload, system, got)
+
+
+def fmt(x) -> str:
+    if x is None:
+        return "–"
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def render(fig: Figure, markdown: bool) -> str:
+    """The figure as a table: one row per (workload, system); mpwal/this = mpwal's rate divided
+    by this row's, on the first column, within the same workload."""
+    head = ["workload", "system"] + fig.columns + ["mpwal/this"]
+    first = fig.columns[0]
+    mp_rate: dict = {}  # the first mpwal row of each workload (the default configuration)
+    for r in fig.rows:
+        if r.system.startswith("mpwal") and r.metrics:
+            mp_rate.setdefault(r.workload, r.metrics.get(first))
+    body = []   # list of cells, or (workload, system, note) tuples for rows without numbers
+    for r in fig.rows:
+        if r.metrics is None:
+            body.append((r.workload, r.system, r.note))
+            continue
+        base, mine = mp_rate.get(r.workload), r.metrics.get(first)
+        ratio = "" if r.system.startswith("mpwal") or not base or not mine else f"{base / mine:.2f}×"
+        body.append([r.workload, r.system] + [fmt(r.metrics.get(c)) for c in fig.columns] + [ratio])
+    out = [f"### {fig.title}" if markdown else fig.title, ""]
+    if markdown:
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|")
+        for b in body:
+            cells = list(b) + [""] * (len(head) - 3) if isinstance(b, tuple) else b
+            out.append("| " + " | ".join(cells) + " |")
+    else:
+        rows = [b for b in body if isinstance(b, list)]
+        widths = [max([len(h)] + [len(b[i]) for b in rows]) for i, h in enumerate(head)]
+        for i in (0, 1):
+            widths[i] = max([widths[i]] + [len(b[i]) for b in body])
+
+        def line(cells):
+            return "  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(cells))
+        out.append(line(head))
+        out.append("-" * len(out[-1]))
+        for b in body:
+            out.append((line(b[:2]) + "  " + b[2] if isinstance(b, tuple) else line(b)).rstrip())
+    out.append("")
+    out += [("- " if markdown else "  ") + n for n in fig.notes]
+    out.append("")
+    return "\n".join(out)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    parts = [f"machine: {platform.platform()}", f"CPU: {cpu}, {os.cpu_count()} cores",
+             f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
+             f"LMDB {lmdb.version() if lmdb else '(not installed)'}, "
+             f"mpwal {mpwal.__version__}",
+             f"temporary directories under {ARGS.dir or tempfile.gettempdir()}"]
+    return "\n".join(parts)
+
+
+FIGURES = {"ingest": figure_ingest, "commit": figure_commit, "reads": figure_reads,
+           "large": figure_large, "sustained": figure_sustained}
+ARGS = argparse.Namespace(dir=None)
+
+
+def main(argv=None) -> int:
+    global ARGS
+    ap = argparse.ArgumentParser(prog="mpwal bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes: the whole run in under a minute")
+    ap.add_argument("--only", default="", help="comma-separated figures: " + ", ".join(FIGURES) + " (or 1-5)")
+    ap.add_argument("--dir", default=None, help="base directory for the temporary databases")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    ARGS = ap.parse_args(argv)
+    names = list(FIGURES)
+    if ARGS.only:
+        chosen = []
+        for tok in ARGS.only.split(","):
+            tok = tok.strip()
+            name = names[int(tok) - 1] if tok.isdigit() and 1 <= int(tok) <= len(names) else tok
+            if name not in FIGURES:
+                ap.error(f"unknown figure {tok!r}; choose from {', '.join(names)} or 1-{len(names)}")
+            chosen.append(name)
+        names = [n for n in FIGURES if n in chosen]
+    if ARGS.dir:
+        os.makedirs(ARGS.dir, exist_ok=True)
+    z = QUICK if ARGS.quick else FULL
+    print(machine())
+    print()
+    t0 = time.perf_counter()
+    for name in names:
+        print(f"[{name}]", file=sys.stderr, flush=True)
+        t1 = time.perf_counter()
+        print(render(FIGURES[name](z), ARGS.markdown), flush=True)
+        print(f"[{name}] {time.perf_counter() - t1:.1f} s", file=sys.stderr, flush=True)
+    left = []
+    for db in MPWAL_DIRS:
+        prefix = mpwal_shm_prefix(db)
+        if prefix != "mpwal-":
+            left += [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    if left:
+        print(f"WARNING: shared-memory segments left in /dev/shm: {left}")
+    print(f"total time {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
