@@ -30,15 +30,18 @@ Checks, all exact:
   id never goes back, and neither does ``last_record_id``.
 * The parent verifies the whole state (every key and index entry) equals the prefix through
   the writer's ``last_record_id`` after every writer open and at the end.
-* ``--chaos``: the writer process is SIGKILLed at random moments (sometimes while it opens and
-  replays), and with ``--enactor process`` the enactor process too; a new writer replays. Every
-  record the writer acknowledged as durable (``durability="commit"`` commits, or ``sync()``) and
-  every record reported committed must be there after the restart; readers keep running.
+* ``--chaos``: the writer process is SIGKILLed at random moments (a quarter of the restarts are
+  killed again at a random point of their open: replay, log truncation, new segment), and with
+  ``--enactor process`` the enactor process too; a new writer replays. Every record the writer
+  acknowledged as durable (``durability="commit"`` commits, or ``sync()`` every 50 ms) and
+  every record reported committed must be there after the restart; readers keep running. The
+  next writer process is spawned ahead (a warm standby) so a restart does not wait for Python.
 * At the end no shared-memory segment of the directory may be left in /dev/shm.
 
 The writer runs in a child process in every mode (so chaos and plain runs share the code); the
-parent shows progress, kills, verifies and prints the summary. Exit status 0 when every check
-passed, 1 when one failed, 2 for bad arguments.
+parent shows progress, kills, verifies and prints the summary. mpwal's warnings in the writer
+process are shown as events, its errors count as failed checks. Exit status 0 when every check
+passed, 1 when one failed, 2 for bad arguments, 130 after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -198,7 +201,8 @@ class Plan:
             return writer_interval(slot, 0, self.wl.index_slots, self.wl.index_per_record), None
         rid, s = v >> SLOT_BITS, v & ((1 << SLOT_BITS) - 1)
         if s != slot or rid == 0:
-            return None, f"index slot {slot}: entry {v:#x} is not a stress entry for this slot (torn or misplaced)"
+            return None, (f"index slot {slot}: entry {v:#x} is not a stress entry for this slot "
+                          "(torn or misplaced)")
         iv = writer_interval(slot, rid, self.wl.index_slots, self.wl.index_per_record)
         if iv is None:
             return None, f"index slot {slot}: record {rid} never writes this slot"
@@ -1189,7 +1193,8 @@ class Stress:
             x.frombytes(r["lat"])
             rlat.extend(x)
         recov = sum(r["recoveries"] for r in self.reader_results)
-        per = [r["reads"] / elapsed if elapsed else 0 for r in sorted(self.reader_results, key=lambda r: r["idx"])]
+        per = [r["reads"] / elapsed if elapsed else 0
+               for r in sorted(self.reader_results, key=lambda r: r["idx"])]
         el = elapsed or float("nan")
         vbytes = HEADER.size + a.value_size
         rows = [
@@ -1204,12 +1209,12 @@ class Stress:
             ("read latency p50/p99/max", _fmt_lat(percentiles(rlat))),
             ("state verifications", f"{self.verifications} (every key and index entry), "
                                     f"{sum(self.verify_seconds):.1f} s"),
-            ("writer restarts", f"{self.writer_restarts}"
-                                + (f" ({self.kills_during_open} while opening)" if self.kills_during_open else "")),
+            ("writer restarts", f"{self.writer_restarts}" + (
+                f" ({self.kills_during_open} while opening)" if self.kills_during_open else "")),
             ("writer open (replay) max", f"{max(self.open_seconds, default=0):.2f} s"),
             ("reader recoveries", _fmt_int(recov)),
-            ("enactor restarts", f"{self.enactor_restarts}"
-                                 + (f" ({self.enactor_kills} enactor kills)" if a.chaos and a.enactor == "process" else "")),
+            ("enactor restarts", f"{self.enactor_restarts}" + (
+                f" ({self.enactor_kills} enactor kills)" if a.chaos and a.enactor == "process" else "")),
         ]
         if a.chaos or a.durability == "commit":
             rows.append(("acknowledged durable", f"through record {self.acked}"))
