@@ -26,7 +26,6 @@ import mmap
 import os
 import struct
 import threading
-import time
 
 import filelock
 import posix_ipc

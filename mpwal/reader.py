@@ -115,7 +115,11 @@ class Reader:
             return False
         data: dict = {}
         drops: set[int] = set()
+        st = load_queues(self.path)
+        done = st.last_cleaned_record if st else 0  # records the tables already hold
         for rec in logs.records():
+            if rec.record_id <= done:
+                continue
             for op in rec.ops:
                 if op.kind == DROP_TABLE:
                     drops.add(op.table)
@@ -135,9 +139,7 @@ class Reader:
         if self._seg is not None:
             self._seg.release()
             self._seg = None
-        st = load_queues(self.path)
-        last = logs.last_record_id
-        self._private_last = last if last is not None else (st.last_cleaned_record if st else 0)
+        self._private_last = max(done, logs.last_record_id or 0)
         self._private = data
         self._private_drops = drops
         self._private_stamp = stamp

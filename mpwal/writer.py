@@ -44,10 +44,10 @@ from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, C
 from .format import CHUNK_BYTES, DROP_TABLE, encode_record
 from .logs import read_logs
 from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSED,
-                      SUPERSEDED_STATE, OverlayWriter, segment_name, stale_segments,
+                      SUPERSEDED_STATE, OverlayWriter, stale_segments,
                       supersede_segment)
-from .queues import (ENACTOR_LOCK, QUEUE_LOCK, QueueState, WriterLock, file_lock, load_queues,
-                     log_ids, log_path, save_queues)
+from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, QueueState, WriterLock,
+                     file_lock, load_queues, log_ids, log_path, save_queues)
 from .record import Record
 from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog
 from .tables import IndexTable, ValueTable
@@ -155,8 +155,8 @@ class Writer:
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="mpwal-housekeeping",
                                              daemon=True)
-        self._housekeeper.start()
         self._start_enactor()
+        self._housekeeper.start()
 
     # -- opening -----------------------------------------------------------------------------
     def _open_dir(self) -> None:
@@ -177,13 +177,22 @@ class Writer:
                                              "denied: check the directory's owner and mode)")
 
     def _replay(self, overlay_slots: int, overlay_bytes: int) -> None:
-        """Apply the longest valid prefix of the logs to the tables; start a new generation."""
+        """Apply the longest valid prefix of the logs to the tables; start a new generation.
+
+        Order matters for a writer killed in the middle of it: readers are sent off the dead
+        writer's segment first (they read the logs privately meanwhile); the queue file records
+        the last replayed record (fsynced) before any log is truncated, so a later open neither
+        reuses record ids nor applies a leftover older log over newer table data (records at or
+        below ``last_cleaned_record`` are already in the tables and are skipped)."""
         with self._queue_lock:
             st = load_queues(self.path) or QueueState()
             st.epoch += 1
             st.writer_pid = self._pid
             st.sync_data = self.sync_data
             save_queues(self.path, st)
+        generation = st.generation + 1
+        for name in stale_segments(self.path):
+            supersede_segment(name, generation)
         enactor_lock = file_lock(self.path, ENACTOR_LOCK)
         try:
             enactor_lock.acquire(timeout=30)
@@ -195,12 +204,15 @@ class Writer:
             if logs.problem:
                 log.warning("replay of %s stops at %s; later records are dropped",
                             self.path, logs.problem)
+            done = st.last_cleaned_record
             applier = Enactor(self.path)
             try:
                 batch: list = []
                 size = 0
                 count = 0
                 for rec in logs.records():
+                    if rec.record_id <= done:
+                        continue
                     has_drop = any(op.kind == DROP_TABLE for op in rec.ops)
                     if batch and (has_drop or len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES):
                         applier._apply(batch)
@@ -213,26 +225,26 @@ class Writer:
                 applier.files.sync()
             finally:
                 applier.files.close()
-            last = logs.last_record_id or 0
+            last = max(done, logs.last_record_id or 0)
             with self._queue_lock:
                 st = load_queues(self.path) or st
+                st.last_cleaned_record = last
+                save_queues(self.path, st, sync=True)  # before any log is truncated
                 for lid in log_ids(self.path):
                     self._truncate_log(lid)
                 fileio.sync_dir(self.path)
                 ids = log_ids(self.path)
-                st.pool = ids[:16]
-                for lid in ids[16:]:
+                st.pool = ids[:MAX_LOG_POOL_SIZE]
+                for lid in ids[MAX_LOG_POOL_SIZE:]:
                     os.unlink(log_path(self.path, lid))
                 st.read, st.cleanup, st.appending = [], [], None
-                st.next_log = (max(ids) + 1) if ids else max(st.next_log, 0)
-                st.last_cleaned_record = max(st.last_cleaned_record, last)
-                self._next_id = st.last_cleaned_record + 1
-                old_gen = st.generation
-                st.generation = old_gen + 1
-                self._ov = OverlayWriter(self.path, st.generation, overlay_slots, overlay_bytes)
+                st.next_log = (max(ids) + 1) if ids else st.next_log
+                self._next_id = last + 1
+                st.generation = generation
+                self._ov = OverlayWriter(self.path, generation, overlay_slots, overlay_bytes)
                 q = self._ov.q
-                q[COMMITTED] = q[DURABLE] = q[ENACTED] = self._next_id - 1
-                self._durable = self._next_id - 1
+                q[COMMITTED] = q[DURABLE] = q[ENACTED] = last
+                self._durable = last
                 save_queues(self.path, st, sync=True)
                 self._queue = st
             if count:
@@ -241,9 +253,6 @@ class Writer:
             raise e if isinstance(e, StorageError) else storage_error(e, "replaying the logs") from None
         finally:
             enactor_lock.release()
-        for name in stale_segments(self.path):
-            if name != self._ov.name:
-                supersede_segment(name, self._ov.generation)
 
     def _truncate_log(self, lid: int) -> None:
         fd = os.open(log_path(self.path, lid), os.O_RDWR)
