@@ -73,8 +73,9 @@ class Writer:
       when it is this old and not empty.
     * ``enactor``: ``"thread"`` (default), ``"process"``, or ``"none"`` (run ``mpwal enactor PATH``
       yourself).
-    * ``overlay_slots`` / ``overlay_bytes``: first shared-memory capacity (entries, data bytes);
-      it doubles up to ``max_overlay_bytes`` when short.
+    * ``overlay_slots`` / ``overlay_bytes`` (2**20, 256 MiB): first shared-memory capacity
+      (hash slots, half of them usable; data bytes). Pages are allocated only when touched and
+      given back when the overlay empties; capacity doubles up to ``max_overlay_bytes``.
     * ``max_pending_bytes`` (1 GiB): un-enacted log bytes allowed before commits wait.
     * ``backpressure_timeout`` (30 s): how long a commit waits for room before
       ``BackpressureError``.
@@ -83,7 +84,7 @@ class Writer:
     def __init__(self, path: str | os.PathLike, tables: Iterable[IndexTable | ValueTable] = (), *,
                  sync_wal: bool = True, sync_data: bool = True, durability: str = "relaxed",
                  log_size: int = 64 << 20, log_age: float = 1.0, enactor: str = "thread",
-                 overlay_slots: int = 1 << 16, overlay_bytes: int = 64 << 20,
+                 overlay_slots: int = 1 << 20, overlay_bytes: int = 256 << 20,
                  max_overlay_bytes: int = 1 << 30, max_pending_bytes: int = 1 << 30,
                  backpressure_timeout: float = 30.0):
         if not isinstance(path, (str, os.PathLike)):
@@ -289,9 +290,12 @@ class Writer:
             return self._chunk_now(table, chunk)
 
     def index_entry(self, table: int, chunk: int, entry: int) -> int:
-        data = self.index_chunk(table, chunk)
+        """One u64 entry (0..63) of an index chunk."""
         if type(entry) is not int or not 0 <= entry < 64:
-            raise ArgumentRangeError(f"entry {entry!r} is outside 0..63")
+            if not isinstance(entry, int) or isinstance(entry, bool):
+                raise ArgumentTypeError(f"entry must be an int, not {type(entry).__name__}")
+            raise ArgumentRangeError(f"entry {entry} is outside 0..63")
+        data = self.index_chunk(table, chunk)
         return int.from_bytes(data[entry * 8:entry * 8 + 8], "little")
 
     @property
