@@ -31,6 +31,7 @@ import filelock
 import posix_ipc
 
 from . import fileio
+from .errors import CorruptionError, StorageError, storage_error
 from .format import DROP_TABLE, INSERT_INDEX, LogScan, entries_of
 from .overlay import ENACTED, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
 from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, file_lock, load_queues, log_path,
@@ -128,7 +129,16 @@ class Enactor:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> bool:
-        """Do one batch of work; False when there was nothing to do."""
+        """Do one batch of work; False when there was nothing to do. I/O errors come out as
+        StorageError."""
+        try:
+            return self._step()
+        except StorageError:
+            raise
+        except OSError as e:
+            raise storage_error(e, "enacting the logs") from None
+
+    def _step(self) -> bool:
         st = load_queues(self.path)
         if st is None:
             return False
@@ -173,8 +183,8 @@ class Enactor:
             return True
         if scan.problem:
             # A rotated log that does not verify: stop here; replay on the next open decides.
-            raise RuntimeError(f"log{head} does not verify at byte {self.pos + scan.end} "
-                               f"({scan.problem}); reopen the writer to replay")
+            raise CorruptionError(f"log{head} does not verify at byte {self.pos + scan.end} "
+                                  f"({scan.problem}); reopen the writer to replay")
         self._finish_log(head, st.epoch)
         return True
 

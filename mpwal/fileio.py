@@ -111,15 +111,18 @@ def write_file_atomic(path: str, data: bytes, sync: bool = False) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        write_all(fd, data)
-        if sync:
-            fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            write_all(fd, data)
+            if sync:
+                fsync(fd)
+        finally:
+            os.close(fd)
         rename(tmp, path)
-    except OSError:
-        os.unlink(tmp)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
     if sync:
         sync_dir(os.path.dirname(path))

@@ -127,7 +127,9 @@ class _Db:
         self.path = path
         self.catalog: dict[int, Table] = load_catalog(path)
         self.queues: QueueState | None = load_queues(path)
-        self.logs: LogSet = read_logs(path, keep_records=False)
+        q = self.queues
+        self.logs: LogSet = read_logs(path, keep_records=False,
+                                      start=q.last_cleaned_record + 1 if q else None)
         self.changed: list[str] = []
         self.stats: dict[int, _Stats] = {}  # valid logs, filled by prefix()
         self.last_id: int | None = None  # last record of the prefix, once prefix() ran

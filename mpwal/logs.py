@@ -59,13 +59,18 @@ class LogSet:
             yield from lf.records
 
 
-def read_logs(path: str, keep_records: bool = True) -> LogSet:
+def read_logs(path: str, keep_records: bool = True, start: int | None = None) -> LogSet:
     """Scan every ``log{N}`` file of ``path``. An I/O error raises StorageError (replay must
-    fail and keep the logs); corruption only ends the prefix."""
+    fail and keep the logs); corruption only ends the prefix.
+
+    ``start`` is the first record id the prefix must begin with (``last_cleaned_record + 1``
+    from the queue state): records below it are already in the tables and are skipped, and a
+    prefix that does not reach it is a gap. A log is ordered by its first record only once that
+    record verifies, so a damaged id cannot move a log to the front."""
     heads = []
     empty = []
     discarded = []
-    problem = None
+    head_problem = None
     datas = {}
     for lid in log_ids(path):
         p = log_path(path, lid)
@@ -78,43 +83,49 @@ def read_logs(path: str, keep_records: bool = True) -> LogSet:
         if not data:
             empty.append(lid)
             continue
-        first = first_record_id(data)
-        if first is None:
+        head = LogScan(data)
+        first = next(head.records(), None)
+        if first is None:  # torn, crc, bad type: the first record does not verify
             discarded.append(lid)
-            problem = problem or Problem(lid, 0, "no first record", None)
+            rid = first_record_id(data)  # None: the file does not even start with a BEGIN
+            head_problem = head_problem or Problem(
+                lid, 0, head.problem if rid is not None else "no first record", rid)
             continue
-        heads.append((first, lid))
+        heads.append((first.record_id, lid))
         datas[lid] = data
     heads.sort()
     valid = []
-    expect = None
-    stopped = False
+    expect = start
+    problem = None
     for first, lid in heads:
         data = datas.pop(lid)
-        if stopped:
+        if problem:
             discarded.append(lid)
             continue
-        if expect is not None and first != expect:
-            stopped = True
+        # a log may start below ``expect`` only while nothing is kept yet (it holds records the
+        # tables already have); otherwise it must continue the chain exactly
+        if expect is not None and (first > expect or (first < expect and expect != start)):
             discarded.append(lid)
-            problem = Problem(lid, 0, "gap", first)
+            problem = head_problem or Problem(lid, 0, "gap", first)
             continue
         lf = LogFile(lid, first, len(data))
-        scan = LogScan(data, expect)
+        scan = LogScan(data, first)
+        skip = expect if expect is not None and first < expect else None
         if keep_records:
-            lf.records = list(scan.records())
+            lf.records = [r for r in scan.records() if skip is None or r.record_id >= skip]
         else:
             for _ in scan.records():
                 pass
         lf.end = scan.end
-        if scan.end:
+        if scan.end and (skip is None or scan.expect_id > skip):
             lf.last_record = scan.expect_id - 1
-        expect = scan.expect_id
+        expect = scan.expect_id if expect is None else max(expect, scan.expect_id)
         valid.append(lf)
-        if scan.problem:
-            stopped = True
+        if scan.problem and (skip is None or scan.expect_id > skip):
+            # (damage among records the tables already hold ends nothing: the next log may
+            # still continue the chain at ``expect``)
             problem = Problem(lid, scan.end, scan.problem, scan.problem_record)
-    return LogSet(valid, empty, discarded, problem)
+    return LogSet(valid, empty, discarded, problem or head_problem)
 
 
 def log_size(path: str, log_id: int) -> int:

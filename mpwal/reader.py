@@ -110,16 +110,14 @@ class Reader:
     def _build_private(self, stamp) -> bool:
         """Read the logs' valid prefix into memory; False if the queues changed meanwhile."""
         self._refresh_catalog()
-        logs = read_logs(self.path)
+        st = load_queues(self.path)
+        done = st.last_cleaned_record if st else 0  # records the tables already hold
+        logs = read_logs(self.path, start=done + 1 if st else None)
         if self._stamp() != stamp:
             return False
         data: dict = {}
         drops: set[int] = set()
-        st = load_queues(self.path)
-        done = st.last_cleaned_record if st else 0  # records the tables already hold
         for rec in logs.records():
-            if rec.record_id <= done:
-                continue
             for op in rec.ops:
                 if op.kind == DROP_TABLE:
                     drops.add(op.table)

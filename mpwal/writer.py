@@ -28,6 +28,7 @@ import collections
 import errno
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -40,7 +41,7 @@ import filelock
 from . import fileio
 from .enactor import BATCH_BYTES, BATCH_RECORDS, Enactor
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
-                     DatabaseError, ForkedError, StorageError, WriterFailedError, storage_error)
+                     DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
 from .format import CHUNK_BYTES, DROP_TABLE, encode_record
 from .logs import read_logs
 from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSED,
@@ -55,6 +56,8 @@ from .tables import IndexTable, ValueTable
 log = logging.getLogger("mpwal")
 
 _live_writers: "weakref.WeakSet[Writer]" = weakref.WeakSet()
+_LEFT_BY_FAILED_OPEN = re.compile(r"(writer|queue|enactor)\.lock|(index|value)\d+\.tbl|"
+                                  r"(mpwal\.meta|queues)\.tmp\d+")
 MAX_UNSYNCED_LOGS = 64
 ZERO_CHUNK = bytes(CHUNK_BYTES)
 
@@ -168,7 +171,8 @@ class Writer:
         if not os.path.isdir(self.path):
             raise DatabaseError(f"{self.path} is not a directory; give a directory path")
         if not is_database(self.path):
-            stray = [n for n in os.listdir(self.path) if n not in ("writer.lock",)]
+            # what a first open that failed half-way leaves is not a stranger's data
+            stray = [n for n in os.listdir(self.path) if not _LEFT_BY_FAILED_OPEN.fullmatch(n)]
             if stray:
                 raise DatabaseError(
                     f"{self.path} is not empty and is not an mpwal database (no {META_FILE}): "
@@ -186,7 +190,8 @@ class Writer:
         reuses record ids nor applies a leftover older log over newer table data (records at or
         below ``last_cleaned_record`` are already in the tables and are skipped)."""
         with self._queue_lock:
-            st = load_queues(self.path) or QueueState()
+            loaded = load_queues(self.path)
+            st = loaded or QueueState()
             st.epoch += 1
             st.writer_pid = self._pid
             st.sync_data = self.sync_data
@@ -201,19 +206,18 @@ class Writer:
             raise DatabaseError(f"an enactor process still holds {ENACTOR_LOCK} after 30 s; stop "
                                 "it (it lets go when a new writer opens) and reopen") from None
         try:
-            logs = read_logs(self.path)  # an I/O error raises here and keeps every log
+            done = st.last_cleaned_record
+            # (without a queue file, the logs alone say where the prefix starts)
+            logs = read_logs(self.path, start=done + 1 if loaded else None)  # I/O error: raises
             if logs.problem:
                 log.warning("replay of %s stops at %s; later records are dropped",
                             self.path, logs.problem)
-            done = st.last_cleaned_record
             applier = Enactor(self.path)
             try:
                 batch: list = []
                 size = 0
                 count = 0
                 for rec in logs.records():
-                    if rec.record_id <= done:
-                        continue
                     has_drop = any(op.kind == DROP_TABLE for op in rec.ops)
                     if batch and (has_drop or len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES):
                         applier._apply(batch)
@@ -771,7 +775,7 @@ class Writer:
                     e.progress.close()
             with self._lock:
                 self._absorb()
-        except OSError as e:
+        except (OSError, Error) as e:
             log.error("enacting at close failed (%s); the logs stay for the next replay", e)
         finally:
             lock.release()

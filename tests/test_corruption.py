@@ -18,12 +18,13 @@ import shutil
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mpwal
 from mpwal.format import LogScan
 from mpwal.logs import read_logs
+from mpwal.queues import load_queues
 from mpwal.queues import log_path
 
 from reliability import (Template, describe_diff, dir_bytes, fill, make_records, make_template,
@@ -58,6 +59,12 @@ def fresh_copy(t: Template, base: str) -> str:
     return t.copy(os.path.join(d, "db"))
 
 
+def replay_logs(path: str):
+    """``read_logs`` as replay calls it: starting after the queue file's last cleaned record."""
+    st = load_queues(path)
+    return read_logs(path, start=st.last_cleaned_record + 1 if st else None)
+
+
 def done_with(path: str) -> None:
     left = segments_left(path)
     shutil.rmtree(os.path.dirname(path), ignore_errors=True)
@@ -69,7 +76,7 @@ def check_private(t: Template, path: str, k: int, what: str) -> None:
     changes nothing on disk (invariant 8)."""
     before = dir_bytes(path)
     try:
-        ids = [r.record_id for r in read_logs(path).records()]
+        ids = [r.record_id for r in replay_logs(path).records()]
         with mpwal.Reader(path) as r:
             mode = r.mode
             state = read_state(r)
@@ -134,12 +141,6 @@ def offsets(t: Template):
             yield pos, lf.log_id, o
 
 
-def in_head(o: int) -> bool:
-    """Whether offset ``o`` of a log is in its first record's BEGIN_RECORD header, the bytes
-    read_logs orders logs by before verifying anything."""
-    return o < HEADER
-
-
 def sample(seq, n: int, seed: int):
     """Every item when ``n`` is None or covers them, else ``n`` spread evenly (seeded offset)."""
     seq = list(seq)
@@ -175,7 +176,7 @@ def flipped(o: int, mask: int):
 
 
 def check_problem(t: Template, path: str, log_id: int, start: int, what: str, rid=None) -> None:
-    pr = read_logs(path).problem
+    pr = replay_logs(path).problem
     assert pr is not None, f"{what}: read_logs reports no problem"
     assert (pr.log_id, pr.offset) == (log_id, start), \
         f"{what}: read_logs reports {pr}, want log{log_id} at byte {start}"
@@ -192,12 +193,10 @@ MASKS = scale((0xFF,), (0xFF, 0x01, 0x80, 0x10))
 def test_flip_every_byte_private(small, scratch, masks):
     """Every byte of every log of the small template flipped: read_logs and a private Reader
     see exactly the records before the damaged one, and read_logs names its log and offset
-    (the first record's header of each log is covered by the xfail tests below)."""
+    (first headers included: a log is ordered only by a first record that verifies)."""
     path = fresh_copy(small, scratch)
     cases = 0
     for pos, lid, o in offsets(small):
-        if in_head(o):
-            continue
         rid = small.locate(lid, o)
         start = record_start(small, lid, rid)
         for mask in masks:
@@ -211,7 +210,7 @@ def test_flip_every_byte_private(small, scratch, masks):
             finally:
                 restore(path, lid, orig)
             cases += 1
-    assert cases == sum(lf.size - HEADER for lf in small.logs) * len(masks)
+    assert cases == sum(lf.size for lf in small.logs) * len(masks)
     done_with(path)
 
 
@@ -222,7 +221,7 @@ REPLAY_FLIPS = scale(15, None)
 def test_flip_bytes_replay(small, scratch, n):
     """Flipped bytes of the small template (a spread sample; every byte in long mode): a
     Writer's replay applies exactly the records before the damaged one."""
-    for pos, lid, o in sample((x for x in offsets(small) if not in_head(x[2])), n, 1):
+    for pos, lid, o in sample(offsets(small), n, 1):
         rid = small.locate(lid, o)
         path = fresh_copy(small, scratch)
         mutate(path, lid, flipped(o, 0xFF))
@@ -242,10 +241,9 @@ def positions(t: Template):
 def test_random_flips_large(large, scratch, data):
     """One to three random bytes of the large template's logs flipped with random masks: every
     reader and the replay see exactly the records before the first damaged one; a flip in a
-    later log's first header may end replay earlier, never later (see the xfail tests)."""
+    first header included."""
     flips = data.draw(st.lists(st.tuples(positions(large), st.integers(1, 255)), min_size=1,
                                max_size=3, unique_by=lambda f: f[0]))
-    assume(all(not (pos == 0 and o < HEADER) for (pos, o), _ in flips))
     path = fresh_copy(large, scratch)
     hit = []
     for (pos, o), mask in flips:
@@ -254,31 +252,8 @@ def test_random_flips_large(large, scratch, data):
         hit.append(large.locate(lid, o))
     k = min(hit) - 1
     what = f"flips {flips} (records {hit})"
-    heads = [(pos, o) for (pos, o), _ in flips if o < HEADER]
-    if heads:
-        # Safety only: the state is a prefix that stops no later than the damage.
-        for check in (check_safe_private, check_safe_replay):
-            check(large, path, k, what)
-    else:
-        check_all(large, path, k, what)
+    check_all(large, path, k, what)
     done_with(path)
-
-
-def check_safe_private(t: Template, path: str, k: int, what: str) -> None:
-    with mpwal.Reader(path) as r:
-        ks = prefixes(read_state(r), t.states)
-    assert any(t.first - 1 <= x <= k for x in ks), f"{what}: private state is prefixes {ks}, " \
-        f"want one of {t.first - 1}..{k}"
-
-
-def check_safe_replay(t: Template, path: str, k: int, what: str) -> None:
-    w = mpwal.Writer(path, tables(), enactor="none", log_age=3600)
-    try:
-        ks = prefixes(read_state(w), t.states)
-    finally:
-        w.close()
-    assert any(t.first - 1 <= x <= k for x in ks), f"{what}: replayed state is prefixes {ks}, " \
-        f"want one of {t.first - 1}..{k}"
 
 
 # -- truncation -------------------------------------------------------------------------------
@@ -299,13 +274,11 @@ def truncated(o: int):
 
 def test_truncate_every_offset_private(small, scratch):
     """Each log of the small template cut at every offset: read_logs and a private Reader see
-    exactly the records wholly before the cut (cutting the earliest log inside its first header
-    is covered by an xfail test), and read_logs names the cut log and the torn record."""
+    exactly the records wholly before the cut, and read_logs names the cut log and the torn
+    record."""
     path = fresh_copy(small, scratch)
     cases = 0
     for pos, lid, o in offsets(small):
-        if pos == 0 and o < HEADER:
-            continue
         orig = mutate(path, lid, truncated(o))
         try:
             k = boundary_before(small, lid, o)
@@ -317,7 +290,7 @@ def test_truncate_every_offset_private(small, scratch):
         finally:
             restore(path, lid, orig)
         cases += 1
-    assert cases == sum(lf.size for lf in small.logs) - HEADER
+    assert cases == sum(lf.size for lf in small.logs)
     done_with(path)
 
 
@@ -328,7 +301,7 @@ REPLAY_CUTS = scale(12, None)
 def test_truncate_replay(small, scratch, n):
     """Logs of the small template cut at a spread of offsets (every offset in long mode): a
     Writer's replay applies exactly the records wholly before the cut."""
-    for pos, lid, o in sample((x for x in offsets(small) if not (x[0] == 0 and x[2] < HEADER)),
+    for pos, lid, o in sample(offsets(small),
                               n, 2):
         path = fresh_copy(small, scratch)
         mutate(path, lid, truncated(o))
@@ -343,7 +316,6 @@ def test_random_truncation_large(large, scratch, where):
     """A random log of the large template cut at a random offset: readers and replay see exactly
     the records wholly before the cut."""
     pos, o = where.draw(positions(large))
-    assume(not (pos == 0 and o < HEADER))
     lid = large.logs[pos].log_id
     path = fresh_copy(large, scratch)
     mutate(path, lid, truncated(o))
@@ -370,9 +342,6 @@ def test_append_garbage(large, scratch, pos, garbage):
     done_with(path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="read_logs orders logs by an unverified first record id: "
-                   "a garbage log whose bytes start like a record with a small id sorts first "
-                   "and ends replay before any valid record (mpwal/logs.py read_logs)")
 def test_garbage_log_file_is_ignored(small, scratch):
     """A new log file holding only garbage that looks like the start of a record (a pool log
     hit by garbage) must not end replay before the real records."""
@@ -420,7 +389,7 @@ def test_swap_log_names(small, large, scratch, n):
     for t, a, b in cases:
         path = fresh_copy(t, scratch)
         swap(path, a, b)
-        assert read_logs(path).problem is None
+        assert replay_logs(path).problem is None
         check_all(t, path, t.last, f"log{a} <-> log{b}")
         done_with(path)
 
@@ -440,7 +409,7 @@ def test_drop_middle_log(small, large, scratch, n):
         os.unlink(log_path(path, t.logs[pos].log_id))
         k = t.logs[pos - 1].records[-1][0]
         what = f"log{t.logs[pos].log_id} (position {pos}) missing"
-        pr = read_logs(path).problem
+        pr = replay_logs(path).problem
         if pos + 1 < len(t.logs):
             assert pr is not None and pr.why == "gap" and pr.log_id == t.logs[pos + 1].log_id, \
                 f"{what}: read_logs reports {pr}"
@@ -452,9 +421,6 @@ def test_drop_middle_log(small, large, scratch, n):
 
 # -- known bugs: the first record header of a log ---------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="replay skips a damaged earliest log and applies the "
-                   "later ones: read_logs does not know the first record id replay must start at "
-                   "(queues.last_cleaned_record + 1) (mpwal/logs.py read_logs)")
 @pytest.mark.parametrize("damage", ["flip-type", "flip-id", "cut-head", "empty", "missing"])
 def test_damaged_head_of_earliest_log(small, scratch, damage):
     """Damage to the first record's header of the earliest un-enacted log (a flipped type or id
@@ -477,9 +443,6 @@ def test_damaged_head_of_earliest_log(small, scratch, damage):
         done_with(path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="a later log whose first record id is damaged to a value "
-                   "below the earliest log's sorts first, and replay stops before any valid "
-                   "record (mpwal/logs.py read_logs sorts by unverified ids)")
 def test_damaged_head_id_of_later_log_keeps_earlier_logs(small, scratch):
     """The first record id of the second log damaged to a small value: the earliest log's
     records are still replayed (the longest valid prefix)."""
@@ -493,9 +456,6 @@ def test_damaged_head_id_of_later_log_keeps_earlier_logs(small, scratch):
         done_with(path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="read_logs reports a later log's 'gap' instead of the "
-                   "damaged log: the 'no first record' problem is overwritten and a log whose "
-                   "first id is damaged sorts elsewhere (mpwal/logs.py read_logs)")
 def test_problem_names_log_with_damaged_head(small, scratch):
     """A flipped byte in the first record's header of the second log: read_logs names that log
     at offset 0 (not the next log's gap)."""
@@ -511,7 +471,7 @@ def test_problem_names_log_with_damaged_head(small, scratch):
 
 def test_damaged_head_of_later_log_is_safe(small, scratch):
     """Every byte of a later log's first header flipped: the state is still exactly the records
-    of the logs before it (only the problem's name is wrong, see the xfail above)."""
+    of the logs before it, and read_logs names the damaged log."""
     cases = 0
     for pos in range(1, len(small.logs)):
         lid = small.logs[pos].log_id
@@ -536,10 +496,6 @@ def test_template_replays_whole(small, large, scratch):
         done_with(path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="a rotated log that does not "
-                   "verify makes the enactor raise RuntimeError (mpwal/enactor.py Enactor.step), "
-                   "which Writer.close() lets escape (mpwal/writer.py _drain_here catches only "
-                   "OSError)")
 def test_damaged_rotated_log_under_live_writer(db):
     """A byte of a rotated, not yet enacted log flipped while its writer lives: readers still see
     every committed record (the overlay holds them), close() raises nothing but an mpwal error,

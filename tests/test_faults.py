@@ -440,10 +440,6 @@ def test_fault_while_replay_cleans_logs(unenacted, db, kind):
 
 # -- faults while creating a database ---------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="a failed first open leaves the table files (and a "
-                   "mpwal.meta.tmpPID) without mpwal.meta, and every later open refuses the "
-                   "directory as 'not empty and not an mpwal database' (mpwal/writer.py _open_dir, "
-                   "mpwal/tables.py merge_catalog, mpwal/fileio.py write_file_atomic)")
 @pytest.mark.parametrize("kind", ["write", "fsync", "rename"])
 def test_fault_creating_database(db, kind):
     """A fault while the first Writer creates a database: the open raises StorageError, and
@@ -473,10 +469,6 @@ def test_fault_creating_database(db, kind):
 
 @pytest.mark.multiprocess
 @pytest.mark.xdist_group("multiprocess")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the enactor lets a table file's "
-                   "OSError escape unwrapped (mpwal/enactor.py Enactor.step/_apply/_clean, "
-                   "mpwal/tables.py TableFiles.write_chunk/drop/sync), and `mpwal enactor` "
-                   "(mpwal/cli.py) catches only mpwal.Error: it dies with a traceback")
 @pytest.mark.parametrize("spec", ["write:1:5", "fsync:1:28", "truncate:1:5"])
 def test_fault_in_enactor_process(db, spec):
     """A fault (armed through MPWAL_FAULTS) in `mpwal enactor PATH` while it enacts a writer's
