@@ -12,9 +12,9 @@ import mpwal
 from mpwal import fileio
 from mpwal.logs import read_logs
 from mpwal.overlay import OverlayWriter, stale_segments
-from mpwal.queues import load_queues, log_ids
+from mpwal.queues import log_ids
 
-from procs import (INDEX_TABLE, TABLES, VALUE_TABLE, check_value, commit_workload,
+from procs import (TABLES, VALUE_TABLE, check_value, commit_workload,
                    expected_state, make_value, read_state)
 
 
