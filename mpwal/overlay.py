@@ -20,16 +20,22 @@ allows). Readers map it read-only. Layout, in little-endian u64 words::
      11  nslots        hash slots, a power of two
      12  heap_bytes
      13  entries       live hash entries
-     14  heap_used     bytes allocated in the heap
+     14  heap_used     bytes of live record data in the heap
      15  ndrops        pending table drops, pairs at word 64: (table, record id)
     slots, nslots × 4 words, open addressing with linear probing, no tombstones (deletion
     shifts later entries back):
       index        the value index, or the index chunk number
       tag          table id + 1; 0 marks an empty slot
       record_id    record that wrote this data
-      loc          (heap offset / 16) << 32 | stored;  stored = length + 1, 0 = value removed
-    heap, heap_bytes: data blocks (values; whole 512-byte chunks for index tables), allocated by
-    the writer in power-of-two size classes from 16 bytes.
+      loc          byte offset in the segment << 32 | stored;  stored = length + 1, 0 = removed
+    heap, heap_bytes: a ring of record blobs. Publishing a record copies all its data (its
+    values, then the whole 512-byte after-image of each index chunk it changed) into the heap
+    with one copy, at the ring's tail; its entries point into that blob. Records are enacted in
+    id order, and an entry leaves when its own record is enacted (the record-id rule), so once
+    record r is enacted nothing points into r's blob: blobs are freed from the ring's head in
+    allocation order, and the pages they used are given back to the system (MADV_REMOVE) as the
+    head passes them. (parity-db reclaims its overlay below 1/10 use; a ring needs no
+    compaction.) Segments stay below 4 GiB so an offset fits in 32 bits.
 
 Consistency is one sequence lock over the whole segment (the words and the heap): the writer
 makes ``seq`` odd, changes entries, makes it even again; a reader reads ``seq``, looks up, copies
@@ -46,6 +52,7 @@ The hash is Fibonacci hashing of ``index ^ (table << 47)``: the top ``log2(nslot
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import mmap
 import os
@@ -68,8 +75,9 @@ SEQ, MAGIC_W, LAYOUT, GENERATION, STATE, NEXT_GEN, WRITER_PID, COMMITTED, DURABL
 DROP_BASE = 64
 MAX_DROPS = 128
 LIVE, SUPERSEDED_STATE, CLOSED = 1, 2, 3
-MIN_CLASS = 16
 MAX_LOAD = 0.5  # entries per slot before the writer wants a bigger generation
+MAX_SEGMENT = (1 << 32) - 1  # offsets in ``loc`` are 32 bits
+RELEASE_BYTES = 1 << 20  # give freed heap pages back once this many have accumulated
 
 
 def segment_prefix(realpath: str) -> str:
@@ -78,13 +86,6 @@ def segment_prefix(realpath: str) -> str:
 
 def segment_name(realpath: str, generation: int) -> str:
     return segment_prefix(realpath) + format(generation, "x")
-
-
-def size_class(n: int) -> int:
-    """Bytes allocated for ``n`` bytes of data: 0 for none, else a power of two >= 16."""
-    if n <= 0:
-        return 0
-    return max(MIN_CLASS, 1 << (n - 1).bit_length())
 
 
 def unlink_segment(name: str) -> bool:
@@ -188,7 +189,7 @@ class OverlayReader(_Segment):
                 stored = loc & 0xFFFFFFFF
                 if not stored:
                     return q[w + 2], None
-                off = (loc >> 32) << 4
+                off = loc >> 32
                 return q[w + 2], self.m[off:off + stored - 1]
             if not t:
                 return None
@@ -204,15 +205,15 @@ class OverlayReader(_Segment):
             if t:
                 loc = q[w + 3]
                 stored = loc & 0xFFFFFFFF
-                off = (loc >> 32) << 4
+                off = loc >> 32
                 yield t - 1, q[w], q[w + 2], (self.m[off:off + stored - 1] if stored else None)
 
 
 class OverlayWriter(_Segment):
     """The writer's read-write mapping of a generation it created, and its private bookkeeping.
 
-    The writer keeps, in its own memory, where each key's slot is (``where``) and the heap's free
-    lists, so publishing never probes or scans shared memory. Every mutating method must be
+    The writer keeps, in its own memory, where each key's slot is (``where``) and the ring's
+    blobs, so publishing never probes or scans shared memory. Every mutating method must be
     called between ``begin()`` and ``end()``.
     """
 
@@ -221,6 +222,9 @@ class OverlayWriter(_Segment):
         heap_bytes = (heap_bytes + 4095) & ~4095
         name = segment_name(realpath, generation)
         size = HEADER_BYTES + nslots * SLOT_WORDS * 8 + heap_bytes
+        if size > MAX_SEGMENT:
+            raise StorageError(27, f"an overlay of {size} bytes is over 4 GiB: lower overlay_slots "
+                                   "or overlay_bytes")
         unlink_segment(name)  # a leftover of a killed writer with the same generation
         try:
             shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
@@ -243,9 +247,14 @@ class OverlayWriter(_Segment):
         super().__init__(name, m)
         self.generation = generation
         self.where: dict[tuple[int, int], int] = {}  # (table, index) -> slot word offset
-        self.free: dict[int, list[int]] = {}  # size class -> heap offsets (bytes, absolute)
-        self.bump = self.heap_start  # next never-used heap byte
-        self.used = 0
+        self.heap_end = self.heap_start + heap_bytes
+        # the ring: live blobs are [head, tail), or when wrapped [head, wrap) + [heap_start, tail)
+        self.blobs: collections.deque = collections.deque()  # (record_id, start, end)
+        self.head = self.tail = self.heap_start
+        self.wrap = 0
+        self.used = 0  # live blob bytes
+        self.released = self.heap_start  # pages in [released, head) are freed, not yet given back
+        self.hwm = self.heap_start  # the ring never went past this since it was last emptied
 
     # -- the sequence lock -------------------------------------------------------------------
     def begin(self) -> None:
@@ -257,92 +266,119 @@ class OverlayWriter(_Segment):
         q[HEAP_USED] = self.used
         q[SEQ] += 1
 
-    # -- capacity ----------------------------------------------------------------------------
-    def room_for(self, new_entries: int, sizes) -> bool:
-        """Whether ``new_entries`` more keys and blocks of these data sizes fit now."""
+    # -- the ring ----------------------------------------------------------------------------
+    def room_for(self, new_entries: int, nbytes: int) -> bool:
+        """Whether ``new_entries`` more keys and a blob of ``nbytes`` fit now."""
         if len(self.where) + new_entries > self.nslots * MAX_LOAD:
             return False
-        sizes = list(sizes)
-        # fast path: a block never takes more than twice its size plus the smallest class
-        if self.bump + 2 * sum(sizes) + MIN_CLASS * len(sizes) <= self.heap_start + self.heap_bytes:
-            return True
-        need = 0
-        by_class: dict[int, int] = {}
-        for n in sizes:
-            c = size_class(n)
-            if c:
-                by_class[c] = by_class.get(c, 0) + 1
-        for c, k in by_class.items():
-            spare = len(self.free.get(c, ()))
-            if k > spare:
-                need += (k - spare) * c
-        return self.bump + need <= self.heap_start + self.heap_bytes
+        if not nbytes or not self.blobs:
+            return nbytes <= self.heap_end - self.heap_start
+        if self.wrap:
+            return self.tail + nbytes < self.head
+        return self.tail + nbytes <= self.heap_end or self.heap_start + nbytes < self.head
+
+    def _alloc(self, n: int) -> int:
+        if not self.blobs:
+            self._reset()
+        if self.wrap:
+            if self.tail + n >= self.head:
+                raise MemoryError("overlay heap full")  # callers check room_for() first
+            start = self.tail
+        elif self.tail + n <= self.heap_end:
+            start = self.tail
+        elif self.heap_start + n < self.head:
+            self.wrap, start = self.tail, self.heap_start
+        else:
+            raise MemoryError("overlay heap full")
+        self.tail = start + n
+        if self.tail > self.hwm:
+            self.hwm = self.tail
+        return start
+
+    def _reset(self) -> None:
+        """The ring is empty: start again at the heap's start, giving every page back."""
+        if self.hwm > self.heap_start:
+            self._release(self.heap_start, self.hwm - self.heap_start)
+        self.head = self.tail = self.released = self.hwm = self.heap_start
+        self.wrap = 0
+
+    def release_through(self, record_id: int) -> None:
+        """Free the blobs of records up to ``record_id`` (all enacted: nothing points there)."""
+        blobs = self.blobs
+        if not blobs or blobs[0][0] > record_id:
+            return
+        while blobs and blobs[0][0] <= record_id:
+            _, s, e = blobs.popleft()
+            self.used -= e - s
+        if not blobs:
+            self._reset()
+            return
+        head = blobs[0][1]
+        if self.wrap and head < self.head:
+            # the head followed the tail around: the live bytes are [head, tail) again, and
+            # everything the last lap used past the tail is free
+            self._release(self.tail, self.hwm - self.tail)
+            self.wrap = 0
+            self.released = self.heap_start
+        self.head = head
+        # free below the head: [heap_start, head), or [tail, head) while the ring is wrapped
+        lo = max(self.released, self.tail) if self.wrap else self.released
+        if head - lo >= RELEASE_BYTES:
+            page = head // mmap.PAGESIZE * mmap.PAGESIZE
+            self._release(lo, page - lo)
+            self.released = page
+
+    def _release(self, start: int, length: int) -> None:
+        page = mmap.PAGESIZE
+        a = (start + page - 1) // page * page
+        b = (start + length) // page * page
+        if b > a and hasattr(mmap, "MADV_REMOVE"):
+            try:
+                self.m.madvise(mmap.MADV_REMOVE, a, b - a)
+            except OSError:
+                pass
 
     # -- entries -----------------------------------------------------------------------------
     def put(self, table: int, index: int, record_id: int, data) -> None:
         """Make (table, index) hold ``data`` (bytes, or None for a removal) from ``record_id``."""
-        self.put_many((((table, index), data),), record_id)
+        self.put_record(record_id, (((table, index), data),), data or b"")
 
-    def put_many(self, items, record_id: int) -> None:
-        """``put`` for many ((table, index), data) pairs of one record: the publish hot path."""
+    def put_record(self, record_id: int, items, blob: bytes, more=()) -> None:
+        """Publish a record: copy ``blob`` (the concatenation, in order, of every non-empty
+        data of ``items`` and then of ``more``) into the ring, and point each (key, data) of
+        ``items`` and ``more`` at its part (None: removed). The publish hot path."""
+        n = len(blob)
+        off = self._alloc(n) if n else self.tail
+        if n:
+            self.m[off:off + n] = blob
+            self.blobs.append((record_id, off, off + n))
+            self.used += n
         q = self.q
-        m = self.m
         where = self.where
-        free = self.free
         shift = self.shift
         end = self.slots_end
-        used = self.used
-        for key, data in items:
-            w = where.get(key)
-            if w is None:
-                if len(where) >= self.nslots - 1:
-                    self.used = used
-                    raise MemoryError("overlay slots full")  # callers check room_for() first
-                table, index = key
-                w = ((((index ^ (table << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
-                while q[w + 1]:
-                    w += SLOT_WORDS
-                    if w == end:
-                        w = HEADER_WORDS
-                where[key] = w
-                q[w] = index
-                q[w + 1] = table + 1
-                old = old_c = 0
-            else:
-                old = q[w + 3]
-                n_old = (old & 0xFFFFFFFF) - 1
-                old_c = 0 if n_old <= 0 else (MIN_CLASS if n_old <= MIN_CLASS else 1 << (n_old - 1).bit_length())
-            if data is None:
-                loc = 0
-                c = 0
-            else:
-                n = len(data)
-                c = 0 if not n else (MIN_CLASS if n <= MIN_CLASS else 1 << (n - 1).bit_length())
-                if c and c == old_c:
-                    off = (old >> 32) << 4  # same class: overwrite in place
-                    old_c = 0
-                elif c:
-                    lst = free.get(c)
-                    if lst:
-                        off = lst.pop()
-                    else:
-                        off = self.bump
-                        if off + c > self.heap_start + self.heap_bytes:
-                            self.used = used
-                            raise MemoryError("overlay heap full")  # callers check room_for() first
-                        self.bump = off + c
-                    used += c
+        for part in (items, more):
+            for key, data in part:
+                w = where.get(key)
+                if w is None:
+                    if len(where) >= self.nslots - 1:
+                        raise MemoryError("overlay slots full")  # callers check room_for() first
+                    table, index = key
+                    w = ((((index ^ (table << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
+                    while q[w + 1]:
+                        w += SLOT_WORDS
+                        if w == end:
+                            w = HEADER_WORDS
+                    where[key] = w
+                    q[w] = index
+                    q[w + 1] = table + 1
+                q[w + 2] = record_id
+                if data is None:
+                    q[w + 3] = 0
                 else:
-                    off = 0
-                if n:
-                    m[off:off + n] = data
-                loc = ((off >> 4) << 32) | (n + 1)
-            if old_c:
-                used -= old_c
-                free.setdefault(old_c, []).append((old >> 32) << 4)
-            q[w + 2] = record_id
-            q[w + 3] = loc
-        self.used = used
+                    k = len(data)
+                    q[w + 3] = (off << 32) | (k + 1)
+                    off += k
 
     def get(self, table: int, index: int):
         """(record_id, data) of an entry, or None. Writer-side, no seq check needed."""
@@ -354,7 +390,7 @@ class OverlayWriter(_Segment):
         stored = loc & 0xFFFFFFFF
         if not stored:
             return q[w + 2], None
-        off = (loc >> 32) << 4
+        off = loc >> 32
         return q[w + 2], self.m[off:off + stored - 1]
 
     def remove_if(self, table: int, index: int, record_id: int) -> bool:
@@ -363,10 +399,10 @@ class OverlayWriter(_Segment):
 
     def remove_record(self, keys, record_id: int) -> int:
         """``remove_if`` for every key a record wrote: the enactment hot path. Returns how many
-        entries went (a key rewritten by a newer record stays)."""
+        entries went (a key rewritten by a newer record stays). The record's blob is freed
+        separately, by ``release_through``."""
         q = self.q
         where = self.where
-        free = self.free
         end = self.slots_end
         shift = self.shift
         removed = 0
@@ -375,16 +411,6 @@ class OverlayWriter(_Segment):
             if w is None or q[w + 2] != record_id:
                 continue
             removed += 1
-            loc = q[w + 3]
-            n = (loc & 0xFFFFFFFF) - 1
-            if n > 0:
-                c = MIN_CLASS if n <= MIN_CLASS else 1 << (n - 1).bit_length()
-                self.used -= c
-                lst = free.get(c)
-                if lst is None:
-                    free[c] = [(loc >> 32) << 4]
-                else:
-                    lst.append((loc >> 32) << 4)
             del where[key]
             # backward shift: pull later entries of the probe run into the hole when their home
             # does not lie cyclically in (hole, j]; no tombstones, so lookups stay short
@@ -414,9 +440,6 @@ class OverlayWriter(_Segment):
             self.remove_record((key,), self.q[self.where[key] + 2])
 
     # -- drops -------------------------------------------------------------------------------
-    def drops(self) -> dict[int, int]:
-        return super().drops()
-
     def set_drops(self, drops: dict[int, int]) -> None:
         q = self.q
         items = sorted(drops.items())
@@ -427,53 +450,17 @@ class OverlayWriter(_Segment):
             q[DROP_BASE + 2 * i + 1] = r
         q[NDROPS] = len(items)
 
-    # -- memory ------------------------------------------------------------------------------
-    def reclaim(self) -> None:
-        """Give memory back once the overlay is small (parity-db reclaims below 1/10 use)."""
-        span = self.bump - self.heap_start
-        if span < (1 << 20) or self.used * 10 > span:
-            return
-        if not self.where:
-            self.free.clear()
-            self.bump = self.heap_start
-            self._release(self.heap_start, span)
-            return
-        # compact: slide live blocks down in address order, then release the tail
-        live = []
-        q = self.q
-        for key, w in self.where.items():
-            loc = q[w + 3]
-            stored = loc & 0xFFFFFFFF
-            if stored > 1:
-                live.append(((loc >> 32) << 4, w, stored))
-        live.sort()
-        dest = self.heap_start
-        m = self.m
-        for off, w, stored in live:
-            c = size_class(stored - 1)
-            if off != dest:
-                m.move(dest, off, c)
-                q[w + 3] = ((dest >> 4) << 32) | stored
-            dest += c
-        self.free.clear()
-        self.bump = dest
-        self._release(dest, self.heap_start + span - dest)
-
-    def _release(self, start: int, length: int) -> None:
-        page = mmap.PAGESIZE
-        a = (start + page - 1) // page * page
-        b = (start + length) // page * page
-        if b > a and hasattr(mmap, "MADV_REMOVE"):
-            try:
-                self.m.madvise(mmap.MADV_REMOVE, a, b - a)
-            except OSError:
-                pass
-
+    # -- growth ------------------------------------------------------------------------------
     def copy_from(self, other: "OverlayWriter") -> None:
-        """Fill this (new, bigger) generation with every entry and counter of ``other``."""
+        """Fill this (new, bigger) generation with every entry and counter of ``other``: each
+        record's surviving entries become one blob here, in record order."""
+        by_record: dict[int, list] = {}
         for (table, index), w in other.where.items():
             rid, data = other.get(table, index)
-            self.put(table, index, rid, data)
+            by_record.setdefault(rid, []).append(((table, index), data))
+        for rid in sorted(by_record):
+            items = by_record[rid]
+            self.put_record(rid, items, b"".join(d for _, d in items if d))
         for word in (COMMITTED, DURABLE, ENACTED, ENACTOR_PID):
             self.q[word] = other.q[word]
         self.set_drops(other.drops())

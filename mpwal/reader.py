@@ -196,7 +196,7 @@ class Reader:
                         loc = q[w + 3]
                         stored = loc & 0xFFFFFFFF
                         if stored:
-                            off = (loc >> 32) << 4
+                            off = loc >> 32
                             data = seg.m[off:off + stored - 1]
                         else:
                             data = None
@@ -224,7 +224,7 @@ class Reader:
                 loc = q[w + 3]
                 stored = loc & 0xFFFFFFFF
                 if stored:
-                    off = (loc >> 32) << 4
+                    off = loc >> 32
                     return seg.m[off:off + stored - 1]
                 return None
             if not t:
@@ -300,7 +300,7 @@ class Reader:
                             loc = q[w + 3]
                             stored = loc & 0xFFFFFFFF
                             if stored:
-                                off = (loc >> 32) << 4
+                                off = loc >> 32
                                 append(m[off:off + stored - 1])
                             else:
                                 append(None)

@@ -403,9 +403,11 @@ class Writer:
             self._check_usable()
             rid = self._next_id
             data = encode_record(rid, drops, chunks, values)
-            self._make_room(len(values) + len(chunks), values, len(chunks), drops, len(data))
+            blob = b"".join([v for v in values.values() if v])  # the overlay's copy, in order
+            self._make_room(len(values) + len(chunks), len(blob) + CHUNK_BYTES * len(chunks),
+                            drops, len(data))
             self._append(data)
-            self._publish(rid, drops, chunks, values, len(data))
+            self._publish(rid, drops, chunks, values, blob, len(data))
             self._next_id = rid + 1
             if self._app_bytes >= self.log_size:
                 self._rotate()
@@ -471,14 +473,11 @@ class Writer:
             return ZERO_CHUNK
         return self._files.read_chunk(table, chunk)
 
-    def _publish(self, rid: int, drops, chunks, values, nbytes: int) -> None:
+    def _publish(self, rid: int, drops, chunks, values, blob: bytes, nbytes: int) -> None:
         """Make the record visible: one sequence-lock window for all of it."""
-        images = []
-        for (t, c), (mask, entries) in chunks.items():
-            base = bytearray(ZERO_CHUNK if t in drops else self._chunk_now(t, c))
-            for e, v in entries.items():
-                base[e * 8:e * 8 + 8] = v.to_bytes(8, "little")
-            images.append(((t, c), bytes(base)))
+        images = self._images(drops, chunks)
+        if images:
+            blob += b"".join(img for _, img in images)
         ov = self._ov
         ov.begin()
         try:
@@ -488,9 +487,7 @@ class Writer:
                     ov.remove_table(t)
                     d[t] = rid
                 ov.set_drops(d)
-            if images:
-                ov.put_many(images, rid)
-            ov.put_many(values.items(), rid)
+            ov.put_record(rid, values.items(), blob, images)
             ov.q[COMMITTED] = rid
         finally:
             ov.end()
@@ -498,6 +495,16 @@ class Writer:
         keys.extend(chunks)
         self._pending.append((rid, keys, tuple(drops), nbytes))
         self._pending_bytes += nbytes
+
+    def _images(self, drops, chunks) -> list:
+        """((table, chunk), 512-byte after-image) of each index chunk a record changes."""
+        images = []
+        for (t, c), (mask, entries) in chunks.items():
+            base = bytearray(ZERO_CHUNK if t in drops else self._chunk_now(t, c))
+            for e, v in entries.items():
+                base[e * 8:e * 8 + 8] = v.to_bytes(8, "little")
+            images.append(((t, c), bytes(base)))
+        return images
 
     # -- room: absorbing enactment, growing, waiting ----------------------------------------
     def _absorb(self) -> None:
@@ -522,31 +529,28 @@ class Writer:
                                 del d[t]
                 if d is not None:
                     ov.set_drops(d)
-                if not pend:
-                    ov.reclaim()
+                ov.release_through(rid)
             finally:
                 ov.end()
 
-    def _make_room(self, new_keys: int, values: dict, nchunks: int, drops, nbytes: int) -> None:
+    def _make_room(self, new_keys: int, need: int, drops, nbytes: int) -> None:
+        """Room for ``new_keys`` entries and ``need`` overlay bytes, and ``nbytes`` more log
+        bytes: absorb enactment, else grow the overlay, else wait for the enactor."""
         self._absorb()
         ov = self._ov
-        sizes = [len(v) for v in values.values() if v] if values else []
-        if nchunks:
-            sizes.extend([CHUNK_BYTES] * nchunks)
 
         def fits() -> bool:
-            return (ov.room_for(new_keys, sizes)
+            return (ov.room_for(new_keys, need)
                     and (self._pending_bytes + nbytes <= self.max_pending_bytes or not self._pending)
                     and len(set(ov.drops()) | set(drops)) <= MAX_DROPS)
 
         if fits():
             return
-        need = sum(sizes)
-        if need + new_keys * 64 > self.max_overlay_bytes:
+        if need + new_keys * 64 > self.max_overlay_bytes // 2:
             raise BackpressureError(
                 f"one record of {need} bytes cannot fit in max_overlay_bytes="
                 f"{self.max_overlay_bytes}; split it or raise max_overlay_bytes")
-        if not ov.room_for(new_keys, sizes) and self._grow(new_keys, need):
+        if not ov.room_for(new_keys, need) and self._grow(new_keys, need):
             ov = self._ov
             if fits():
                 return
@@ -563,9 +567,9 @@ class Writer:
             if time.monotonic() > deadline:
                 raise BackpressureError(
                     f"enactment did not free room within {self.backpressure_timeout} s "
-                    f"(overlay {ov.used} of {ov.heap_bytes} bytes, {len(ov.where)} entries, "
-                    f"{self._pending_bytes} log bytes pending); check that an enactor runs "
-                    "(stats()['enactor_errors']) or raise the limits")
+                    f"(overlay {ov.used} of {ov.heap_end - ov.heap_start} bytes, "
+                    f"{len(ov.where)} entries, {self._pending_bytes} log bytes pending); check "
+                    "that an enactor runs (stats()['enactor_errors']) or raise the limits")
 
     def _grow(self, new_keys: int, need: int) -> bool:
         """Move to a generation with twice the capacity, if the limits allow; readers follow."""
@@ -574,7 +578,7 @@ class Writer:
         while (len(old.where) + new_keys) > nslots // 2:
             nslots *= 2
         heap = old.heap_bytes
-        while old.used + need > heap * 0.75:
+        while old.used + need > heap // 2:  # copied blobs are packed; keep half free
             heap *= 2
         if nslots == old.nslots and heap == old.heap_bytes:
             nslots *= 2

@@ -153,17 +153,17 @@ def test_sigkill_readers_affects_no_one(db):
 
 def _die_mid_publish(path, at, fd):
     """A writer that SIGKILLs itself inside the publish window of record ``at`` (seq odd)."""
-    real = OverlayWriter.put_many
+    real = OverlayWriter.put_record
 
-    def put_many(self, items, rid):
+    def put_record(self, rid, items, blob, more=()):
         if rid == at:
             items = list(items)
-            real(self, items[:1], rid)  # half of the record is in shared memory
+            real(self, rid, items[:1], blob)  # part of the record is in shared memory
             os.write(fd, b"x")
             os.kill(os.getpid(), signal.SIGKILL)
-        real(self, items, rid)
+        real(self, rid, items, blob, more)
 
-    OverlayWriter.put_many = put_many
+    OverlayWriter.put_record = put_record
     w = mpwal.Writer(path, TABLES, enactor="none", log_age=1000)
     commit_workload(w, 1, at, KEYS, PER)
     os._exit(1)

@@ -82,20 +82,20 @@ def test_visible_only_after_log_write(db, monkeypatch):
     r = mpwal.Reader(db)
     seen = []
     real_write = fileio.write_all
-    real_put = OverlayWriter.put_many
+    real_put = OverlayWriter.put_record
 
     def write_all(fd, data):
         if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith("log"):
             seen.append(("write", r.last_record_id, r.value(VALUE_TABLE, 5)))
         real_write(fd, data)
 
-    def put_many(self, items, rid):
+    def put_record(self, rid, *args):
         logs = read_logs(db)
         seen.append(("publish", rid, logs.last_record_id))
-        real_put(self, items, rid)
+        real_put(self, rid, *args)
 
     monkeypatch.setattr(fileio, "write_all", write_all)
-    monkeypatch.setattr(OverlayWriter, "put_many", put_many)
+    monkeypatch.setattr(OverlayWriter, "put_record", put_record)
     try:
         for rid in (1, 2):
             with w.record() as rec:
@@ -320,7 +320,8 @@ def test_overlay_memory_is_given_back(db):
                 rec.insert_values(9, [(rid * 20 + i, b"z" * 4000) for i in range(20)])
         wait_for(lambda: w.stats()["overlay_entries"] == 0)
         wait_for(lambda: w.stats()["pending_records"] == 0)
-        assert w._ov.bump == w._ov.heap_start and w._ov.used == 0
+        ov = w._ov
+        assert ov.used == 0 and ov.head == ov.tail == ov.hwm == ov.heap_start
         del big
 
 

@@ -42,7 +42,6 @@ from mpwal.overlay import (
     OverlayWriter,
     segment_name,
     segment_prefix,
-    size_class,
     stale_segments,
     unlink_segment,
 )
@@ -106,11 +105,6 @@ def test_segment_name_short_and_derived_from_path():
     assert name.startswith(segment_prefix("/some/dir")) and name.endswith("-ffffffff")
     assert len(segment_name("/a/very/long/path" * 20, (1 << 32) - 1)) <= 31
     assert segment_prefix("/some/dir") != segment_prefix("/some/dir2")
-
-
-def test_size_class():
-    """Blocks are 0 bytes for no data, else the next power of two of at least 16."""
-    assert [size_class(n) for n in (0, 1, 16, 17, 32, 33, 512, 513)] == [0, 16, 16, 32, 32, 64, 512, 1024]
 
 
 def test_header_after_creation(ov):
@@ -185,7 +179,7 @@ def test_seq_odd_inside_window_even_after(ov):
     w.put(1, 2, 1, None)
     assert r.q[ENTRIES] == 0
     w.end()
-    assert r.q[SEQ] == 2 and r.q[ENTRIES] == 2 and r.q[HEAP_USED] == 32
+    assert r.q[SEQ] == 2 and r.q[ENTRIES] == 2 and r.q[HEAP_USED] == 20
 
 
 # -- put / get / find -------------------------------------------------------------------------
@@ -214,30 +208,37 @@ def test_removal_and_empty_value(ov):
 
 
 def test_overwrite_updates_record_and_data(ov):
-    """Overwriting a key changes its data and record id; heap accounting follows the size class."""
+    """Overwriting a key changes its data and record id; each record's data is a new blob."""
     w = ov()
     r = OverlayReader(w.name)
     publish(w, (1, 1, 1, b"a" * 10))
-    assert w.used == 16
-    publish(w, (1, 1, 2, b"b" * 16))  # same class: rewritten in place
-    assert r.find(1, 1) == (2, b"b" * 16) and w.used == 16
-    publish(w, (1, 1, 3, b"c" * 100))  # bigger class
-    assert r.find(1, 1) == (3, b"c" * 100) and w.used == 128
+    assert w.used == 10
+    publish(w, (1, 1, 2, b"b" * 16))
+    assert r.find(1, 1) == (2, b"b" * 16) and w.used == 26
     publish(w, (1, 1, 4, None))
-    assert r.find(1, 1) == (4, None) and w.used == 0
+    assert r.find(1, 1) == (4, None)
+    w.begin()
+    w.release_through(2)  # records 1 and 2 enacted: their blobs go
+    w.end()
+    assert w.used == 0 and r.find(1, 1) == (4, None)
     publish(w, (1, 1, 5, b"d"))
-    assert r.find(1, 1) == (5, b"d") and w.used == 16
-    assert r.q[ENTRIES] == 1 and r.q[HEAP_USED] == 16
+    assert r.find(1, 1) == (5, b"d") and w.used == 1
+    assert r.q[ENTRIES] == 1 and r.q[HEAP_USED] == 1
 
 
-def test_freed_blocks_are_reused(ov):
-    """A block freed by an overwrite is reused by the next allocation of its class."""
+def test_put_record_points_into_one_blob(ov):
+    """A record's values and chunk images are copied once; each entry points at its part."""
     w = ov()
-    publish(w, (1, 1, 1, b"x" * 20))
-    bump = w.bump
-    publish(w, (1, 1, 2, None), (1, 2, 3, b"y" * 30))
-    assert w.bump == bump
-    assert w.get(1, 2) == (3, b"y" * 30)
+    r = OverlayReader(w.name)
+    values = {(1, 0): b"aa", (1, 1): None, (1, 2): b"", (1, 3): b"cccc"}
+    images = [((2, 7), bytes(range(256)) * 2)]
+    blob = b"".join(v for v in values.values() if v) + images[0][1]
+    w.begin()
+    w.put_record(9, values.items(), blob, images)
+    w.end()
+    assert [r.find(1, i) for i in range(4)] == [(9, b"aa"), (9, None), (9, b""), (9, b"cccc")]
+    assert r.find(2, 7) == (9, bytes(range(256)) * 2)
+    assert list(w.blobs) == [(9, w.heap_start, w.heap_start + len(blob))]
 
 
 def test_entries_lists_everything(ov):
@@ -266,25 +267,89 @@ def test_heap_full_raises_memory_error(ov):
 def test_room_for_slots(ov):
     """room_for refuses more keys than half the slots."""
     w = ov(nslots=16)
-    assert w.room_for(8, []) and not w.room_for(9, [])
+    assert w.room_for(8, 0) and not w.room_for(9, 0)
     publish(w, *[(1, i, 1, None) for i in range(5)])
-    assert w.room_for(3, []) and not w.room_for(4, [])
+    assert w.room_for(3, 0) and not w.room_for(4, 0)
 
 
-def test_room_for_heap(ov):
-    """room_for counts size classes against the unused heap and the free lists."""
+def test_room_for_heap_ring(ov):
+    """room_for checks the ring's contiguous free space, wrapping past the end when the
+    head has moved on."""
     w = ov(heap_bytes=4096)
-    assert w.room_for(1, [4096]) and not w.room_for(1, [4097])
-    assert w.room_for(2, [2048, 2048]) and not w.room_for(3, [2048] * 3)
-    assert w.room_for(3, [0, 0, 0])
-    publish(w, (1, 1, 1, b"a" * 2048), (1, 2, 1, b"b" * 2048))
-    assert not w.room_for(1, [1]) and w.room_for(1, [0])
-    publish(w, (1, 1, 2, None))  # frees a 2048 block
-    assert w.room_for(1, [2048]) and not w.room_for(1, [16, 16])
-    assert not w.room_for(2, [2048, 2048])
+    assert w.room_for(1, 4096) and not w.room_for(1, 4097) and w.room_for(3, 0)
+    publish(w, (1, 1, 1, b"a" * 2048), (1, 2, 2, b"b" * 2048))
+    assert not w.room_for(1, 1) and w.room_for(1, 0)
+    w.begin()
+    w.release_through(1)  # frees [0, 2048): a wrapped blob must stay below the head
+    w.end()
+    assert w.room_for(1, 2047) and not w.room_for(1, 2048)
+    publish(w, (1, 3, 3, b"c" * 1000))
+    assert w.wrap and w.tail == w.heap_start + 1000
+    assert OverlayReader(w.name).find(1, 3) == (3, b"c" * 1000)
+    assert w.room_for(1, 1047) and not w.room_for(1, 1048)
 
 
-# -- removal ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed, release", [(s, r) for s in range(3) for r in (1 << 20, 4096)])
+def test_ring_keeps_data_through_wraps(ov, seed, release, monkeypatch):
+    """Records of random sizes published and enacted in order for many laps around a small
+    ring, its pages given back late or as soon as possible: every live entry always reads its
+    own record's data (a model comparison)."""
+    import mpwal.overlay
+    monkeypatch.setattr(mpwal.overlay, "RELEASE_BYTES", release)
+    rng = random.Random(seed)
+    w = ov(nslots=256, heap_bytes=4 * 8192)
+    r = OverlayReader(w.name)
+    model: dict = {}
+    pending = []  # (rid, keys)
+    rid = 0
+    wrapped = 0
+    for step in range(400):
+        keys = rng.sample(range(60), rng.randint(1, 4))
+        datas = [bytes([rid % 256]) * rng.randint(0, 3000) for _ in keys]
+        need = sum(len(d) for d in datas)
+        while not w.room_for(len(keys), need):  # enact the oldest records
+            old, okeys = pending.pop(0)
+            w.begin()
+            w.remove_record([(1, k) for k in okeys], old)
+            w.release_through(old)
+            w.end()
+            for k in okeys:
+                if model.get(k, (0,))[0] == old:
+                    del model[k]
+        rid += 1
+        w.begin()
+        w.put_record(rid, [((1, k), d) for k, d in zip(keys, datas)], b"".join(datas))
+        w.end()
+        pending.append((rid, keys))
+        wrapped += bool(w.wrap)
+        for k, d in zip(keys, datas):
+            model[k] = (rid, d)
+        for k in range(60):
+            assert r.find(1, k) == model.get(k), (step, k)
+    assert wrapped > 10  # the test did go around
+
+
+def test_ring_gives_pages_back(ov):
+    """Enacted blobs' pages return to the system as the head passes them, and an empty ring
+    starts over at the heap's start."""
+    w = ov(nslots=1024, heap_bytes=8 << 20)
+    publish(w, *[(1, i, i + 1, bytes(4096)) for i in range(512)])  # 2 MiB, one blob each
+    w.begin()
+    w.remove_record([(1, i) for i in range(400)], 0)  # no-op: wrong record ids
+    for i in range(400):
+        w.remove_if(1, i, i + 1)
+    w.release_through(400)
+    w.end()
+    assert w.head == w.heap_start + 400 * 4096 and w.released > w.heap_start
+    w.begin()
+    for i in range(400, 512):
+        w.remove_if(1, i, i + 1)
+    w.release_through(512)
+    w.end()
+    assert w.used == 0 and w.head == w.tail == w.hwm == w.released == w.heap_start
+    publish(w, (1, 5, 600, b"again"))
+    assert OverlayReader(w.name).find(1, 5) == (600, b"again")
+
 
 def test_remove_if_record_id_rule(ov):
     """remove_if removes only when the entry still holds that record; a newer write stays."""
@@ -302,11 +367,15 @@ def test_remove_if_record_id_rule(ov):
     assert w.remove_if(1, 99, 1) is False
     w.end()
     assert r.find(1, 1) is None and w.get(1, 1) is None
-    assert r.q[ENTRIES] == 0 and w.used == 0
+    assert r.q[ENTRIES] == 0
+    w.begin()
+    w.release_through(6)  # blobs go with enactment, not with their entries
+    w.end()
+    assert w.used == 0
 
 
 def test_remove_table(ov):
-    """remove_table removes every key of one table and frees its blocks; others stay."""
+    """remove_table removes every key of one table; the other table's keys stay."""
     w = ov(nslots=128)
     publish(w, *[(t, i, i, b"%d-%d" % (t, i)) for t in (1, 2) for i in range(20)])
     w.begin()
@@ -316,7 +385,7 @@ def test_remove_table(ov):
     for i in range(20):
         assert r.find(1, i) is None
         assert r.find(2, i) == (i, b"2-%d" % i)
-    assert r.q[ENTRIES] == 20 and w.used == 20 * 16
+    assert r.q[ENTRIES] == 20
     check_probe_invariant(r)
 
 
@@ -417,62 +486,6 @@ def test_drops_round_trip(ov):
     w.set_drops({})
     w.end()
     assert r.drops() == {}
-
-
-# -- reclaim ----------------------------------------------------------------------------------
-
-def test_reclaim_no_op_when_small_or_busy(ov):
-    """reclaim leaves the heap alone below 1 MiB used span or above 1/10 use."""
-    w = ov(nslots=256, heap_bytes=4 << 20)
-    publish(w, *[(1, i, 1, b"x" * 1000) for i in range(100)])  # 100 KiB span
-    bump = w.bump
-    w.begin()
-    w.reclaim()
-    w.end()
-    assert w.bump == bump
-
-
-def test_reclaim_compacts_and_keeps_data(ov):
-    """After most blocks are freed, reclaim slides live data down and every key still reads."""
-    w = ov(nslots=1024, heap_bytes=4 << 20)
-    r = OverlayReader(w.name)
-    vals = {i: bytes([i % 251]) * (3000 + i) for i in range(400)}  # 4096-byte blocks, ~1.6 MiB
-    publish(w, *[(1, i, i + 1, v) for i, v in vals.items()])
-    publish(w, (2, 0, 9, b""), (2, 1, 9, None))
-    keep = set(range(0, 400, 25))
-    w.begin()
-    for i in vals:
-        if i not in keep:
-            assert w.remove_if(1, i, i + 1)
-    w.end()
-    before = w.bump
-    w.begin()
-    w.reclaim()
-    w.end()
-    assert w.bump - w.heap_start == len(keep) * 4096 < before - w.heap_start
-    assert w.used == len(keep) * 4096 and not w.free
-    for i in vals:
-        want = (i + 1, vals[i]) if i in keep else None
-        assert r.find(1, i) == want and w.get(1, i) == want
-    assert r.find(2, 0) == (9, b"") and r.find(2, 1) == (9, None)
-    # the heap keeps working after compaction
-    publish(w, *[(3, i, 50, b"n%d" % i) for i in range(40)])
-    for i in keep:
-        assert r.find(1, i) == (i + 1, vals[i])
-    assert all(r.find(3, i) == (50, b"n%d" % i) for i in range(40))
-
-
-def test_reclaim_empty_overlay_resets_heap(ov):
-    """With no entries left, reclaim empties the free lists and restarts the heap."""
-    w = ov(nslots=1024, heap_bytes=2 << 20)
-    publish(w, *[(1, i, 1, bytes(4096)) for i in range(300)])
-    w.begin()
-    w.remove_table(1)
-    w.reclaim()
-    w.end()
-    assert w.bump == w.heap_start and not w.free and w.used == 0
-    publish(w, (1, 5, 2, b"again"))
-    assert OverlayReader(w.name).find(1, 5) == (2, b"again")
 
 
 # -- generations ------------------------------------------------------------------------------
