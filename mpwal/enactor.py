@@ -32,7 +32,7 @@ import posix_ipc
 
 from . import fileio
 from .errors import CorruptionError, StorageError, storage_error
-from .format import DROP_TABLE, INSERT_INDEX, LogScan, entries_of
+from .format import DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan, entries_of
 from .overlay import ENACTED, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
 from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, file_lock, load_queues, log_path,
                      save_queues, writer_alive)
@@ -40,6 +40,7 @@ from .tables import TableFiles, load_catalog
 
 log = logging.getLogger("mpwal")
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 BATCH_RECORDS = 512
 BATCH_BYTES = 4 << 20
 
@@ -90,6 +91,10 @@ class Enactor:
         self.pos = 0
         self.error: BaseException | None = None
         self.detach_on_new_writer = True
+        # log id -> [(record_id, values, chunk images, drops)], filled by a Writer whose thread
+        # this is; a log missing from it is read from its file
+        self.handoff: dict | None = None
+        self.mem: list | None = None
 
     # -- driving -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -153,19 +158,23 @@ class Enactor:
         head = st.read[0]
         if head != self.current:
             self.current = head
-            try:
-                self.data = fileio.read_file(log_path(self.path, head))
-            except FileNotFoundError:
-                self.data = b""
+            self.mem = self.handoff.pop(head, None) if self.handoff is not None else None
+            if self.mem is None:
+                try:
+                    self.data = fileio.read_file(log_path(self.path, head))
+                except FileNotFoundError:
+                    self.data = b""
             self.pos = 0
-        scan = LogScan(memoryview(self.data)[self.pos:])
+        if self.mem is not None:
+            return self._step_in_memory(head, st.epoch)
+        scan = LogScan(self.data, start=self.pos)
         batch = []
         size = 0
         for rec in scan.records():
             if rec.record_id <= self.enacted:
                 self.pos += rec.end - rec.start
                 continue
-            if any(op.kind == DROP_TABLE for op in rec.ops):
+            if rec.ops and rec.ops[0].kind == DROP_TABLE:  # drops come first in a record
                 if batch:
                     break  # apply what we have; the drop comes alone next step
                 batch.append(rec)
@@ -183,9 +192,41 @@ class Enactor:
             return True
         if scan.problem:
             # A rotated log that does not verify: stop here; replay on the next open decides.
-            raise CorruptionError(f"log{head} does not verify at byte {self.pos + scan.end} "
+            raise CorruptionError(f"log{head} does not verify at byte {scan.end} "
                                   f"({scan.problem}); reopen the writer to replay")
         self._finish_log(head, st.epoch)
+        return True
+
+    def _step_in_memory(self, head: int, epoch: int) -> bool:
+        """The head log's records as the writer handed them over (enactor thread): no file to
+        read or parse, and index chunks come as whole after-images."""
+        mem = self.mem
+        while self.pos < len(mem) and mem[self.pos][0] <= self.enacted:
+            self.pos += 1
+        if self.pos == len(mem):
+            self._finish_log(head, epoch)
+            return True
+        end = self.pos + 1
+        if not mem[self.pos][3]:  # a record with drops is applied alone
+            while end < len(mem) and end - self.pos < BATCH_RECORDS and not mem[end][3]:
+                end += 1
+        files = self.files
+        values: dict = {}
+        chunks: dict = {}
+        for rid, vals, images, drops in mem[self.pos:end]:
+            for t in drops:
+                self._table(t)
+                files.drop(t)
+            values.update(vals)
+            chunks.update(images)
+        for (tid, c), image in chunks.items():
+            self._table(tid)
+            files.write_chunk(tid, c, image)
+        if values:
+            self._write_values(values)
+        self.pos = end
+        self.enacted = mem[end - 1][0]
+        self._publish(self.enacted)
         return True
 
     def _follow(self, st) -> None:
@@ -227,52 +268,54 @@ class Enactor:
         return self.catalog[tid]
 
     def _apply(self, batch) -> None:
+        """Apply records to the table files: the newest value of each slot and the final
+        contents of each index chunk are written once per batch."""
         files = self.files
         values = {}
         chunks = {}
         for rec in batch:
-            for op in rec.ops:
-                if op.kind == DROP_TABLE:
-                    self._table(op.table)
-                    files.drop(op.table)
-                elif op.kind == INSERT_INDEX:
-                    self._table(op.table)
-                    key = (op.table, op.key)
-                    chunk = chunks.get(key)
+            for kind, table, key, mask, data in rec.ops:
+                if kind == INSERT_VALUE:
+                    values[(table, key)] = data
+                elif kind == INSERT_INDEX:
+                    self._table(table)
+                    chunk = chunks.get((table, key))
                     if chunk is None:
-                        chunk = chunks[key] = bytearray(files.read_chunk(op.table, op.key))
-                    for e, v in entries_of(op.mask, op.data):
-                        struct.pack_into("<Q", chunk, e * 8, v)
-                else:
-                    values[(op.table, op.key)] = op.data
+                        chunk = chunks[(table, key)] = bytearray(files.read_chunk(table, key))
+                    for e, v in entries_of(mask, data):
+                        _U64.pack_into(chunk, e * 8, v)
+                else:  # DROP_TABLE: a record that drops is applied alone, drops first
+                    self._table(table)
+                    files.drop(table)
         for (tid, c), chunk in chunks.items():
             files.write_chunk(tid, c, bytes(chunk))
-        self._write_values(values)
+        if values:
+            self._write_values(values)
 
     def _write_values(self, values: dict) -> None:
         """Write slots, joining runs of consecutive indices of a table into one pwrite."""
-        run = []
-        run_table = run_start = run_next = None
-        for tid, index in sorted(values):
-            if tid != run_table or index != run_next:
-                if run:
-                    self._flush_run(run_table, run_start, run)
-                run = []
-                run_table, run_start = tid, index
-            data = values[(tid, index)]
+        keys = sorted(values)
+        n = len(keys)
+        i = 0
+        pack_into = _U32.pack_into
+        while i < n:
+            tid, first = keys[i]
             stride = self._table(tid).stride
-            if data is None:
-                run.append(bytes(stride))
-            else:
-                run.append(_U32.pack(len(data) + 1) + data + bytes(stride - 4 - len(data)))
-            run_next = index + 1
-        if run:
-            self._flush_run(run_table, run_start, run)
-
-    def _flush_run(self, tid: int, start: int, run: list) -> None:
-        t = self._table(tid)
-        fileio.pwrite_all(self.files.fd(tid), b"".join(run), start * t.stride)
-        self.files.dirty.add(tid)
+            j = i + 1
+            while j < n and keys[j][0] == tid and keys[j][1] == first + j - i:
+                j += 1
+            buf = bytearray(stride * (j - i))  # removed and short values: zeros
+            off = 0
+            for k in range(i, j):
+                data = values[keys[k]]
+                if data is not None:
+                    size = len(data)
+                    pack_into(buf, off, size + 1)
+                    buf[off + 4:off + 4 + size] = data
+                off += stride
+            fileio.pwrite_all(self.files.fd(tid), buf, first * stride)
+            self.files.dirty.add(tid)
+            i = j
 
     # -- the end of a log, cleaning ----------------------------------------------------------
     def _finish_log(self, head: int, epoch: int) -> None:
@@ -297,6 +340,7 @@ class Enactor:
         log.debug("enacted log%d through record %d", head, self.enacted)
         self.current = None
         self.data = b""
+        self.mem = None
         self._clean()
 
     def _clean(self) -> None:
@@ -343,4 +387,6 @@ def run_process(path: str, parent_pid: int = 0) -> None:
                 if os.getppid() != parent_pid:
                     stop.set()
         threading.Thread(target=watch, daemon=True).start()
+    import gc
+    gc.set_threshold(100_000, 50, 100)  # decoded records are short-lived and hold no cycles
     Enactor(path, stop).run()

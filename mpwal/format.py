@@ -117,20 +117,21 @@ class LogScan:
 
     Iterate ``records()``; afterwards ``end`` is the offset just past the last good record and
     ``problem`` is None when the log ended cleanly at a record boundary, or says why it stopped
-    ("torn", "crc", "bad type", "out of sequence").
+    ("torn", "crc", "bad type", "out of sequence"). ``start`` is where to begin in ``buf``;
+    every offset (``end``, a record's ``start`` and ``end``) counts from the start of ``buf``.
     """
 
-    def __init__(self, buf, expect_id: int | None = None):
-        self.buf = memoryview(buf)
+    def __init__(self, buf, expect_id: int | None = None, start: int = 0):
+        self.buf = buf if isinstance(buf, bytes) else bytes(buf)  # bytes slice fastest
         self.expect_id = expect_id
-        self.end = 0
+        self.end = start
         self.problem: str | None = None
         self.problem_record: int | None = None
 
     def records(self) -> Iterator[Record]:
         buf = self.buf
         n = len(buf)
-        pos = 0
+        pos = self.end
         while pos < n:
             rec = self._one(buf, pos, n)
             if rec is None:
@@ -143,54 +144,58 @@ class LogScan:
             self.end = pos = rec.end
             yield rec
 
-    def _one(self, buf, start: int, n: int) -> Record | None:
-        def stop(why: str, rid=None):
-            self.problem = why
-            self.problem_record = rid
-            return None
+    def _stop(self, why: str, rid=None) -> None:
+        self.problem = why
+        self.problem_record = rid
 
+    def _one(self, buf: bytes, start: int, n: int) -> Record | None:
+        """Decode the record at ``start``: the hot path of enactment and replay."""
         if buf[start] != BEGIN_RECORD:
-            return stop("bad type")
+            return self._stop("bad type")
         if start + BEGIN_SIZE > n:
-            return stop("torn")
+            return self._stop("torn")
         rid = _BEGIN.unpack_from(buf, start)[1]
         pos = start + BEGIN_SIZE
         ops = []
+        append = ops.append
+        new = tuple.__new__
+        vunpack = _VALUE.unpack_from
         try:
             while True:
                 kind = buf[pos]
                 if kind == INSERT_VALUE:
-                    _, table, index, length = _VALUE.unpack_from(buf, pos)
-                    pos += _VALUE.size
+                    _, table, index, length = vunpack(buf, pos)
+                    pos += 15
                     if length == REMOVED:
-                        ops.append(Op(INSERT_VALUE, table, index, 0, None))
+                        append(new(Op, (INSERT_VALUE, table, index, 0, None)))
                     else:
-                        if pos + length > n:
-                            return stop("torn", rid)
-                        ops.append(Op(INSERT_VALUE, table, index, 0, bytes(buf[pos:pos + length])))
-                        pos += length
+                        end = pos + length
+                        if end > n:
+                            return self._stop("torn", rid)
+                        append(new(Op, (INSERT_VALUE, table, index, 0, buf[pos:end])))
+                        pos = end
                 elif kind == INSERT_INDEX:
                     _, table, chunk, mask = _INDEX.unpack_from(buf, pos)
                     pos += _INDEX.size
-                    size = bin(mask).count("1") * ENTRY_BYTES
-                    if pos + size > n:
-                        return stop("torn", rid)
-                    ops.append(Op(INSERT_INDEX, table, chunk, mask, bytes(buf[pos:pos + size])))
-                    pos += size
+                    end = pos + mask.bit_count() * ENTRY_BYTES
+                    if end > n:
+                        return self._stop("torn", rid)
+                    append(new(Op, (INSERT_INDEX, table, chunk, mask, buf[pos:end])))
+                    pos = end
                 elif kind == DROP_TABLE:
-                    ops.append(Op(DROP_TABLE, _DROP.unpack_from(buf, pos)[1]))
+                    append(new(Op, (DROP_TABLE, _DROP.unpack_from(buf, pos)[1], 0, 0, None)))
                     pos += _DROP.size
                 elif kind == END_RECORD:
                     if pos + END_SIZE > n:
-                        return stop("torn", rid)
+                        return self._stop("torn", rid)
                     crc = _U32.unpack_from(buf, pos + 1)[0]
-                    if zlib.crc32(buf[start:pos + 1]) != crc:
-                        return stop("crc", rid)
+                    if zlib.crc32(memoryview(buf)[start:pos + 1]) != crc:
+                        return self._stop("crc", rid)
                     return Record(rid, ops, start, pos + END_SIZE)
                 else:
-                    return stop("bad type", rid)
+                    return self._stop("bad type", rid)
         except (struct.error, IndexError):
-            return stop("torn", rid)
+            return self._stop("torn", rid)
 
 
 def entries_of(mask: int, data: bytes) -> Iterator[tuple[int, int]]:

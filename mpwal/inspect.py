@@ -95,19 +95,19 @@ def _salvage(buf, pos: int) -> _Stats:
     throw away past a problem. Resynchronises on the next BEGIN_RECORD byte whose record then
     verifies (a false match needs a CRC-32 collision)."""
     stats = _Stats()
-    view = memoryview(buf)
+    buf = bytes(buf)
     n = len(buf)
     begin = bytes([BEGIN_RECORD])
     while pos < n:
-        scan = LogScan(view[pos:])
+        scan = LogScan(buf, start=pos)
         for rec in scan.records():
             stats.add(rec)
         if scan.problem is None:
             break
         if scan.problem == "out of sequence":  # a whole record: count on from it
-            pos += scan.end
+            pos = scan.end
             continue
-        nxt = buf.find(begin, pos + scan.end + 1)
+        nxt = buf.find(begin, scan.end + 1)
         if nxt < 0:
             break
         pos = nxt

@@ -142,6 +142,8 @@ class Writer:
         self._enactor_errors: list[str] = []
         self._wlock: WriterLock | None = None
         self._ov: OverlayWriter | None = None
+        # the enactor thread takes rotated logs' records from here instead of parsing the file
+        self._handoff: dict | None = {} if enactor == "thread" else None
 
         self._open_dir()
         self._wlock = WriterLock(self.path)
@@ -218,7 +220,7 @@ class Writer:
                 size = 0
                 count = 0
                 for rec in logs.records():
-                    has_drop = any(op.kind == DROP_TABLE for op in rec.ops)
+                    has_drop = rec.ops and rec.ops[0].kind == DROP_TABLE  # drops come first in a record
                     if batch and (has_drop or len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES):
                         applier._apply(batch)
                         batch, size = [], 0
@@ -407,7 +409,9 @@ class Writer:
             self._make_room(len(values) + len(chunks), len(blob) + CHUNK_BYTES * len(chunks),
                             drops, len(data))
             self._append(data)
-            self._publish(rid, drops, chunks, values, blob, len(data))
+            images = self._publish(rid, drops, chunks, values, blob, len(data))
+            if self._handoff is not None:
+                self._handoff.setdefault(self._app_id, []).append((rid, values, images, drops))
             self._next_id = rid + 1
             if self._app_bytes >= self.log_size:
                 self._rotate()
@@ -473,8 +477,9 @@ class Writer:
             return ZERO_CHUNK
         return self._files.read_chunk(table, chunk)
 
-    def _publish(self, rid: int, drops, chunks, values, blob: bytes, nbytes: int) -> None:
-        """Make the record visible: one sequence-lock window for all of it."""
+    def _publish(self, rid: int, drops, chunks, values, blob: bytes, nbytes: int) -> list:
+        """Make the record visible: one sequence-lock window for all of it. Returns the index
+        chunks' after-images."""
         images = self._images(drops, chunks)
         if images:
             blob += b"".join(img for _, img in images)
@@ -495,6 +500,7 @@ class Writer:
         keys.extend(chunks)
         self._pending.append((rid, keys, tuple(drops), nbytes))
         self._pending_bytes += nbytes
+        return images
 
     def _images(self, drops, chunks) -> list:
         """((table, chunk), 512-byte after-image) of each index chunk a record changes."""
@@ -717,6 +723,7 @@ class Writer:
         if self.enactor_mode == "thread":
             e = Enactor(self.path, self._enactor_stop)
             e.detach_on_new_writer = False
+            e.handoff = self._handoff
             self._enactor_obj = e
             self._enactor_thread = threading.Thread(target=self._run_enactor_thread, args=(e,),
                                                     name="mpwal-enactor", daemon=True)
