@@ -341,18 +341,24 @@ class OverlayWriter(_Segment):
     # -- entries -----------------------------------------------------------------------------
     def put(self, table: int, index: int, record_id: int, data) -> None:
         """Make (table, index) hold ``data`` (bytes, or None for a removal) from ``record_id``."""
-        self.put_record(record_id, (((table, index), data),), data or b"")
+        self.put_record(record_id, (((table, index), data),), self.stage(record_id, data or b""))
 
-    def put_record(self, record_id: int, items, blob: bytes, more=()) -> None:
-        """Publish a record: copy ``blob`` (the concatenation, in order, of every non-empty
-        data of ``items`` and then of ``more``) into the ring, and point each (key, data) of
-        ``items`` and ``more`` at its part (None: removed). The publish hot path."""
+    def stage(self, record_id: int, blob: bytes) -> int:
+        """Copy a record's data into free ring space; returns its offset. This needs no seq
+        window (nothing points there yet), which keeps the window short for readers."""
         n = len(blob)
-        off = self._alloc(n) if n else self.tail
-        if n:
-            self.m[off:off + n] = blob
-            self.blobs.append((record_id, off, off + n))
-            self.used += n
+        if not n:
+            return self.tail
+        off = self._alloc(n)
+        self.m[off:off + n] = blob
+        self.blobs.append((record_id, off, off + n))
+        self.used += n
+        return off
+
+    def put_record(self, record_id: int, items, off: int, more=()) -> None:
+        """Publish a record whose data was staged at ``off`` (the concatenation, in order, of
+        every non-empty data of ``items`` and then of ``more``): point each (key, data) at its
+        part (None: removed). The publish hot path, run inside the seq window."""
         q = self.q
         where = self.where
         shift = self.shift
@@ -460,7 +466,7 @@ class OverlayWriter(_Segment):
             by_record.setdefault(rid, []).append(((table, index), data))
         for rid in sorted(by_record):
             items = by_record[rid]
-            self.put_record(rid, items, b"".join(d for _, d in items if d))
+            self.put_record(rid, items, self.stage(rid, b"".join(d for _, d in items if d)))
         for word in (COMMITTED, DURABLE, ENACTED, ENACTOR_PID):
             self.q[word] = other.q[word]
         self.set_drops(other.drops())

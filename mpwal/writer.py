@@ -484,6 +484,7 @@ class Writer:
         if images:
             blob += b"".join(img for _, img in images)
         ov = self._ov
+        off = ov.stage(rid, blob)  # before the window: readers wait only for the entries
         ov.begin()
         try:
             if drops:
@@ -492,7 +493,7 @@ class Writer:
                     ov.remove_table(t)
                     d[t] = rid
                 ov.set_drops(d)
-            ov.put_record(rid, values.items(), blob, images)
+            ov.put_record(rid, values.items(), off, images)
             ov.q[COMMITTED] = rid
         finally:
             ov.end()
@@ -523,7 +524,7 @@ class Writer:
             try:
                 removed = 0
                 d = None
-                while pend and pend[0][0] <= enacted and removed < 4096:
+                while pend and pend[0][0] <= enacted and removed < 512:  # short windows
                     rid, keys, drops, nbytes = pend.popleft()
                     ov.remove_record(keys, rid)
                     removed += len(keys) + 1

@@ -155,13 +155,13 @@ def _die_mid_publish(path, at, fd):
     """A writer that SIGKILLs itself inside the publish window of record ``at`` (seq odd)."""
     real = OverlayWriter.put_record
 
-    def put_record(self, rid, items, blob, more=()):
+    def put_record(self, rid, items, off, more=()):
         if rid == at:
             items = list(items)
-            real(self, rid, items[:1], blob)  # part of the record is in shared memory
+            real(self, rid, items[:1], off)  # part of the record is in shared memory
             os.write(fd, b"x")
             os.kill(os.getpid(), signal.SIGKILL)
-        real(self, rid, items, blob, more)
+        real(self, rid, items, off, more)
 
     OverlayWriter.put_record = put_record
     w = mpwal.Writer(path, TABLES, enactor="none", log_age=1000)

@@ -233,8 +233,9 @@ def test_put_record_points_into_one_blob(ov):
     values = {(1, 0): b"aa", (1, 1): None, (1, 2): b"", (1, 3): b"cccc"}
     images = [((2, 7), bytes(range(256)) * 2)]
     blob = b"".join(v for v in values.values() if v) + images[0][1]
+    off = w.stage(9, blob)  # outside the seq window
     w.begin()
-    w.put_record(9, values.items(), blob, images)
+    w.put_record(9, values.items(), off, images)
     w.end()
     assert [r.find(1, i) for i in range(4)] == [(9, b"aa"), (9, None), (9, b""), (9, b"cccc")]
     assert r.find(2, 7) == (9, bytes(range(256)) * 2)
@@ -317,8 +318,9 @@ def test_ring_keeps_data_through_wraps(ov, seed, release, monkeypatch):
                 if model.get(k, (0,))[0] == old:
                     del model[k]
         rid += 1
+        off = w.stage(rid, b"".join(datas))
         w.begin()
-        w.put_record(rid, [((1, k), d) for k, d in zip(keys, datas)], b"".join(datas))
+        w.put_record(rid, [((1, k), d) for k, d in zip(keys, datas)], off)
         w.end()
         pending.append((rid, keys))
         wrapped += bool(w.wrap)
