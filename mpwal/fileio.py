@@ -9,11 +9,14 @@ Normal runs have no plan and pay one global lookup per call. ``MPWAL_FAULTS`` in
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from dataclasses import dataclass, field
 
 KINDS = ("write", "fsync", "truncate", "rename")
+_libc = ctypes.CDLL(None, use_errno=True)
+_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
 
 
 @dataclass
@@ -98,6 +101,24 @@ def truncate(fd: int, length: int) -> None:
     if _plan is not None and _plan.hit("truncate"):
         _fail("truncate")
     os.ftruncate(fd, length)
+
+
+def punch_hole(fd: int, length: int) -> None:
+    """Make the first ``length`` bytes of a file read as zeros without changing its size
+    (fallocate PUNCH_HOLE|KEEP_SIZE; zeros written where the file system cannot punch).
+    Counted as a ``truncate`` by the fault switch."""
+    if _plan is not None and _plan.hit("truncate"):
+        _fail("truncate")
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _PUNCH_HOLE | _KEEP_SIZE, ctypes.c_int64(0), ctypes.c_int64(length)):
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+        zeros = bytes(1 << 20)
+        for off in range(0, length, len(zeros)):
+            n = min(len(zeros), length - off)
+            os.pwrite(fd, zeros[:n], off)
 
 
 def rename(src: str, dst: str) -> None:

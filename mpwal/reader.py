@@ -49,7 +49,7 @@ class Reader:
         self._catalog = load_catalog(self.path)
         self._limits: dict[int, int] = {}  # value table -> max index, for the hot path's check
         self._refresh_catalog()
-        self._files = TableFiles(self.path, self._catalog, writable=False)
+        self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
         self._queue_file = os.path.join(self.path, QUEUE_FILE)
         self._seg: OverlayReader | None = None
         self._private: dict | None = None  # (table, key) -> data, in private mode

@@ -16,13 +16,17 @@ SIGBUS), created empty when the table is defined so readers can open them at onc
   ``slot_size`` bytes. ``stored == 0`` is an empty slot, otherwise the value is the first
   ``stored - 1`` bytes. Past the end of the file every slot is empty.
 
-Dropping a table truncates its file to zero bytes rather than deleting it, so a reader's open
-handle keeps reading the table's real (empty, then refilled) contents.
+Table files never shrink: dropping a table punches a hole over the whole file (it keeps its
+size and reads as zeros: every slot empty, every chunk zero) rather than truncating or
+deleting it. Readers map table files read-only (a read is a slice, not a system call), and a
+mapped file that shrank would kill them with SIGBUS; an open handle also keeps reading the
+table's real contents. A file that grew is mapped again.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -173,11 +177,13 @@ def merge_catalog(path: str, wanted) -> dict[int, Table]:
 class TableFiles:
     """Open handles on the table files of one directory, for reading and (enactor) writing."""
 
-    def __init__(self, path: str, catalog: dict[int, Table], writable: bool):
+    def __init__(self, path: str, catalog: dict[int, Table], writable: bool, mapped: bool = False):
         self.path = path
         self.catalog = catalog
         self.writable = writable
+        self.mapped = mapped  # read through read-only mappings (readers), else pread
         self._fds: dict[int, int] = {}
+        self._maps: dict[int, mmap.mmap | None] = {}
         self.dirty: set[int] = set()
 
     def fd(self, tid: int) -> int:
@@ -192,8 +198,34 @@ class TableFiles:
             self._fds[tid] = fd
         return fd
 
+    def _map(self, tid: int, end: int):
+        """The mapping of a table file, mapped again if the file grew to cover ``end``."""
+        m = self._maps.get(tid)
+        if m is not None and len(m) >= end:
+            return m
+        fd = self.fd(tid)
+        size = os.fstat(fd).st_size
+        if size and (m is None or size > len(m)):
+            new = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            if m is not None:
+                m.close()
+            self._maps[tid] = m = new
+        return m
+
     def read_value(self, tid: int, index: int) -> bytes | None:
         t = self.catalog[tid]
+        if self.mapped:
+            stride = t.stride
+            off = index * stride
+            m = self._maps.get(tid)
+            if m is None or off + stride > len(m):
+                m = self._map(tid, off + stride)
+                if m is None or off + 4 > len(m):
+                    return None  # past the end of the file: never written
+            stored = _U32.unpack_from(m, off)[0]
+            if not stored or stored > stride - 3:
+                return None
+            return m[off + 4:off + 3 + stored]
         raw = os.pread(self.fd(tid), t.stride, index * t.stride)
         if len(raw) < 4:
             return None
@@ -203,6 +235,11 @@ class TableFiles:
         return raw[4:3 + stored] if stored - 1 <= len(raw) - 4 else None
 
     def read_chunk(self, tid: int, chunk: int) -> bytes:
+        if self.mapped:
+            off = chunk * CHUNK_BYTES
+            m = self._map(tid, off + CHUNK_BYTES)
+            raw = m[off:off + CHUNK_BYTES] if m is not None else b""
+            return raw if len(raw) == CHUNK_BYTES else raw + ZERO_CHUNK[len(raw):]
         raw = os.pread(self.fd(tid), CHUNK_BYTES, chunk * CHUNK_BYTES)
         return raw if len(raw) == CHUNK_BYTES else raw + ZERO_CHUNK[len(raw):]
 
@@ -220,7 +257,8 @@ class TableFiles:
         self.dirty.add(tid)
 
     def drop(self, tid: int) -> None:
-        fileio.truncate(self.fd(tid), 0)
+        fd = self.fd(tid)
+        fileio.punch_hole(fd, os.fstat(fd).st_size)
         self.dirty.add(tid)
 
     def sync(self) -> None:
@@ -230,6 +268,10 @@ class TableFiles:
         self.dirty.clear()
 
     def close(self) -> None:
+        for m in self._maps.values():
+            if m is not None:
+                m.close()
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -149,7 +149,7 @@ class Writer:
         self._wlock = WriterLock(self.path)
         try:
             self._catalog = merge_catalog(self.path, tables)
-            self._files = TableFiles(self.path, self._catalog, writable=False)
+            self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
             self._queue_lock = file_lock(self.path, QUEUE_LOCK)
             self._replay(overlay_slots, overlay_bytes)
         except BaseException:

@@ -275,16 +275,25 @@ def test_partial_chunk_padded_with_zeros(files):
 
 
 def test_drop_empties_the_file_and_tables_refill(files):
-    """drop() truncates the table file to zero; later writes work again."""
+    """drop() empties a table without shrinking its file (a mapping reader would get SIGBUS):
+    every slot reads empty, every chunk zero, through pread and through a mapping; later
+    writes work again."""
+    mapped = TableFiles(files.path, files.catalog, writable=False, mapped=True)
     files.write_chunk(1, 1, b"\x01" * 512)
     files.write_value(2, 4, b"gone")
+    assert mapped.read_value(2, 4) == b"gone" and mapped.read_chunk(1, 1) == b"\x01" * 512
+    sizes = [os.path.getsize(os.path.join(files.path, n)) for n in ("index1.tbl", "value2.tbl")]
     files.drop(1)
     files.drop(2)
-    assert os.path.getsize(os.path.join(files.path, "index1.tbl")) == 0
-    assert os.path.getsize(os.path.join(files.path, "value2.tbl")) == 0
-    assert files.read_chunk(1, 1) == bytes(512) and files.read_value(2, 4) is None
+    assert [os.path.getsize(os.path.join(files.path, n))
+            for n in ("index1.tbl", "value2.tbl")] == sizes
+    for f in (files, mapped):
+        assert f.read_chunk(1, 1) == bytes(512) and f.read_value(2, 4) is None
     files.write_value(2, 0, b"new")
-    assert files.read_value(2, 0) == b"new"
+    files.write_value(2, 900, b"far")  # the file grows: the mapping follows
+    assert mapped.read_value(2, 0) == b"new" and mapped.read_value(2, 900) == b"far"
+    assert mapped.read_value(2, 10**6) is None  # past the end: never written
+    mapped.close()
 
 
 def test_read_only_handle_sees_writes_and_cannot_write(files):
