@@ -229,3 +229,26 @@ def test_writer_killed_holding_queue_lock_does_not_wedge(db):
             time.sleep(0.01)
     os.close(rfd)
     os.close(wfd)
+
+
+def _open_and_die(path):
+    mpwal.Writer(path, TABLES, enactor="none")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_segment_of_killed_writer_removed_by_next_writer(db):
+    """A killed writer's shared memory outlives it only until the next writer opens, which
+    marks it superseded (readers that map it move on) and unlinks it."""
+    from mpwal.overlay import SUPERSEDED, OverlayReader, stale_segments
+    with mpwal.Writer(db, TABLES):
+        pass
+    p = fork.Process(target=_open_and_die, args=(db,))
+    p.start()
+    p.join()
+    real = os.path.realpath(db)
+    (left,) = stale_segments(real)
+    old = OverlayReader(left)
+    with mpwal.Writer(db, TABLES) as w:
+        assert stale_segments(real) == [w._ov.name] != [left]
+        assert old.q[0] == SUPERSEDED
+    old.release()
