@@ -731,9 +731,12 @@ class Writer:
             self._enactor_thread.start()
         elif self.enactor_mode == "process":
             code = "import sys; from mpwal.enactor import run_process; run_process(sys.argv[1], int(sys.argv[2]))"
+            env = dict(os.environ)  # the child imports this very mpwal, installed or not
+            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
             self._enactor_proc = subprocess.Popen(
                 [sys.executable, "-c", code, self.path, str(os.getpid())],
-                stdin=subprocess.DEVNULL, close_fds=True)
+                stdin=subprocess.DEVNULL, close_fds=True, env=env)
         self._enactor_started = time.monotonic()
 
     def _run_enactor_thread(self, e: Enactor) -> None:
