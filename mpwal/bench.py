@@ -17,6 +17,8 @@ Figures (``--only`` takes these names or their numbers):
                  (every 64 MiB or every second).
 5. ``sustained`` ingestion for a minute (5 s with --quick) with enactment running; the directory's
                  disk usage and mpwal's /dev/shm usage at the end.
+6. ``lookups``   point lookups in one process with the writer idle: mpwal answers every one from
+                 the overlay in shared memory (the reader's best case).
 
 Every timed loop runs for a fixed time and counts what it finished (time.perf_counter). The
 column mpwal/this is mpwal's rate (its first row: the default configuration) divided by the
@@ -564,6 +566,88 @@ def figure_reads(z: Sizes):
                   ["lookups/s/process", "writer rec/s"], rows, notes=notes)
 
 
+# -- figure 6: lookups with the writer idle --------------------------------------------------------
+
+def _idle_lookups(get, get_many, keys, seconds: float) -> dict:
+    rng = random.Random(6)
+    order = [rng.choice(keys) for _ in range(20_000)]
+    batches = [order[i:i + 100] for i in range(0, len(order), 100)]
+
+    def single(i):
+        j = (i * 100) % len(order)
+        for k in order[j:j + 100]:
+            get(k)
+
+    n1, dt1 = run_for(seconds, single)
+    n2, dt2 = run_for(seconds, lambda i: get_many(batches[i % len(batches)]))
+    return {"value()/s": n1 * 100 / dt1, "values() ×100, lookups/s": n2 * 100 / dt2}
+
+
+def lookups_mpwal(tmp: str, z: Sizes) -> dict:
+    db = os.path.join(tmp, "db")
+    MPWAL_DIRS.append(db)
+    keys = list(range(z.read_keys))
+    # enactor="none" and no age rotation: every key stays in the overlay, as right after commits
+    with mpwal.Writer(db, tables=[mpwal.ValueTable(VALUE_TABLE, slot_size=256)], enactor="none",
+                      log_age=1e9) as w:
+        for k0 in range(0, len(keys), 1000):
+            with w.record() as rec:
+                rec.insert_values(VALUE_TABLE, [(k, val(k)) for k in keys[k0:k0 + 1000]])
+        with mpwal.Reader(db) as r:
+            return _idle_lookups(lambda k: r.value(VALUE_TABLE, k),
+                                 lambda ks: r.values(VALUE_TABLE, ks), keys, z.read_s)
+
+
+def lookups_sqlite(tmp: str, z: Sizes) -> dict:
+    db = os.path.join(tmp, "db.sqlite")
+    keys = list(range(z.read_keys))
+    conn = open_sqlite(db, "NORMAL")
+    try:
+        for k0 in range(0, len(keys), 1000):
+            sqlite_put(conn, [(k, val(k)) for k in keys[k0:k0 + 1000]])
+        one = "SELECT v FROM kv WHERE k = ?"
+        many = "SELECT k, v FROM kv WHERE k IN (" + ",".join("?" * 100) + ")"
+
+        def get_many(ks):
+            found = dict(conn.execute(many, ks).fetchall())
+            return [found.get(k) for k in ks]
+        return _idle_lookups(lambda k: conn.execute(one, (k,)).fetchone(), get_many, keys, z.read_s)
+    finally:
+        conn.close()
+
+
+def lookups_lmdb(tmp: str, z: Sizes) -> dict:
+    env = open_lmdb(os.path.join(tmp, "db.lmdb"), sync=False)
+    keys = list(range(z.read_keys))
+    try:
+        for k0 in range(0, len(keys), 1000):
+            lmdb_put(env, [(lkey(k), val(k)) for k in keys[k0:k0 + 1000]])
+
+        def get(k):
+            with env.begin() as txn:
+                return txn.get(lkey(k))
+
+        def get_many(ks):
+            with env.begin() as txn:
+                return [txn.get(lkey(k)) for k in ks]
+        return _idle_lookups(get, get_many, keys, z.read_s)
+    finally:
+        env.close()
+
+
+def figure_lookups(z: Sizes):
+    wl = f"{z.read_keys:,} keys"
+    rows = [measure(wl, "mpwal (overlay)", lookups_mpwal, z),
+            measure(wl, "SQLite WAL NORMAL", lookups_sqlite, z),
+            measure(wl, "LMDB", lookups_lmdb, z, needs="lmdb")]
+    return Figure("6. Lookups in one process with the writer idle (mpwal: every key in the overlay)",
+                  ["value()/s", "values() ×100, lookups/s"], rows,
+                  notes=["The reading process does nothing else; mpwal's keys were committed and not "
+                         "yet enacted, so each lookup is answered from shared memory.",
+                         "SQLite: SELECT by key / k IN (100 keys); LMDB: a read transaction per "
+                         "lookup / per batch."])
+
+
 # -- figure 4: large values ----------------------------------------------------------------------
 
 def large_mpwal(tmp: str, z: Sizes) -> dict:
@@ -810,7 +894,7 @@ def machine() -> str:
 
 
 FIGURES = {"ingest": figure_ingest, "commit": figure_commit, "reads": figure_reads,
-           "large": figure_large, "sustained": figure_sustained}
+           "large": figure_large, "sustained": figure_sustained, "lookups": figure_lookups}
 ARGS = argparse.Namespace(dir=None)
 
 

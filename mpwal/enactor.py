@@ -95,6 +95,7 @@ class Enactor:
         # this is; a log missing from it is read from its file
         self.handoff: dict | None = None
         self.mem: list | None = None
+        self._slot_structs: dict[int, struct.Struct] = {}
 
     # -- driving -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -294,28 +295,36 @@ class Enactor:
 
     def _write_values(self, values: dict) -> None:
         """Write slots, joining runs of consecutive indices of a table into one pwrite."""
-        keys = sorted(values)
-        n = len(keys)
-        i = 0
-        pack_into = _U32.pack_into
-        while i < n:
-            tid, first = keys[i]
-            stride = self._table(tid).stride
-            j = i + 1
-            while j < n and keys[j][0] == tid and keys[j][1] == first + j - i:
-                j += 1
-            buf = bytearray(stride * (j - i))  # removed and short values: zeros
-            off = 0
-            for k in range(i, j):
-                data = values[keys[k]]
-                if data is not None:
-                    size = len(data)
-                    pack_into(buf, off, size + 1)
-                    buf[off + 4:off + 4 + size] = data
-                off += stride
-            fileio.pwrite_all(self.files.fd(tid), buf, first * stride)
+        tables: dict[int, dict] = {}
+        for (tid, index), data in values.items():
+            slots = tables.get(tid)
+            if slots is None:
+                slots = tables[tid] = {}
+            slots[index] = data
+        for tid, slots in tables.items():
+            slot = self._slot_struct(tid)  # u32 stored, then the data padded with zeros
+            pack = slot.pack
+            empty = pack(0, b"")
+            fd = self.files.fd(tid)
+            indices = sorted(slots)
+            n = len(indices)
+            i = 0
+            while i < n:
+                first = indices[i]
+                j = i + 1
+                while j < n and indices[j] == first + j - i:
+                    j += 1
+                run = map(slots.__getitem__, indices[i:j])
+                buf = b"".join([empty if d is None else pack(len(d) + 1, d) for d in run])
+                fileio.pwrite_all(fd, buf, first * slot.size)
+                i = j
             self.files.dirty.add(tid)
-            i = j
+
+    def _slot_struct(self, tid: int) -> struct.Struct:
+        st = self._slot_structs.get(tid)
+        if st is None:
+            st = self._slot_structs[tid] = struct.Struct(f"<I{self._table(tid).slot_size}s")
+        return st
 
     # -- the end of a log, cleaning ----------------------------------------------------------
     def _finish_log(self, head: int, epoch: int) -> None:
