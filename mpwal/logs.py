@@ -9,7 +9,6 @@ a log went missing); nothing after that point is part of the prefix.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from . import fileio
@@ -126,10 +125,3 @@ def read_logs(path: str, keep_records: bool = True, start: int | None = None) ->
             # still continue the chain at ``expect``)
             problem = Problem(lid, scan.end, scan.problem, scan.problem_record)
     return LogSet(valid, empty, discarded, problem or head_problem)
-
-
-def log_size(path: str, log_id: int) -> int:
-    try:
-        return os.path.getsize(log_path(path, log_id))
-    except OSError:
-        return 0
