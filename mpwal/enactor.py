@@ -35,7 +35,7 @@ from .errors import CorruptionError, StorageError, storage_error
 from .format import DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan, entries_of
 from .overlay import ENACTED, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
 from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, file_lock, load_queues, log_path,
-                     save_queues, writer_alive)
+                     save_queues)
 from .tables import TableFiles, load_catalog
 
 log = logging.getLogger("mpwal")
@@ -91,6 +91,7 @@ class Enactor:
         self.pos = 0
         self.error: BaseException | None = None
         self.detach_on_new_writer = True
+        self.holding = False  # holds enactor.lock: a writer may hand it records in memory
         # log id -> [(record_id, values, chunk images, drops)], filled by a Writer whose thread
         # this is; a log missing from it is read from its file
         self.handoff: dict | None = None
@@ -108,20 +109,24 @@ class Enactor:
                     lock.acquire(timeout=0.1)
                 except filelock.Timeout:
                     continue
+                self.holding = True
                 try:
                     while not self.stop.is_set():
                         if not self.step():
                             self.stop.wait(self.poll)
                 except _NewWriter:
+                    self.holding = False
                     lock.release()
                     self.stop.wait(0.2)
                     continue
+                self.holding = False
                 lock.release()
         except BaseException as e:  # reported through stats(); the writer restarts enactors
             self.error = e
             log.error("enactor stopped: %s", e)
             raise
         finally:
+            self.holding = False
             if lock.is_locked:
                 lock.release()
             self.files.close()
@@ -243,19 +248,21 @@ class Enactor:
                 self.progress.close()
                 self.progress = None
             self.generation = -1
+        # records the tables already hold: never apply them again (an older record applied
+        # after a newer one would show readers older data)
+        self.enacted = max(self.enacted, st.last_cleaned_record)
         if self.progress is not None and self.progress.live and st.generation == self.generation:
             return
         if self.progress is not None:
             self.progress.close()
             self.progress = None
-        if writer_alive(self.path):
-            try:
-                self.progress = _Progress(segment_name(self.path, st.generation))
-                self.generation = st.generation
-                self.enacted = max(self.enacted, self.progress.q[ENACTED])
-                self.progress.q[ENACTOR_PID] = os.getpid()
-            except (posix_ipc.ExistentialError, FileNotFoundError):
-                self.progress = None
+        try:  # also a dead writer's segment: its ``enacted`` word says how far enactment got
+            self.progress = _Progress(segment_name(self.path, st.generation))
+            self.generation = st.generation
+            self.enacted = max(self.enacted, self.progress.q[ENACTED])
+            self.progress.q[ENACTOR_PID] = os.getpid()
+        except (posix_ipc.ExistentialError, FileNotFoundError):
+            self.progress = None
 
     def _publish(self, rid: int) -> None:
         p = self.progress
@@ -336,7 +343,9 @@ class Enactor:
                 return
             sync_data = st.sync_data
         if sync_data:
-            self.files.sync()  # invariant 3: tables on disk before the log that holds them goes
+            # invariant 3: tables on disk before the log that holds them goes; all of them, as
+            # an earlier enactor (killed, or stopped at close) may have written some
+            self.files.sync(everything=True)
         with self.queue_lock:
             st = load_queues(self.path)
             if st is None or st.epoch != epoch or not st.read or st.read[0] != head:
@@ -345,7 +354,7 @@ class Enactor:
             st.read.pop(0)
             st.cleanup.append(head)
             st.last_cleaned_record = max(st.last_cleaned_record, self.enacted)
-            save_queues(self.path, st, sync=sync_data)
+            save_queues(self.path, st, sync=True)  # replay must not start before it
         log.debug("enacted log%d through record %d", head, self.enacted)
         self.current = None
         self.data = b""

@@ -117,8 +117,7 @@ def punch_hole(fd: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
         zeros = bytes(1 << 20)
         for off in range(0, length, len(zeros)):
-            n = min(len(zeros), length - off)
-            os.pwrite(fd, zeros[:n], off)
+            pwrite_all(fd, zeros[:min(len(zeros), length - off)], off)
 
 
 def rename(src: str, dst: str) -> None:

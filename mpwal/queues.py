@@ -11,8 +11,8 @@ Files:
   truncated, so no process reads a queue that is half-updated.
 * ``enactor.lock`` (``filelock``): held by the one process that enacts and cleans.
 * ``queues``: the queue state, JSON, replaced atomically (write then rename) under
-  ``queue.lock``. Readers never lock: they read it before and after looking at log files and
-  retry when ``version`` moved.
+  ``queue.lock``. Readers never lock: they compare the file's identity (inode, mtime, size)
+  before and after looking at log files and read again when it changed.
 
 The directory stays the truth after a crash: a writer that opens rebuilds the queue state from
 the log files it finds (``replay``), so this file only coordinates live processes.
@@ -94,12 +94,10 @@ def writer_alive(path: str) -> bool:
 
 
 def file_lock(path: str, name: str) -> filelock.BaseFileLock:
-    """A cross-process lock on ``path/name`` whose file stays in place after release."""
-    lock_file = os.path.join(path, name)
-    try:
-        return filelock.FileLock(lock_file, mode=0o600, thread_local=False, preserve_lock_file=True)
-    except TypeError:  # filelock 3.x never removes the file and has no such option
-        return filelock.FileLock(lock_file, mode=0o600, thread_local=False)
+    """A cross-process lock on ``path/name`` whose file stays in place after release (filelock
+    4 also lets go of it in a forked child, so a child cannot keep it past its parent)."""
+    return filelock.FileLock(os.path.join(path, name), mode=0o600, thread_local=False,
+                             preserve_lock_file=True)
 
 
 @dataclass

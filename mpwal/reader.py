@@ -259,7 +259,11 @@ class Reader:
 
     def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
         """``value`` for many indices of one table, in one consistent snapshot."""
-        indices = list(indices)
+        try:
+            indices = list(indices)
+        except TypeError:
+            raise ArgumentTypeError(f"indices must be an iterable of ints, not "
+                                    f"{type(indices).__name__}") from None
         limit = self._limits.get(table)
         if limit is None:
             self._check_value_key(table, 0)

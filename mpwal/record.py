@@ -56,8 +56,17 @@ class Record:
         t = check_key(self._w._catalog, table, 0, "value")
         size = t.slot_size
         limit = t.max_key
-        values = self._values
-        for index, data in items:
+        values = {}  # all or nothing: merged into the record once every pair checked out
+        try:
+            pairs = iter(items)
+        except TypeError:
+            raise ArgumentTypeError(f"items must be an iterable of (index, data) pairs, not "
+                                    f"{type(items).__name__}") from None
+        for pair in pairs:
+            try:
+                index, data = pair
+            except (TypeError, ValueError):
+                raise ArgumentTypeError(f"items must be (index, data) pairs, got {pair!r}") from None
             if type(index) is not int or not 0 <= index < limit:
                 check_key(self._w._catalog, table, index, "value")
             if data is not None:
@@ -68,6 +77,7 @@ class Record:
                         f"value of {len(data)} bytes at index {index} does not fit table {table}'s "
                         f"slot_size {size}")
             values[(table, index)] = data
+        self._values.update(values)
 
     def insert_index(self, table: int, chunk: int, entry: int, value: int) -> None:
         """Set entry ``entry`` (0..63) of chunk ``chunk`` of index table ``table`` to a u64."""

@@ -7,8 +7,7 @@ Metadata: ``mpwal.meta`` in the database directory, JSON::
 ``mpwal`` is the on-disk format version; a newer one is refused. Table ids are one u16
 namespace shared by both kinds.
 
-Table files, read with ``pread`` only (never mapped: a file that shrinks under a mapping raises
-SIGBUS), created empty when the table is defined so readers can open them at once:
+Table files, created empty when the table is defined so readers can open them at once:
 
 * ``index{id}.tbl``: chunk ``c`` at offset ``c * 512``: 64 u64 entries, little-endian. Bytes past
   the end of the file read as zeros.
@@ -146,7 +145,11 @@ def load_catalog(path: str) -> dict[int, Table]:
 
 def merge_catalog(path: str, wanted) -> dict[int, Table]:
     """Create or extend the metadata with ``wanted`` tables; refuse a conflicting redefinition."""
-    wanted = list(wanted)
+    try:
+        wanted = list(wanted)
+    except TypeError:
+        raise TableError(f"tables must be a list of IndexTable and ValueTable, not "
+                         f"{type(wanted).__name__}") from None
     for t in wanted:
         if not isinstance(t, (IndexTable, ValueTable)):
             raise TableError(f"tables must be IndexTable or ValueTable, not {type(t).__name__}")
@@ -204,9 +207,14 @@ class TableFiles:
         if m is not None and len(m) >= end:
             return m
         fd = self.fd(tid)
-        size = os.fstat(fd).st_size
-        if size and (m is None or size > len(m)):
-            new = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            size = os.fstat(fd).st_size
+            new = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) \
+                if size and (m is None or size > len(m)) else None
+        except (OSError, ValueError) as e:
+            raise storage_error(e if isinstance(e, OSError) else OSError(12, str(e)),
+                                f"mapping table file {self.catalog[tid].file_name}") from None
+        if new is not None:
             if m is not None:
                 m.close()
             self._maps[tid] = m = new
@@ -261,9 +269,9 @@ class TableFiles:
         fileio.punch_hole(fd, os.fstat(fd).st_size)
         self.dirty.add(tid)
 
-    def sync(self) -> None:
-        """fsync every table written since the last sync."""
-        for tid in sorted(self.dirty):
+    def sync(self, everything: bool = False) -> None:
+        """fsync every table written since the last sync (or every table)."""
+        for tid in sorted(self.catalog if everything else self.dirty):
             fileio.fsync(self.fd(tid))
         self.dirty.clear()
 

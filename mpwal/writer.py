@@ -104,8 +104,10 @@ class Writer:
                 raise ArgumentTypeError(f"{name} must be an int, not {type(v).__name__}")
             if v < lo:
                 raise ArgumentRangeError(f"{name} must be at least {lo}, got {v}")
+        if overlay_slots & (overlay_slots - 1):
+            raise ArgumentRangeError(f"overlay_slots must be a power of two, got {overlay_slots}")
         for name, v in (("log_age", log_age), ("backpressure_timeout", backpressure_timeout)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
                 raise ArgumentRangeError(f"{name} must be a number of seconds >= 0, got {v!r}")
         self.path = os.path.realpath(os.fspath(path))
         self.sync_wal = bool(sync_wal)
@@ -157,11 +159,17 @@ class Writer:
                 self._ov.retire(CLOSED)
             self._wlock.release()
             raise
-        _live_writers.add(self)
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="mpwal-housekeeping",
                                              daemon=True)
-        self._start_enactor()
+        try:
+            self._start_enactor()
+        except OSError as e:
+            self._ov.retire(CLOSED)
+            self._files.close()
+            self._wlock.release()
+            raise storage_error(e, "starting the enactor") from None
+        _live_writers.add(self)
         self._housekeeper.start()
 
     # -- opening -----------------------------------------------------------------------------
@@ -405,14 +413,24 @@ class Writer:
             self._check_usable()
             rid = self._next_id
             data = encode_record(rid, drops, chunks, values)
+            # everything that can fail on its own comes before the append
+            images = self._images(drops, chunks)
             blob = b"".join([v for v in values.values() if v])  # the overlay's copy, in order
-            self._make_room(len(values) + len(chunks), len(blob) + CHUNK_BYTES * len(chunks),
-                            drops, len(data))
+            if images:
+                blob += b"".join([img for _, img in images])
+            self._make_room(len(values) + len(chunks), len(blob), drops, len(data))
             self._append(data)
-            images = self._publish(rid, drops, chunks, values, blob, len(data))
-            if self._handoff is not None:
+            self._next_id = rid + 1  # the id is in the log now: never reuse it
+            try:
+                self._publish(rid, drops, values, images, blob, len(data))
+            except BaseException as e:  # readers may miss a record the log holds: stop here
+                self._failed = e
+                log.error("publishing record %d failed (%r): the writer stops accepting commits",
+                          rid, e)
+                raise
+            if self._handoff is not None and self._enactor_obj is not None \
+                    and self._enactor_obj.holding:
                 self._handoff.setdefault(self._app_id, []).append((rid, values, images, drops))
-            self._next_id = rid + 1
             if self._app_bytes >= self.log_size:
                 self._rotate()
         if self.durability == "commit":
@@ -425,7 +443,8 @@ class Writer:
         try:
             fileio.write_all(self._app_fd, data)
         except OSError as e:
-            try:  # take the torn bytes back, so the log ends at a record boundary
+            try:  # take the torn bytes back (not through fileio: a rollback is not a fault
+                # site), so the log ends at a record boundary
                 os.ftruncate(self._app_fd, self._app_bytes)
                 os.lseek(self._app_fd, self._app_bytes, os.SEEK_SET)
             except OSError:
@@ -453,7 +472,8 @@ class Writer:
                     st.next_log += 1
                 fd = os.open(log_path(self.path, lid), os.O_WRONLY | os.O_CREAT, 0o600)
                 try:
-                    os.ftruncate(fd, 0)
+                    if os.fstat(fd).st_size:  # pool logs are empty; this is a safety net
+                        fileio.truncate(fd, 0)
                     if created:
                         if self.sync_wal or self.durability == "commit":
                             fileio.sync_dir(self.path)
@@ -477,12 +497,8 @@ class Writer:
             return ZERO_CHUNK
         return self._files.read_chunk(table, chunk)
 
-    def _publish(self, rid: int, drops, chunks, values, blob: bytes, nbytes: int) -> list:
-        """Make the record visible: one sequence-lock window for all of it. Returns the index
-        chunks' after-images."""
-        images = self._images(drops, chunks)
-        if images:
-            blob += b"".join(img for _, img in images)
+    def _publish(self, rid: int, drops, values, images: list, blob: bytes, nbytes: int) -> None:
+        """Make the record visible: one sequence-lock window for all of it."""
         ov = self._ov
         off = ov.stage(rid, blob)  # before the window: readers wait only for the entries
         ov.begin()
@@ -498,10 +514,9 @@ class Writer:
         finally:
             ov.end()
         keys = list(values)
-        keys.extend(chunks)
+        keys.extend(key for key, _ in images)
         self._pending.append((rid, keys, tuple(drops), nbytes))
         self._pending_bytes += nbytes
-        return images
 
     def _images(self, drops, chunks) -> list:
         """((table, chunk), 512-byte after-image) of each index chunk a record changes."""
@@ -634,13 +649,19 @@ class Writer:
         self._rotations += 1
         if self.sync_wal:
             os.close(fd)
-            self._set_durable(self._next_id - 1 if self._pending else self._durable)
+            self._set_durable(self._next_id - 1)
         else:
             self._unsynced.append(fd)
-            if len(self._unsynced) > MAX_UNSYNCED_LOGS:
-                for f in self._unsynced:
-                    os.close(f)
-                self._unsynced = []
+            if len(self._unsynced) > MAX_UNSYNCED_LOGS:  # bound the open descriptors
+                try:
+                    for f in self._unsynced:
+                        fileio.fdatasync(f)
+                except OSError as e:
+                    raise self._fail(e, "syncing rotated logs") from None
+                finally:
+                    for f in self._unsynced:
+                        os.close(f)
+                    self._unsynced = []
         log.debug("rotated log%d into the read queue", lid)
 
     def _set_durable(self, rid: int) -> None:
@@ -685,7 +706,8 @@ class Writer:
                         os.close(fd)
                 with self._sync_cond:
                     self._syncing = False
-                self._set_durable(target)
+                with self._lock:  # the overlay may be moving to a new generation
+                    self._set_durable(target)
             except BaseException:
                 with self._sync_cond:
                     self._syncing = False

@@ -125,6 +125,9 @@ def test_reopen_replays_and_adding_tables(db):
     (lambda rec: rec.insert_index(1, 0, True, 1), mpwal.ArgumentTypeError),
     (lambda rec: rec.insert_values(3, [(0, b"ok"), (1, b"x" * 99)]), mpwal.ValueTooLargeError),
     (lambda rec: rec.drop_table(77), mpwal.TableError),
+    (lambda rec: rec.insert_values(3, [1, 2]), mpwal.ArgumentTypeError),
+    (lambda rec: rec.insert_values(3, None), mpwal.ArgumentTypeError),
+    (lambda rec: rec.insert_values(3, [(0, b"ok"), (1, "text")]), mpwal.ArgumentTypeError),
 ])
 def test_bad_input_is_refused_and_changes_nothing(w, db, call, exc):
     """Each kind of bad argument raises its own mpwal exception; nothing reaches the log."""
@@ -149,6 +152,8 @@ def test_bad_reader_arguments(w, db):
             r.values(3, [1, "2"])
         with pytest.raises(mpwal.ArgumentRangeError):
             r.index_entry(1, 0, 64)
+        with pytest.raises(mpwal.ArgumentTypeError):
+            r.values(3, 5)
 
 
 def test_use_after_close(db):
@@ -233,12 +238,16 @@ def test_bad_options(db):
                         ({"enactor": "fiber"}, mpwal.ArgumentRangeError),
                         ({"log_size": "big"}, mpwal.ArgumentTypeError),
                         ({"log_age": -1}, mpwal.ArgumentRangeError),
-                        ({"overlay_slots": 4}, mpwal.ArgumentRangeError)]:
+                        ({"overlay_slots": 4}, mpwal.ArgumentRangeError),
+                        ({"overlay_slots": 100}, mpwal.ArgumentRangeError),
+                        ({"log_age": float("nan")}, mpwal.ArgumentRangeError)]:
         with pytest.raises(exc):
             mpwal.Writer(db, TABLES, **kwargs)
     assert not os.path.exists(db)
     with pytest.raises(mpwal.TableError):
         mpwal.Writer(db, ["table"])
+    with pytest.raises(mpwal.TableError):
+        mpwal.Writer(db, 5)
     with pytest.raises(mpwal.TableError):
         mpwal.ValueTable(1, slot_size=0)
 

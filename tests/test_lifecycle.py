@@ -391,3 +391,123 @@ def test_enactor_thread_handoff_matches_log_replay(db, tmp_path):
     for name in ("value3.tbl", "index1.tbl"):
         with open(os.path.join(db, name), "rb") as a, open(os.path.join(other, name), "rb") as b:
             assert a.read() == b.read(), name
+
+
+def test_publish_failure_stops_the_writer_without_reusing_ids(db, monkeypatch):
+    """A failure after a record reached the log (here: while publishing) stops the writer;
+    the id is never given to another record, and replay keeps the record."""
+    w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
+    with w.record() as rec:
+        rec.insert_value(VALUE_TABLE, 1, b"one")
+
+    def broken(self, *args):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(OverlayWriter, "put_record", broken)
+    with pytest.raises(MemoryError):
+        with w.record() as rec:
+            rec.insert_value(VALUE_TABLE, 2, b"two")
+    monkeypatch.undo()
+    with pytest.raises(mpwal.WriterFailedError):
+        with w.record() as rec:
+            rec.insert_value(VALUE_TABLE, 3, b"three")
+    w.close()
+    with mpwal.Writer(db, TABLES) as w:
+        assert w.last_record_id == 2
+        assert w.value(VALUE_TABLE, 2) == b"two" and w.value(VALUE_TABLE, 3) is None
+
+
+def test_every_table_synced_before_a_log_is_truncated(db, monkeypatch):
+    """An enactor fsyncs every table before truncating a log, also tables an earlier enactor
+    (stopped mid-log, or killed) wrote and it did not (invariant 3)."""
+    from mpwal.enactor import Enactor
+    w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
+    try:
+        commit_workload(w, 1, 30, 100, 5)
+        w._rotate()
+        first = Enactor(db)
+        first.detach_on_new_writer = False
+        first.step()  # applies records, publishes how far it got, and stops ("killed")
+        first.files.close()
+        events = []
+        real_fsync, real_truncate = fileio.fsync, fileio.truncate
+        monkeypatch.setattr(fileio, "fsync", lambda fd: (events.append(
+            ("fsync", os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])), real_fsync(fd)))
+        monkeypatch.setattr(fileio, "truncate", lambda fd, n: (events.append(
+            ("truncate", os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])), real_truncate(fd, n)))
+        second = Enactor(db)
+        second.detach_on_new_writer = False
+        second.drain()
+        second.files.close()
+        monkeypatch.undo()
+        cut = next(i for i, e in enumerate(events) if e[0] == "truncate")
+        assert {("fsync", "value3.tbl"), ("fsync", "index1.tbl")} <= set(events[:cut])
+    finally:
+        w.close()
+
+
+def test_sync_covers_every_rotated_log(db, monkeypatch):
+    """With sync_wal off and more rotated logs than the writer keeps open, sync() still
+    fsyncs every log it acknowledges."""
+    synced = set()
+    real = fileio.fdatasync
+
+    def fdatasync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])
+        real(fd)
+
+    monkeypatch.setattr(fileio, "fdatasync", fdatasync)
+    with mpwal.Writer(db, TABLES, enactor="none", sync_wal=False, log_size=1, log_age=1000) as w:
+        rotated = []
+        for rid in range(1, 81):
+            with w.record() as rec:
+                rec.insert_value(VALUE_TABLE, rid, b"v")
+            rotated.append(w.stats()["logs"]["read"][-1])
+        assert w.sync() == 80
+        assert {f"log{lid}" for lid in set(rotated)} <= synced
+
+
+def test_enactor_after_a_dead_writer_does_not_apply_again(db):
+    """An enactor that starts after the writer died takes the dead segment's ``enacted`` word
+    and the queue file's last cleaned record: it applies nothing twice (an older record applied
+    again would show readers older data)."""
+    from mpwal.enactor import Enactor
+    pid = os.fork()
+    if pid == 0:
+        w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
+        commit_workload(w, 1, 20, 100, 5)
+        w._rotate()
+        e = Enactor(db)
+        e.detach_on_new_writer = False
+        e.step()
+        os._exit(0 if e.enacted == 20 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    e = Enactor(db)
+    e.detach_on_new_writer = False
+    applied = []
+    e._apply = lambda batch: applied.extend(r.record_id for r in batch)
+    e.step()
+    assert e.enacted == 20 and applied == []
+    e.files.close()
+    e.progress.close()
+    with mpwal.Writer(db, TABLES) as w:  # removes the dead writer's segment
+        assert read_state(w, 100) == expected_state(20, 100, 5)
+
+
+def test_enactor_that_cannot_start_leaves_the_directory_usable(db, monkeypatch):
+    """If the enactor process cannot be started, the open fails with StorageError and leaves
+    no lock and no shared memory behind."""
+    import errno
+    import subprocess
+
+    def no_fork(*args, **kwargs):
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_fork)
+    with pytest.raises(mpwal.StorageError, match="enactor"):
+        mpwal.Writer(db, TABLES, enactor="process")
+    monkeypatch.undo()
+    assert stale_segments(os.path.realpath(db)) == []
+    with mpwal.Writer(db, TABLES):
+        pass

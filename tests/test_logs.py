@@ -9,7 +9,7 @@ import crcmod.predefined
 import pytest
 
 from mpwal.format import LogScan, encode_record
-from mpwal.logs import Problem, log_size, read_logs
+from mpwal.logs import Problem, read_logs
 
 
 crc32 = crcmod.predefined.mkCrcFun("crc-32")
@@ -224,12 +224,6 @@ def test_read_logs_only_reads(d):
     after = {n: (os.stat(os.path.join(d, n)).st_size, os.stat(os.path.join(d, n)).st_mtime_ns)
              for n in os.listdir(d)}
     assert before == after
-
-
-def test_log_size(d):
-    """log_size is the file's size, 0 for a missing log."""
-    write_log(d, 4, recs(1, 2))
-    assert log_size(d, 4) == len(recs(1, 2)) and log_size(d, 99) == 0
 
 
 def test_problem_str_without_record():
