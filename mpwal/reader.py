@@ -184,7 +184,7 @@ class Reader:
         if limit is None or type(index) is not int or not 0 <= index < limit:
             self._check_value_key(table, index)
         seg = self._seg
-        if seg is not None:  # the hot path: _lookup inlined, one try; else _value_retry
+        if seg is not None:  # the hot path: _lookup with find() inlined, one try; else retry
             q = seg.q
             s = q[0]
             if not s & 1:
@@ -216,24 +216,12 @@ class Reader:
 
     def _lookup(self, seg, q, table: int, index: int) -> bytes | None:
         """Overlay, then a pending drop, then the table file; call inside a seq window."""
-        w = ((((index ^ (table << 47)) * K) & M64) >> seg.shift) * SLOT_WORDS + HEADER_WORDS
-        tag = table + 1
-        while True:
-            t = q[w + 1]
-            if t == tag and q[w] == index:
-                loc = q[w + 3]
-                stored = loc & 0xFFFFFFFF
-                if stored:
-                    off = loc >> 32
-                    return seg.m[off:off + stored - 1]
-                return None
-            if not t:
-                if q[NDROPS] and table in seg.drops():
-                    return None
-                return self._files.read_value(table, index)
-            w += SLOT_WORDS
-            if w == seg.slots_end:
-                w = HEADER_WORDS
+        got = seg.find(table, index)
+        if got is not None:
+            return got[1]
+        if q[NDROPS] and table in seg.drops():
+            return None
+        return self._files.read_value(table, index)
 
     def _value_retry(self, table: int, index: int) -> bytes | None:
         """``value`` when the first try failed: private mode, a moved counter, a new segment."""
