@@ -216,6 +216,10 @@ class Writer:
             raise DatabaseError(f"an enactor process still holds {ENACTOR_LOCK} after 30 s; stop "
                                 "it (it lets go when a new writer opens) and reopen") from None
         try:
+            # read again now that no enactor can work: one of the dead writer's may have cleaned
+            # logs (and moved last_cleaned_record) between the epoch bump and the lock
+            with self._queue_lock:
+                st = load_queues(self.path) or st
             done = st.last_cleaned_record
             # (without a queue file, the logs alone say where the prefix starts)
             logs = read_logs(self.path, start=done + 1 if loaded else None)  # I/O error: raises
@@ -243,7 +247,7 @@ class Writer:
             last = max(done, logs.last_record_id or 0)
             with self._queue_lock:
                 st = load_queues(self.path) or st
-                st.last_cleaned_record = last
+                st.last_cleaned_record = max(st.last_cleaned_record, last)
                 save_queues(self.path, st, sync=True)  # before any log is truncated
                 for lid in log_ids(self.path):
                     self._truncate_log(lid)

@@ -82,7 +82,7 @@ def read_state(r, keys: int) -> dict[int, int]:
     return state
 
 
-def reader_loop(path: str, keys: int, seconds: float, out) -> None:
+def reader_loop(path: str, keys: int, seconds: float, out, stop=None) -> None:
     """Read random keys until ``seconds`` pass; put (reads, errors) on ``out``.
 
     Checks each value is whole, from a record no newer than last_record_id read after it, and
@@ -94,7 +94,7 @@ def reader_loop(path: str, keys: int, seconds: float, out) -> None:
     try:
         r = mpwal.Reader(path)
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and len(errors) < 5:
+        while time.monotonic() < deadline and len(errors) < 5 and not (stop and stop.is_set()):
             batch = [rng.randrange(keys) for _ in range(32)]
             before = r.last_record_id
             vals = r.values(VALUE_TABLE, batch)

@@ -62,8 +62,8 @@ def test_sigkill_writer_at_random_points(db):
     rng = random.Random(1234)
     acked_total = 0
     last = 0
-    out = spawn.Queue()
-    reader = spawn.Process(target=reader_loop, args=(db, KEYS, 3600, out))  # stopped below
+    out, stop = spawn.Queue(), spawn.Event()
+    reader = spawn.Process(target=reader_loop, args=(db, KEYS, 3600, out, stop))
     with mpwal.Writer(db, TABLES):
         pass
     reader.start()
@@ -87,8 +87,12 @@ def test_sigkill_writer_at_random_points(db):
             acked_total += acked > last
             last = last_now
         assert last > POINTS  # the kills did not all come before any commit
+        stop.set()
+        reads, errors = out.get(timeout=60)  # it read on across every kill and replay
+        assert errors == [] and reads > 0, errors
     finally:
-        os.kill(reader.pid, signal.SIGKILL)
+        if reader.is_alive():
+            os.kill(reader.pid, signal.SIGKILL)
         reader.join()
 
 
