@@ -165,6 +165,8 @@ class Enactor:
         if head != self.current:
             self.current = head
             self.mem = self.handoff.pop(head, None) if self.handoff is not None else None
+            if not self.mem or self.mem[0][0] > self.enacted + 1:
+                self.mem = None  # none, or not the whole log after what was applied: the file
             if self.mem is None:
                 try:
                     self.data = fileio.read_file(log_path(self.path, head))

@@ -146,6 +146,7 @@ class Writer:
         self._ov: OverlayWriter | None = None
         # the enactor thread takes rotated logs' records from here instead of parsing the file
         self._handoff: dict | None = {} if enactor == "thread" else None
+        self._handing: list | None = None  # the appending log's list in _handoff
 
         self._open_dir()
         self._wlock = WriterLock(self.path)
@@ -432,9 +433,8 @@ class Writer:
                 log.error("publishing record %d failed (%r): the writer stops accepting commits",
                           rid, e)
                 raise
-            if self._handoff is not None and self._enactor_obj is not None \
-                    and self._enactor_obj.holding:
-                self._handoff.setdefault(self._app_id, []).append((rid, values, images, drops))
+            if self._handing is not None:
+                self._handing.append((rid, values, images, drops))
             if self._app_bytes >= self.log_size:
                 self._rotate()
         if self.durability == "commit":
@@ -491,6 +491,12 @@ class Writer:
         except OSError as e:
             raise self._fail(e, "opening a new log file") from None
         self._app_id, self._app_fd, self._app_bytes = lid, fd, 0
+        # hand a log's records to the enactor thread only if it holds enactor.lock when the log
+        # starts, and then all of them: a list must be the whole log (another enactor reads the
+        # file, and nothing piles up here)
+        self._handing = None
+        if self._handoff is not None and self._enactor_obj is not None and self._enactor_obj.holding:
+            self._handing = self._handoff[lid] = []
         self._queue = st
 
     def _chunk_now(self, table: int, chunk: int) -> bytes:

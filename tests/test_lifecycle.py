@@ -511,3 +511,28 @@ def test_enactor_that_cannot_start_leaves_the_directory_usable(db, monkeypatch):
     assert stale_segments(os.path.realpath(db)) == []
     with mpwal.Writer(db, TABLES):
         pass
+
+
+def test_handoff_is_whole_logs_only(db, monkeypatch):
+    """Records committed before the enactor thread holds its lock are not handed over for that
+    log (the enactor reads it from the file); a log handed over holds every one of its records."""
+    from mpwal.enactor import Enactor
+    real_run = Enactor.run
+    started = threading.Event()
+
+    def late_run(self):  # the thread takes enactor.lock only after the first commits
+        started.wait(10)
+        real_run(self)
+
+    monkeypatch.setattr(Enactor, "run", late_run)
+    with mpwal.Writer(db, TABLES, log_size=1 << 20, log_age=1000) as w:
+        commit_workload(w, 1, 20, 100, 5)
+        started.set()
+        wait_for(lambda: w._enactor_obj.holding)
+        commit_workload(w, 21, 40, 100, 5)  # same log, now with the lock held
+        w._rotate()
+        commit_workload(w, 41, 60, 100, 5)  # a new log, handed over whole
+        w._rotate()
+        wait_for(lambda: w.stats()["enacted"] == 60)
+        wait_for(lambda: w.stats()["overlay_entries"] == 0)
+        assert read_state(w, 100) == expected_state(60, 100, 5)
