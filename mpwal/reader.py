@@ -223,8 +223,11 @@ class Reader:
             return None
         return self._files.read_value(table, index)
 
-    def _value_retry(self, table: int, index: int) -> bytes | None:
-        """``value`` when the first try failed: private mode, a moved counter, a new segment."""
+    def _consistent(self, in_window, private):
+        """``in_window(seg, q)`` inside one sequence-lock window of the current segment, looked
+        up again until the counter did not move; ``private()`` when there is no live writer.
+        Every read but ``value()``'s first try comes here: superseded segments are followed,
+        and a counter that stays odd leads to the writer's liveness check, never to a spin."""
         if self._seg is None:
             self._private_fresh()
         spins = 0
@@ -232,18 +235,22 @@ class Reader:
         while True:
             seg = self._seg
             if seg is None:
-                return self._private_value(table, index)
+                return private()
             q = seg.q
             s = q[0]
             if s == SUPERSEDED:
                 self._recover()
                 continue
             if not s & 1:
-                data = self._lookup(seg, q, table, index)
+                out = in_window(seg, q)
                 if q[0] == s:
-                    return data
+                    return out
             spins += 1
             started = self._wait_stable(spins, started)
+
+    def _value_retry(self, table: int, index: int) -> bytes | None:
+        return self._consistent(lambda seg, q: self._lookup(seg, q, table, index),
+                                lambda: self._private_value(table, index))
 
     def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
         """``value`` for many indices of one table, in one consistent snapshot."""
@@ -259,90 +266,64 @@ class Reader:
         for i in indices:
             if type(i) is not int or not 0 <= i < limit:
                 self._check_value_key(table, i)
-        if self._seg is None:
-            self._private_fresh()
-            if self._seg is None:
-                return [self._private_value(table, i) for i in indices]
-        spins = 0
-        started = 0.0
+        return self._consistent(lambda seg, q: self._lookup_many(seg, q, table, indices),
+                                lambda: [self._private_value(table, i) for i in indices])
+
+    def _lookup_many(self, seg, q, table: int, indices: list) -> list:
+        """``_lookup`` of many indices, with find() inlined: the batch hot path."""
         tag = table + 1
         tbits = table << 47
         read_value = self._files.read_value
-        while True:
-            seg = self._seg
-            if seg is None:
-                return [self._private_value(table, i) for i in indices]
-            q = seg.q
-            s = q[0]
-            if s == SUPERSEDED:
-                self._recover()
-                continue
-            if not s & 1:
-                m = seg.m
-                shift = seg.shift
-                end = seg.slots_end
-                dropped = bool(q[NDROPS]) and table in seg.drops()
-                out = []
-                append = out.append
-                for index in indices:
-                    w = ((((index ^ tbits) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
-                    while True:
-                        tg = q[w + 1]
-                        if tg == tag and q[w] == index:
-                            loc = q[w + 3]
-                            stored = loc & 0xFFFFFFFF
-                            if stored:
-                                off = loc >> 32
-                                append(m[off:off + stored - 1])
-                            else:
-                                append(None)
-                            break
-                        if not tg:
-                            append(None if dropped else read_value(table, index))
-                            break
-                        w += SLOT_WORDS
-                        if w == end:
-                            w = HEADER_WORDS
-                if q[0] == s:
-                    return out
-            spins += 1
-            started = self._wait_stable(spins, started)
+        m = seg.m
+        shift = seg.shift
+        end = seg.slots_end
+        dropped = bool(q[NDROPS]) and table in seg.drops()
+        out = []
+        append = out.append
+        for index in indices:
+            w = ((((index ^ tbits) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
+            while True:
+                tg = q[w + 1]
+                if tg == tag and q[w] == index:
+                    loc = q[w + 3]
+                    stored = loc & 0xFFFFFFFF
+                    if stored:
+                        off = loc >> 32
+                        append(m[off:off + stored - 1])
+                    else:
+                        append(None)
+                    break
+                if not tg:
+                    append(None if dropped else read_value(table, index))
+                    break
+                w += SLOT_WORDS
+                if w == end:
+                    w = HEADER_WORDS
+        return out
 
     def index_chunk(self, table: int, chunk: int) -> bytes:
         """The 512 bytes of an index chunk (zeros where never written)."""
         if self._closed:
             raise ClosedError("this Reader is closed; open a new mpwal.Reader")
         check_key(self._catalog, table, chunk, "index")
-        if self._seg is None:
-            self._private_fresh()
-        spins = 0
-        started = 0.0
-        while True:
-            seg = self._seg
-            if seg is None:
-                data = self._private.get((table, chunk))
-                if data is not None:
-                    return data
-                if table in self._private_drops:
-                    return ZERO_CHUNK
-                return self._files.read_chunk(table, chunk)
-            q = seg.q
-            s = q[0]
-            if s == SUPERSEDED:
-                self._recover()
-                continue
-            if not s & 1:
-                got = seg.find(table, chunk)
-                if got is not None:
-                    data = got[1] or ZERO_CHUNK
-                elif q[NDROPS] and table in seg.drops():
-                    data = ZERO_CHUNK
-                else:
-                    data = self._files.read_chunk(table, chunk)
-                if q[0] == s:
-                    return data
-            spins += 1
-            started = self._wait_stable(spins, started)
+        return self._consistent(lambda seg, q: self._chunk_in(seg, q, table, chunk),
+                                lambda: self._private_chunk(table, chunk))
+
+    def _chunk_in(self, seg, q, table: int, chunk: int) -> bytes:
+        got = seg.find(table, chunk)
+        if got is not None:
+            return got[1] or ZERO_CHUNK
+        if q[NDROPS] and table in seg.drops():
+            return ZERO_CHUNK
+        return self._files.read_chunk(table, chunk)
+
+    def _private_chunk(self, table: int, chunk: int) -> bytes:
+        data = self._private.get((table, chunk))
+        if data is not None:
+            return data
+        if table in self._private_drops:
+            return ZERO_CHUNK
+        return self._files.read_chunk(table, chunk)
 
     def index_entry(self, table: int, chunk: int, entry: int) -> int:
         """One u64 entry (0..63) of an index chunk."""
@@ -367,21 +348,7 @@ class Reader:
         """The newest record id this reader can see."""
         if self._closed:
             raise ClosedError("this Reader is closed; open a new mpwal.Reader")
-        seg = self._seg
-        if seg is None:
-            self._private_fresh()
-            seg = self._seg
-            if seg is None:
-                return self._private_last
-        while True:
-            s = seg.q[0]
-            v = seg.q[COMMITTED]
-            if s == SUPERSEDED:
-                self._recover()
-                return self.last_record_id
-            if not s & 1 and seg.q[0] == s:
-                return v
-            time.sleep(0)
+        return self._consistent(lambda seg, q: q[COMMITTED], lambda: self._private_last)
 
     @property
     def mode(self) -> str:
