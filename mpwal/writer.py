@@ -148,6 +148,7 @@ class Writer:
         self._handoff: dict | None = {} if enactor == "thread" else None
         self._handing: list | None = None  # the appending log's list in _handoff
 
+        self._files: TableFiles | None = None
         self._open_dir()
         self._wlock = WriterLock(self.path)
         try:
@@ -155,21 +156,17 @@ class Writer:
             self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
             self._queue_lock = file_lock(self.path, QUEUE_LOCK)
             self._replay(overlay_slots, overlay_bytes)
-        except BaseException:
+            self._start_enactor()
+        except BaseException:  # leave no lock, descriptor or segment behind
             if self._ov is not None:
                 self._ov.retire(CLOSED)
+            if self._files is not None:
+                self._files.close()
             self._wlock.release()
             raise
         self._stop = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="mpwal-housekeeping",
                                              daemon=True)
-        try:
-            self._start_enactor()
-        except OSError as e:
-            self._ov.retire(CLOSED)
-            self._files.close()
-            self._wlock.release()
-            raise storage_error(e, "starting the enactor") from None
         _live_writers.add(self)
         self._housekeeper.start()
 
@@ -704,8 +701,8 @@ class Writer:
                         fileio.sync_dir(self.path)
                     for fd in fds:
                         fileio.fdatasync(fd)
-                    if not self.sync_data:
-                        self._sync_tables()
+                    if not self.sync_data:  # the enactor may have written them without it
+                        self._files.sync(everything=True)
                 except OSError as e:
                     with self._lock:
                         raise self._fail(e, "syncing the log") from None
@@ -723,15 +720,6 @@ class Writer:
                     self._syncing = False
                     self._sync_cond.notify_all()
                 raise
-
-    def _sync_tables(self) -> None:
-        """fsync every table file (the enactor may have written them without it)."""
-        for t in self._catalog.values():
-            fd = os.open(os.path.join(self.path, t.file_name), os.O_RDONLY)
-            try:
-                fileio.fsync(fd)
-            finally:
-                os.close(fd)
 
     # -- background work ---------------------------------------------------------------------
     def _housekeeping(self) -> None:
@@ -752,6 +740,7 @@ class Writer:
                 log.exception("mpwal housekeeping")
 
     def _start_enactor(self) -> None:
+        self._enactor_started = time.monotonic()  # also when it fails: retried 0.2 s later
         self._enactor_stop = threading.Event()
         if self.enactor_mode == "thread":
             e = Enactor(self.path, self._enactor_stop)
@@ -766,10 +755,12 @@ class Writer:
             env = dict(os.environ)  # the child imports this very mpwal, installed or not
             here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-            self._enactor_proc = subprocess.Popen(
-                [sys.executable, "-c", code, self.path, str(os.getpid())],
-                stdin=subprocess.DEVNULL, close_fds=True, env=env)
-        self._enactor_started = time.monotonic()
+            try:
+                self._enactor_proc = subprocess.Popen(
+                    [sys.executable, "-c", code, self.path, str(os.getpid())],
+                    stdin=subprocess.DEVNULL, close_fds=True, env=env)
+            except OSError as e:
+                raise storage_error(e, "starting the enactor process") from None
 
     def _run_enactor_thread(self, e: Enactor) -> None:
         try:
@@ -788,7 +779,10 @@ class Writer:
                 self._enactor_errors.append(f"enactor process exited with {self._enactor_proc.returncode}")
             self._enactor_restarts += 1
             log.warning("restarting the enactor of %s", self.path)
-            self._start_enactor()
+            try:
+                self._start_enactor()
+            except StorageError as e:  # tried again at the next check
+                self._enactor_errors.append(str(e))
 
     def _stop_enactor(self) -> None:
         self._enactor_stop.set()
