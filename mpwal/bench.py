@@ -404,6 +404,33 @@ def _writer_proc(system: str, db: str, nkeys: int, ready, ok, stop, count, out) 
         ready.set()
 
 
+def sqlite_getters(conn: sqlite3.Connection):
+    """(get one key, get a batch of 100 keys) on the ``kv`` table."""
+    one = "SELECT v FROM kv WHERE k = ?"
+    many = "SELECT k, v FROM kv WHERE k IN (" + ",".join("?" * 100) + ")"
+
+    def get(k):
+        row = conn.execute(one, (k,)).fetchone()
+        return row[0] if row else None
+
+    def get_many(ks):
+        found = dict(conn.execute(many, ks).fetchall())
+        return [found.get(k) for k in ks]
+    return get, get_many
+
+
+def lmdb_getters(env):
+    """(get one key, get a batch) in a read transaction per call."""
+    def get(k):
+        with env.begin() as txn:
+            return txn.get(lkey(k))
+
+    def get_many(ks):
+        with env.begin() as txn:
+            return [txn.get(lkey(k)) for k in ks]
+    return get, get_many
+
+
 def _reader_proc(system: str, db: str, nkeys: int, seconds: float, seed: int, db_ready, rounds,
                  out) -> None:
     """Once ``db_ready`` is set, open the store and say so on ``out``; then, for each event of
@@ -425,27 +452,11 @@ def _reader_proc(system: str, db: str, nkeys: int, seconds: float, seed: int, db
         elif system == "sqlite":
             conn = sqlite3.connect(db, isolation_level=None)
             conn.execute("PRAGMA busy_timeout=30000")
-            one = "SELECT v FROM kv WHERE k = ?"
-            many = "SELECT k, v FROM kv WHERE k IN (" + ",".join("?" * 100) + ")"
-
-            def get(k):
-                row = conn.execute(one, (k,)).fetchone()
-                return row[0] if row else None
-
-            def get_many(ks):
-                found = dict(conn.execute(many, ks).fetchall())
-                return [found.get(k) for k in ks]
+            get, get_many = sqlite_getters(conn)
             close = conn.close
         else:
             env = open_lmdb(db, sync=False, readonly=True)
-
-            def get(k):
-                with env.begin() as txn:
-                    return txn.get(lkey(k))
-
-            def get_many(ks):
-                with env.begin() as txn:
-                    return [txn.get(lkey(k)) for k in ks]
+            get, get_many = lmdb_getters(env)
             close = env.close
         try:
             out.put(("ready", seed))
@@ -605,13 +616,7 @@ def lookups_sqlite(tmp: str, z: Sizes) -> dict:
     try:
         for k0 in range(0, len(keys), 1000):
             sqlite_put(conn, [(k, val(k)) for k in keys[k0:k0 + 1000]])
-        one = "SELECT v FROM kv WHERE k = ?"
-        many = "SELECT k, v FROM kv WHERE k IN (" + ",".join("?" * 100) + ")"
-
-        def get_many(ks):
-            found = dict(conn.execute(many, ks).fetchall())
-            return [found.get(k) for k in ks]
-        return _idle_lookups(lambda k: conn.execute(one, (k,)).fetchone(), get_many, keys, z.read_s)
+        return _idle_lookups(*sqlite_getters(conn), keys, z.read_s)
     finally:
         conn.close()
 
@@ -622,15 +627,7 @@ def lookups_lmdb(tmp: str, z: Sizes) -> dict:
     try:
         for k0 in range(0, len(keys), 1000):
             lmdb_put(env, [(lkey(k), val(k)) for k in keys[k0:k0 + 1000]])
-
-        def get(k):
-            with env.begin() as txn:
-                return txn.get(lkey(k))
-
-        def get_many(ks):
-            with env.begin() as txn:
-                return [txn.get(lkey(k)) for k in ks]
-        return _idle_lookups(get, get_many, keys, z.read_s)
+        return _idle_lookups(*lmdb_getters(env), keys, z.read_s)
     finally:
         env.close()
 
