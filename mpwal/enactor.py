@@ -159,7 +159,6 @@ class Enactor:
             self._clean()
             return True
         if not st.read:
-            self._publish(self.enacted)
             return False
         head = st.read[0]
         if head != self.current:
