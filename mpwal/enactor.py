@@ -32,7 +32,8 @@ import posix_ipc
 
 from . import fileio
 from .errors import CorruptionError, StorageError, storage_error
-from .format import DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan, entries_of
+from .format import (BEGIN_SIZE, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan, entries_of,
+                     first_record_id)
 from .overlay import ENACTED, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
 from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, file_lock, load_queues, log_path,
                      save_queues)
@@ -68,6 +69,39 @@ class _Progress:
         self.m.close()
 
 
+class Handoff:
+    """Records a writer hands to its enactor thread in memory, so that thread need not read and
+    parse the logs it rotated: ``(record_id, values, chunk images, drops)`` per record.
+
+    A list is keyed by the id of the first record of its log, never by the log's id: the pool
+    reuses log ids, and a list left by an earlier use of the same id (another enactor enacted
+    that log from its file) must never pass for the log's current records. Record ids are not
+    reused within one writer's life, which is as long as a Handoff lives.
+    """
+
+    def __init__(self) -> None:
+        self._lists: dict[int, list] = {}
+        self._lock = threading.Lock()
+
+    def start_log(self, first_record_id: int) -> list:
+        """The list the writer fills with the records of a log it starts at ``first_record_id``."""
+        with self._lock:
+            lst: list = []
+            self._lists[first_record_id] = lst
+            return lst
+
+    def take(self, first_record_id: int) -> list | None:
+        """The list of the log that starts at ``first_record_id``, if the writer made one. Lists
+        of logs that start earlier were enacted by another enactor: they are dropped."""
+        with self._lock:
+            for k in [k for k in self._lists if k < first_record_id]:
+                del self._lists[k]
+            return self._lists.pop(first_record_id, None)
+
+    def __len__(self) -> int:
+        return len(self._lists)
+
+
 class _NewWriter(Exception):
     """A new writer opened (the queue epoch moved): let go of the enactor lock for its replay."""
 
@@ -92,9 +126,8 @@ class Enactor:
         self.error: BaseException | None = None
         self.detach_on_new_writer = True
         self.holding = False  # holds enactor.lock: a writer may hand it records in memory
-        # log id -> [(record_id, values, chunk images, drops)], filled by a Writer whose thread
-        # this is; a log missing from it is read from its file
-        self.handoff: dict | None = None
+        # filled by the Writer whose thread this is; a log missing from it is read from its file
+        self.handoff: Handoff | None = None
         self.mem: list | None = None
         self._slot_structs: dict[int, struct.Struct] = {}
 
@@ -163,7 +196,7 @@ class Enactor:
         head = st.read[0]
         if head != self.current:
             self.current = head
-            self.mem = self.handoff.pop(head, None) if self.handoff is not None else None
+            self.mem = self._handed_over(head)
             if not self.mem or self.mem[0][0] > self.enacted + 1:
                 self.mem = None  # none, or not the whole log after what was applied: the file
             if self.mem is None:
@@ -203,6 +236,20 @@ class Enactor:
                                   f"({scan.problem}); reopen the writer to replay")
         self._finish_log(head, st.epoch)
         return True
+
+    def _handed_over(self, head: int) -> list | None:
+        """The head log's records from the writer's Handoff, if it made a list for this log."""
+        if self.handoff is None:
+            return None
+        try:
+            fd = os.open(log_path(self.path, head), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            first = first_record_id(os.pread(fd, BEGIN_SIZE, 0))
+        finally:
+            os.close(fd)
+        return None if first is None else self.handoff.take(first)
 
     def _step_in_memory(self, head: int, epoch: int) -> bool:
         """The head log's records as the writer handed them over (enactor thread): no file to

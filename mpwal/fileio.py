@@ -126,10 +126,35 @@ def rename(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
+def create(path: str, flags: int = os.O_RDWR) -> int:
+    """Open ``path``, creating it with mode 0600 if it is missing, owned as its directory is.
+
+    The owner of a database directory must never be locked out of it by another user's open:
+    root (the only other user who can open files of mode 0600) gives every file it creates in
+    someone else's directory to that directory's owner and group. Returns the descriptor."""
+    fd = os.open(path, flags | os.O_CREAT, 0o600)
+    try:
+        give_to_dir_owner(fd, os.path.dirname(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def give_to_dir_owner(fd: int, directory: str) -> None:
+    """fchown ``fd`` to ``directory``'s owner and group when this process is root and the
+    directory belongs to another user (see ``create``); otherwise do nothing."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(directory or ".")
+    if st.st_uid != 0:
+        os.fchown(fd, st.st_uid, st.st_gid)
+
+
 def write_file_atomic(path: str, data: bytes, sync: bool = False) -> None:
     """Replace ``path`` with ``data`` by writing a temporary file and renaming it over."""
     tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = create(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         try:
             write_all(fd, data)

@@ -53,12 +53,15 @@ The hash is Fibonacci hashing of ``index ^ (table << 47)``: the top ``log2(nslot
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import mmap
 import os
+from typing import Iterator
 
 import posix_ipc
 
+from . import fileio
 from .errors import StorageError
 
 MAGIC = 0x4C41_5750_4D00_0001  # "\x01\0MPWAL" little-endian
@@ -232,9 +235,13 @@ class OverlayWriter(_Segment):
             raise StorageError(28, f"cannot create shared memory {name} of {size} bytes ({e}): "
                                    "free space in /dev/shm or lower overlay_bytes") from None
         try:
+            fileio.give_to_dir_owner(shm.fd, realpath)  # the owner's readers must map it
             m = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             shm.close_fd()
+            unlink_segment(name)
+            raise
+        shm.close_fd()
         q = memoryview(m).cast("Q")
         q[NSLOTS] = nslots
         q[HEAP_BYTES] = heap_bytes
@@ -265,6 +272,19 @@ class OverlayWriter(_Segment):
         q[ENTRIES] = len(self.where)
         q[HEAP_USED] = self.used
         q[SEQ] += 1
+
+    @contextlib.contextmanager
+    def window(self) -> Iterator["OverlayWriter"]:
+        """One sequence-lock window, all or nothing: an exception inside it (a failure, or a
+        KeyboardInterrupt at any point) leaves the counter odd and retires the generation, so
+        no reader ever sees a window half done; readers then read the logs and tables."""
+        self.begin()
+        try:
+            yield self
+        except BaseException:
+            self.retire(CLOSED)
+            raise
+        self.end()
 
     # -- the ring ----------------------------------------------------------------------------
     def room_for(self, new_entries: int, nbytes: int) -> bool:

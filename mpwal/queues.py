@@ -60,7 +60,7 @@ class WriterLock:
     def __init__(self, path: str):
         self.file = os.path.join(path, WRITER_LOCK)
         try:
-            self.fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o600)
+            self.fd = fileio.create(self.file)
         except OSError as e:
             raise storage_error(e, f"opening {self.file}") from None
         try:
@@ -95,7 +95,14 @@ def writer_alive(path: str) -> bool:
 
 def file_lock(path: str, name: str) -> filelock.BaseFileLock:
     """A cross-process lock on ``path/name`` whose file stays in place after release (filelock
-    4 also lets go of it in a forked child, so a child cannot keep it past its parent)."""
+    4 also lets go of it in a forked child, so a child cannot keep it past its parent). The
+    file is made here first, so that it belongs to the directory's owner (``fileio.create``)."""
+    lock_file = os.path.join(path, name)
+    if not os.path.exists(lock_file):
+        try:
+            os.close(fileio.create(lock_file))
+        except OSError as e:
+            raise storage_error(e, f"creating {lock_file}") from None
     return filelock.FileLock(os.path.join(path, name), mode=0o600, thread_local=False,
                              preserve_lock_file=True)
 

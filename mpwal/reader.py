@@ -11,8 +11,11 @@ Two modes:
 
 * **shared memory** while a writer is alive: the segment named by the queue file's generation.
   A segment marked superseded names its successor (the overlay grew, or a new writer replaced a
-  killed one); a counter that stays odd for more than ~50 ms makes the reader ask whether the
-  writer is alive (its ``writer.lock``) instead of spinning on.
+  killed one). A counter that stays odd for more than ``STUCK_SECONDS`` (a writer stopped or
+  killed inside a window) makes the reader ask whether the writer is alive (its
+  ``writer.lock``), and if it is, answer that call from the logs and tables as private mode
+  does, instead of waiting for it: every record the writer is publishing is in the log already
+  (invariant 1), so that answer is at least as new as anything the segment showed.
 * **private** when there is no live writer: the reader reads the logs' longest valid prefix into
   its own memory (as replay would apply it) over the table files. It checks the queue file's
   identity on each lookup, so it moves to shared memory as soon as a writer publishes one.
@@ -34,7 +37,54 @@ from .queues import QUEUE_FILE, load_queues, writer_alive
 from .tables import TableFiles, check_key, load_catalog
 
 ZERO_CHUNK = bytes(CHUNK_BYTES)
-STUCK_SECONDS = 0.05
+STUCK_SECONDS = 0.02
+
+
+class _LogView:
+    """The committed records of the logs' longest valid prefix, as replay would apply them over
+    the table files: private mode's whole state, and a stuck reader's answer."""
+
+    def __init__(self, files: TableFiles, logs, done: int, stamp):
+        self.files = files
+        self.stamp = stamp  # the queue file's identity when the logs were read
+        self.last = max(done, logs.last_record_id or 0)
+        data: dict = {}
+        drops: set[int] = set()
+        for rec in logs.records():
+            for op in rec.ops:
+                if op.kind == DROP_TABLE:
+                    drops.add(op.table)
+                    for key in [k for k in data if k[0] == op.table]:
+                        del data[key]
+                elif op.kind == INSERT_INDEX:
+                    key = (op.table, op.key)
+                    base = data.get(key)
+                    if base is None:
+                        base = ZERO_CHUNK if op.table in drops else files.read_chunk(*key)
+                    chunk = bytearray(base)
+                    for e, v in entries_of(op.mask, op.data):
+                        chunk[e * 8:e * 8 + 8] = v.to_bytes(8, "little")
+                    data[key] = bytes(chunk)
+                else:
+                    data[(op.table, op.key)] = op.data
+        self.data = data
+        self.drops = drops
+
+    def value(self, table: int, index: int) -> bytes | None:
+        key = (table, index)
+        if key in self.data:
+            return self.data[key]
+        if table in self.drops:
+            return None
+        return self.files.read_value(table, index)
+
+    def chunk(self, table: int, chunk: int) -> bytes:
+        data = self.data.get((table, chunk))
+        if data is not None:
+            return data
+        if table in self.drops:
+            return ZERO_CHUNK
+        return self.files.read_chunk(table, chunk)
 
 
 class Reader:
@@ -45,6 +95,8 @@ class Reader:
             raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
         self.path = os.path.realpath(os.fspath(path))
         if not os.path.isdir(self.path):
+            if os.path.exists(self.path):
+                raise DatabaseError(f"{self.path} is not a directory; give a database directory")
             raise DatabaseError(f"{self.path} does not exist; open a Writer on it first")
         self._catalog = load_catalog(self.path)
         self._limits: dict[int, int] = {}  # value table -> max index, for the hot path's check
@@ -52,10 +104,8 @@ class Reader:
         self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
         self._queue_file = os.path.join(self.path, QUEUE_FILE)
         self._seg: OverlayReader | None = None
-        self._private: dict | None = None  # (table, key) -> data, in private mode
-        self._private_drops: set[int] = set()
-        self._private_last = 0
-        self._private_stamp = None
+        self._private: _LogView | None = None  # in private mode
+        self._stuck: tuple | None = None  # (segment, odd counter, _LogView) of a stuck window
         self._closed = False
         self.recoveries = 0  # times this reader moved segment or mode
         self._attach()
@@ -107,41 +157,40 @@ class Reader:
         except FileNotFoundError:
             return None
 
-    def _build_private(self, stamp) -> bool:
-        """Read the logs' valid prefix into memory; False if the queues changed meanwhile."""
+    def _read_view(self, stamp) -> _LogView | None:
+        """The logs' valid prefix over the tables; None if the queues changed meanwhile."""
         self._refresh_catalog()
         st = load_queues(self.path)
         done = st.last_cleaned_record if st else 0  # records the tables already hold
         logs = read_logs(self.path, start=done + 1 if st else None)
         if self._stamp() != stamp:
+            return None
+        return _LogView(self._files, logs, done, stamp)
+
+    def _build_private(self, stamp) -> bool:
+        """Enter private mode; False if the queues changed while the logs were read."""
+        view = self._read_view(stamp)
+        if view is None:
             return False
-        data: dict = {}
-        drops: set[int] = set()
-        for rec in logs.records():
-            for op in rec.ops:
-                if op.kind == DROP_TABLE:
-                    drops.add(op.table)
-                    for key in [k for k in data if k[0] == op.table]:
-                        del data[key]
-                elif op.kind == INSERT_INDEX:
-                    key = (op.table, op.key)
-                    base = data.get(key)
-                    if base is None:
-                        base = ZERO_CHUNK if op.table in drops else self._files.read_chunk(*key)
-                    chunk = bytearray(base)
-                    for e, v in entries_of(op.mask, op.data):
-                        chunk[e * 8:e * 8 + 8] = v.to_bytes(8, "little")
-                    data[key] = bytes(chunk)
-                else:
-                    data[(op.table, op.key)] = op.data
         if self._seg is not None:
             self._seg.release()
             self._seg = None
-        self._private_last = max(done, logs.last_record_id or 0)
-        self._private = data
-        self._private_drops = drops
-        self._private_stamp = stamp
+        self._private = view
         return True
+
+    def _stuck_view(self, seg, s: int) -> _LogView | None:
+        """The logs and tables, for a call that found ``seg``'s counter odd (``s``) for long
+        while its writer lives. Kept while the counter stays at ``s`` (the writer did not move
+        on, so neither did the logs it publishes); None if the queues kept changing."""
+        got = self._stuck
+        if got is not None and got[0] is seg and got[1] == s and got[2].stamp == self._stamp():
+            return got[2]
+        for _ in range(10):
+            view = self._read_view(self._stamp())
+            if view is not None:
+                self._stuck = (seg, s, view)
+                return view
+        return None
 
     def _recover(self) -> None:
         """The segment was superseded, closed, or its writer died: find what to read now."""
@@ -158,23 +207,8 @@ class Reader:
                 pass
         self._attach()
 
-    def _wait_stable(self, spins: int, started: float) -> float:
-        """Called while the counter is odd: yield, and after a while check the writer lives."""
-        if spins < 64:
-            return started
-        now = time.monotonic()
-        if not started:
-            return now
-        if now - started > STUCK_SECONDS:
-            if self._seg.q[0] == SUPERSEDED or not writer_alive(self.path):
-                self._recover()
-                return 0.0
-            return now
-        time.sleep(0)
-        return started
-
     def _private_fresh(self) -> None:
-        if self._stamp() != self._private_stamp:
+        if self._private is None or self._stamp() != self._private.stamp:
             self._attach()
 
     # -- lookups -----------------------------------------------------------------------------
@@ -223,19 +257,20 @@ class Reader:
             return None
         return self._files.read_value(table, index)
 
-    def _consistent(self, in_window, private):
+    def _consistent(self, in_window, from_logs):
         """``in_window(seg, q)`` inside one sequence-lock window of the current segment, looked
-        up again until the counter did not move; ``private()`` when there is no live writer.
-        Every read but ``value()``'s first try comes here: superseded segments are followed,
-        and a counter that stays odd leads to the writer's liveness check, never to a spin."""
+        up again until the counter did not move; ``from_logs(view)`` on a ``_LogView`` when
+        there is no live writer (private mode) or the counter stays odd for long (a stopped or
+        killed writer). Every read but ``value()``'s first try comes here: superseded segments
+        are followed, and no call waits for the writer."""
         if self._seg is None:
             self._private_fresh()
         spins = 0
-        started = 0.0
+        odd, since = 0, 0.0  # an odd counter seen after many spins, and since when
         while True:
             seg = self._seg
             if seg is None:
-                return private()
+                return from_logs(self._private)
             q = seg.q
             s = q[0]
             if s == SUPERSEDED:
@@ -245,12 +280,26 @@ class Reader:
                 out = in_window(seg, q)
                 if q[0] == s:
                     return out
+                continue
             spins += 1
-            started = self._wait_stable(spins, started)
+            if spins < 64:
+                continue
+            now = time.monotonic()
+            if s != odd:
+                odd, since = s, now
+            elif now - since > STUCK_SECONDS:  # the same window open all this time
+                if not writer_alive(self.path):
+                    self._recover()
+                    spins = odd = 0
+                    continue
+                view = self._stuck_view(seg, s)
+                if view is not None:
+                    return from_logs(view)
+            time.sleep(0)
 
     def _value_retry(self, table: int, index: int) -> bytes | None:
         return self._consistent(lambda seg, q: self._lookup(seg, q, table, index),
-                                lambda: self._private_value(table, index))
+                                lambda view: view.value(table, index))
 
     def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
         """``value`` for many indices of one table, in one consistent snapshot."""
@@ -267,7 +316,7 @@ class Reader:
             if type(i) is not int or not 0 <= i < limit:
                 self._check_value_key(table, i)
         return self._consistent(lambda seg, q: self._lookup_many(seg, q, table, indices),
-                                lambda: [self._private_value(table, i) for i in indices])
+                                lambda view: [view.value(table, i) for i in indices])
 
     def _lookup_many(self, seg, q, table: int, indices: list) -> list:
         """``_lookup`` of many indices, with find() inlined: the batch hot path."""
@@ -307,21 +356,13 @@ class Reader:
             raise ClosedError("this Reader is closed; open a new mpwal.Reader")
         check_key(self._catalog, table, chunk, "index")
         return self._consistent(lambda seg, q: self._chunk_in(seg, q, table, chunk),
-                                lambda: self._private_chunk(table, chunk))
+                                lambda view: view.chunk(table, chunk))
 
     def _chunk_in(self, seg, q, table: int, chunk: int) -> bytes:
         got = seg.find(table, chunk)
         if got is not None:
             return got[1] or ZERO_CHUNK
         if q[NDROPS] and table in seg.drops():
-            return ZERO_CHUNK
-        return self._files.read_chunk(table, chunk)
-
-    def _private_chunk(self, table: int, chunk: int) -> bytes:
-        data = self._private.get((table, chunk))
-        if data is not None:
-            return data
-        if table in self._private_drops:
             return ZERO_CHUNK
         return self._files.read_chunk(table, chunk)
 
@@ -334,21 +375,13 @@ class Reader:
         data = self.index_chunk(table, chunk)
         return int.from_bytes(data[entry * 8:entry * 8 + 8], "little")
 
-    def _private_value(self, table: int, index: int) -> bytes | None:
-        key = (table, index)
-        if key in self._private:
-            return self._private[key]
-        if table in self._private_drops:
-            return None
-        return self._files.read_value(table, index)
-
     # -- state -------------------------------------------------------------------------------
     @property
     def last_record_id(self) -> int:
         """The newest record id this reader can see."""
         if self._closed:
             raise ClosedError("this Reader is closed; open a new mpwal.Reader")
-        return self._consistent(lambda seg, q: q[COMMITTED], lambda: self._private_last)
+        return self._consistent(lambda seg, q: q[COMMITTED], lambda view: view.last)
 
     @property
     def mode(self) -> str:
@@ -374,7 +407,7 @@ class Reader:
                        overlay_entries=q[ENTRIES], overlay_bytes=q[HEAP_USED],
                        overlay_capacity_entries=q[NSLOTS] // 2, overlay_capacity_bytes=q[HEAP_BYTES])
         else:
-            out.update(private_entries=len(self._private or ()))
+            out.update(private_entries=len(self._private.data) if self._private else 0)
         return out
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from .errors import ArgumentRangeError, ArgumentTypeError, ClosedError, ValueTooLargeError
 from .format import CHUNK_ENTRIES
+from .overlay import MAX_DROPS
 from .tables import check_key
 
 if TYPE_CHECKING:
@@ -104,6 +105,10 @@ class Record:
         if table not in self._w._catalog:
             check_key(self._w._catalog, table, 0, "value")  # raises the right error
         if table not in self._drops:
+            if len(self._drops) >= MAX_DROPS:
+                raise ArgumentRangeError(
+                    f"one record can drop at most {MAX_DROPS} tables; drop the others in a "
+                    "following record")
             self._drops.append(table)
         for key in [k for k in self._values if k[0] == table]:
             del self._values[key]

@@ -15,11 +15,19 @@ Table files, created empty when the table is defined so readers can open them at
   ``slot_size`` bytes. ``stored == 0`` is an empty slot, otherwise the value is the first
   ``stored - 1`` bytes. Past the end of the file every slot is empty.
 
+Every table file is at most ``MAX_TABLE_BYTES`` (1 TiB): each table's highest index follows
+from it (``max_key``: 2**31 chunks for an index table, ``2**40 // (4 + slot_size)`` slots for a
+value table), and a change past it is refused when it is made. The bound keeps every offset
+inside what common file systems allow (ext4 stops at 16 TiB), so no accepted record can fail to
+enact and leave the directory unopenable.
+
 Table files never shrink: dropping a table punches a hole over the whole file (it keeps its
 size and reads as zeros: every slot empty, every chunk zero) rather than truncating or
 deleting it. Readers map table files read-only (a read is a slice, not a system call), and a
 mapped file that shrank would kill them with SIGBUS; an open handle also keeps reading the
-table's real contents. A file that grew is mapped again.
+table's real contents. A file that grew is mapped again. A mapping covers at most the first
+``MAP_WINDOW`` bytes of a file (a sparse file's apparent size can be far more than the address
+space can map); slots past it, or of a file that cannot be mapped, are read with ``pread``.
 """
 
 from __future__ import annotations
@@ -31,13 +39,15 @@ import struct
 from dataclasses import dataclass
 
 from . import fileio
-from .errors import ArgumentRangeError, DatabaseError, StorageError, TableError, storage_error
+from .errors import (ArgumentRangeError, ArgumentTypeError, DatabaseError, StorageError, TableError,
+                     storage_error)
 from .format import CHUNK_BYTES
 
 FORMAT_VERSION = 1
 META_FILE = "mpwal.meta"
 MAX_TABLE_ID = 0xFFFF
-MAX_OFFSET = 1 << 62  # keeps every file offset a valid off_t
+MAX_TABLE_BYTES = 1 << 40  # the largest a table file may grow: see the module comment
+MAP_WINDOW = 1 << 32  # readers map at most this much of a table file
 ZERO_CHUNK = bytes(CHUNK_BYTES)
 _U32 = struct.Struct("<I")
 
@@ -61,7 +71,11 @@ class IndexTable:
 
     @property
     def max_key(self) -> int:
-        return MAX_OFFSET // CHUNK_BYTES
+        """Chunks 0..max_key-1 exist: a table file is at most MAX_TABLE_BYTES."""
+        return MAX_TABLE_BYTES // CHUNK_BYTES
+
+    def capacity(self) -> str:
+        return f"index table {self.id} holds at most {self.max_key} chunks of {CHUNK_BYTES} bytes"
 
 
 @dataclass(frozen=True)
@@ -92,7 +106,11 @@ class ValueTable:
 
     @property
     def max_key(self) -> int:
-        return MAX_OFFSET // self.stride
+        """Slots 0..max_key-1 exist: a table file is at most MAX_TABLE_BYTES."""
+        return MAX_TABLE_BYTES // self.stride
+
+    def capacity(self) -> str:
+        return f"value table {self.id} holds at most {self.max_key} slots of {self.slot_size} bytes"
 
 
 Table = IndexTable | ValueTable
@@ -166,7 +184,7 @@ def merge_catalog(path: str, wanted) -> dict[int, Table]:
         for t in merged.values():  # table files first, so a reader never meets a table without one
             fp = os.path.join(path, t.file_name)
             try:
-                os.close(os.open(fp, os.O_RDWR | os.O_CREAT, 0o600))
+                os.close(fileio.create(fp))
             except OSError as e:
                 raise storage_error(e, f"creating {fp}") from None
         doc = {"mpwal": FORMAT_VERSION, "tables": [t.describe() for t in sorted(merged.values(), key=lambda t: t.id)]}
@@ -187,6 +205,7 @@ class TableFiles:
         self.mapped = mapped  # read through read-only mappings (readers), else pread
         self._fds: dict[int, int] = {}
         self._maps: dict[int, mmap.mmap | None] = {}
+        self._unmappable: set[int] = set()  # tables whose file could not be mapped
         self.dirty: set[int] = set()
 
     def fd(self, tid: int) -> int:
@@ -202,39 +221,60 @@ class TableFiles:
         return fd
 
     def _map(self, tid: int, end: int):
-        """The mapping of a table file, mapped again if the file grew to cover ``end``."""
+        """The mapping of a table file, mapped again if the file grew towards ``end``. It covers
+        at most MAP_WINDOW bytes, and may be None (an empty file, or one that cannot be mapped):
+        callers read what it does not cover with pread."""
         m = self._maps.get(tid)
-        if m is not None and len(m) >= end:
+        if m is not None and (len(m) >= end or len(m) == MAP_WINDOW):
             return m
+        if tid in self._unmappable:
+            return None
         fd = self.fd(tid)
         try:
-            size = os.fstat(fd).st_size
-            new = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) \
-                if size and (m is None or size > len(m)) else None
-        except (OSError, ValueError) as e:
-            raise storage_error(e if isinstance(e, OSError) else OSError(12, str(e)),
-                                f"mapping table file {self.catalog[tid].file_name}") from None
-        if new is not None:
+            size = min(os.fstat(fd).st_size, MAP_WINDOW)
+        except OSError as e:
+            raise storage_error(e, f"reading table file {self.catalog[tid].file_name}") from None
+        if not size or (m is not None and size <= len(m)):
+            return m
+        try:
+            new = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError):
+            self._unmappable.add(tid)  # no address space for it: pread from now on
             if m is not None:
                 m.close()
-            self._maps[tid] = m = new
-        return m
+            self._maps[tid] = None
+            return None
+        if m is not None:
+            m.close()
+        self._maps[tid] = new
+        return new
+
+    def _past_end(self, tid: int, m, off: int) -> bool:
+        """Whether ``off`` lies past the end of the file as ``_map`` just saw it (a mapping
+        shorter than MAP_WINDOW covers the whole file; None is an empty one)."""
+        if tid in self._unmappable:
+            return False
+        return off >= (len(m) if m is not None else 0) and (m is None or len(m) < MAP_WINDOW)
 
     def read_value(self, tid: int, index: int) -> bytes | None:
         t = self.catalog[tid]
+        stride = t.stride
+        off = index * stride
         if self.mapped:
-            stride = t.stride
-            off = index * stride
             m = self._maps.get(tid)
             if m is None or off + stride > len(m):
                 m = self._map(tid, off + stride)
-                if m is None or off + 4 > len(m):
-                    return None  # past the end of the file: never written
-            stored = _U32.unpack_from(m, off)[0]
-            if not stored or stored > stride - 3:
-                return None
-            return m[off + 4:off + 3 + stored]
-        raw = os.pread(self.fd(tid), t.stride, index * t.stride)
+            if m is not None and off + stride <= len(m):
+                stored = _U32.unpack_from(m, off)[0]
+                if not stored or stored > stride - 3:
+                    return None
+                return m[off + 4:off + 3 + stored]
+            if self._past_end(tid, m, off):
+                return None  # never written
+        try:
+            raw = os.pread(self.fd(tid), stride, off)
+        except OSError as e:
+            raise storage_error(e, f"reading table file {t.file_name}") from None
         if len(raw) < 4:
             return None
         stored = _U32.unpack_from(raw)[0]
@@ -243,12 +283,19 @@ class TableFiles:
         return raw[4:3 + stored] if stored - 1 <= len(raw) - 4 else None
 
     def read_chunk(self, tid: int, chunk: int) -> bytes:
+        off = chunk * CHUNK_BYTES
         if self.mapped:
-            off = chunk * CHUNK_BYTES
-            m = self._map(tid, off + CHUNK_BYTES)
-            raw = m[off:off + CHUNK_BYTES] if m is not None else b""
-            return raw if len(raw) == CHUNK_BYTES else raw + ZERO_CHUNK[len(raw):]
-        raw = os.pread(self.fd(tid), CHUNK_BYTES, chunk * CHUNK_BYTES)
+            m = self._maps.get(tid)
+            if m is None or off + CHUNK_BYTES > len(m):
+                m = self._map(tid, off + CHUNK_BYTES)
+            if m is not None and off + CHUNK_BYTES <= len(m):
+                return m[off:off + CHUNK_BYTES]
+            if self._past_end(tid, m, off):
+                return ZERO_CHUNK
+        try:
+            raw = os.pread(self.fd(tid), CHUNK_BYTES, off)
+        except OSError as e:
+            raise storage_error(e, f"reading table file {self.catalog[tid].file_name}") from None
         return raw if len(raw) == CHUNK_BYTES else raw + ZERO_CHUNK[len(raw):]
 
     def write_value(self, tid: int, index: int, data: bytes | None) -> None:
@@ -297,11 +344,12 @@ def check_key(catalog: dict, tid, key, kind: str) -> Table:
                          f"not {'an' if kind == 'index' else 'a'} {kind} table")
     if type(key) is not int:
         if isinstance(key, bool) or not isinstance(key, int):
-            from .errors import ArgumentTypeError
             raise ArgumentTypeError(f"the {'chunk' if kind == 'index' else 'index'} must be an int, not {type(key).__name__}")
     if not 0 <= key < t.max_key:
         raise ArgumentRangeError(
-            f"{'chunk' if kind == 'index' else 'index'} {key} of table {tid} is outside 0..{t.max_key - 1}")
+            f"{'chunk' if kind == 'index' else 'index'} {key} is out of range: it must be "
+            f"0..{t.max_key - 1} ({t.capacity()}; a table file is at most "
+            f"{MAX_TABLE_BYTES >> 40} TiB)")
     return t
 
 

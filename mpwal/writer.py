@@ -39,7 +39,7 @@ from typing import Iterable
 import filelock
 
 from . import fileio
-from .enactor import BATCH_BYTES, BATCH_RECORDS, Enactor
+from .enactor import BATCH_BYTES, BATCH_RECORDS, Enactor, Handoff
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
 from .format import CHUNK_BYTES, DROP_TABLE, encode_record
@@ -145,13 +145,15 @@ class Writer:
         self._wlock: WriterLock | None = None
         self._ov: OverlayWriter | None = None
         # the enactor thread takes rotated logs' records from here instead of parsing the file
-        self._handoff: dict | None = {} if enactor == "thread" else None
+        self._handoff: Handoff | None = Handoff() if enactor == "thread" else None
         self._handing: list | None = None  # the appending log's list in _handoff
 
         self._files: TableFiles | None = None
         self._open_dir()
+        self._check_is_ours()  # before creating anything in a stranger's directory
         self._wlock = WriterLock(self.path)
         try:
+            self._check_is_ours()  # again under the lock: no other writer can change it now
             self._catalog = merge_catalog(self.path, tables)
             self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
             self._queue_lock = file_lock(self.path, QUEUE_LOCK)
@@ -172,22 +174,36 @@ class Writer:
 
     # -- opening -----------------------------------------------------------------------------
     def _open_dir(self) -> None:
+        """Create the database directory (its last component only, mode 0700) if it is new."""
         try:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            os.mkdir(self.path, 0o700)
+            os.chmod(self.path, 0o700)  # mkdir's mode is masked by the umask
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            raise DatabaseError(
+                f"cannot create the database directory {self.path}: its parent "
+                f"{os.path.dirname(self.path)} does not exist; create it first") from None
         except OSError as e:
             raise storage_error(e, f"creating the database directory {self.path}") from None
         if not os.path.isdir(self.path):
             raise DatabaseError(f"{self.path} is not a directory; give a directory path")
-        if not is_database(self.path):
-            # what a first open that failed half-way leaves is not a stranger's data
-            stray = [n for n in os.listdir(self.path) if not _LEFT_BY_FAILED_OPEN.fullmatch(n)]
-            if stray:
-                raise DatabaseError(
-                    f"{self.path} is not empty and is not an mpwal database (no {META_FILE}): "
-                    "give an empty or new directory")
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise StorageError(errno.EACCES, f"no write permission on {self.path} (permission "
                                              "denied: check the directory's owner and mode)")
+
+    def _check_is_ours(self) -> None:
+        """Refuse a directory that holds something other than an mpwal database. What a first
+        open that failed half-way leaves is not a stranger's data. Only a writer creates files
+        here, so once this process holds writer.lock the answer cannot change under it."""
+        if is_database(self.path):
+            return
+        stray = [n for n in os.listdir(self.path) if not _LEFT_BY_FAILED_OPEN.fullmatch(n)]
+        if stray:
+            raise DatabaseError(
+                f"{self.path} is not empty and is not an mpwal database (no {META_FILE}; it "
+                f"holds {', '.join(sorted(stray)[:3])}{' ...' if len(stray) > 3 else ''}): "
+                "give an empty or new directory")
 
     def _replay(self, overlay_slots: int, overlay_bytes: int) -> None:
         """Apply the longest valid prefix of the logs to the tables; start a new generation.
@@ -404,8 +420,8 @@ class Writer:
             raise ClosedError(f"the Writer of {self.path} is closed; open a new mpwal.Writer")
         if self._failed is not None:
             raise WriterFailedError(
-                f"an earlier I/O error ({self._failed}) stopped this Writer; committed records are "
-                "safe in the log: close it and open a new Writer to replay")
+                f"an earlier error ({self._failed!r}) stopped this Writer; committed records are "
+                "safe in the log: close it and open a new Writer to replay") from self._failed
 
     def _commit(self, rec: Record) -> int:
         values = rec._values
@@ -421,39 +437,71 @@ class Writer:
             if images:
                 blob += b"".join([img for _, img in images])
             self._make_room(len(values) + len(chunks), len(blob), drops, len(data))
-            self._append(data)
-            self._next_id = rid + 1  # the id is in the log now: never reuse it
             try:
+                self._append(data, rid)  # raises with the log as it was: nothing committed
+                # the record is committed from here on: it is in the log, replay keeps it
                 self._publish(rid, drops, values, images, blob, len(data))
-            except BaseException as e:  # readers may miss a record the log holds: stop here
-                self._failed = e
-                log.error("publishing record %d failed (%r): the writer stops accepting commits",
-                          rid, e)
-                raise
+            except BaseException as e:
+                if self._next_id == rid:
+                    raise  # the append did not happen
+                self._in_doubt(e, f"publishing record {rid}")
+                if not isinstance(e, Exception):
+                    raise  # KeyboardInterrupt, SystemExit: the record stands, the caller stops
+                return rid  # readers read it from the log now; later commits are refused
             if self._handing is not None:
                 self._handing.append((rid, values, images, drops))
             if self._app_bytes >= self.log_size:
-                self._rotate()
+                try:
+                    self._rotate()
+                except StorageError:
+                    pass  # the writer is failed for later commits; this record stands
         if self.durability == "commit":
-            self._wait_durable(rid)
+            try:
+                self._wait_durable(rid)
+            except (StorageError, WriterFailedError) as e:
+                err = StorageError(getattr(e, "errno", None) or errno.EIO,
+                                   f"record {rid} is committed and visible to readers, but the "
+                                   f"fsync that would make it durable failed ({e}); close the "
+                                   "Writer and open a new one, which replays the log")
+                err.record_id = rid  # type: ignore[attr-defined]
+                raise err from e
         return rid
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: bytes, rid: int) -> None:
+        """Write record ``rid`` at the end of the appending log. On any exception the log is
+        taken back to where it was (or, failing that, the writer stops): the record is then not
+        committed and its id is free. Once the bytes are counted, ``_next_id`` moves past it."""
         if self._app_fd < 0:
             self._open_appending()
+        start = self._app_bytes
         try:
             fileio.write_all(self._app_fd, data)
-        except OSError as e:
+            self._app_bytes = start + len(data)
+            self._next_id = rid + 1  # the id is in the log now: never reuse it
+        except BaseException as e:
+            if self._next_id != rid:
+                raise  # counted: committed after all
             try:  # take the torn bytes back (not through fileio: a rollback is not a fault
                 # site), so the log ends at a record boundary
-                os.ftruncate(self._app_fd, self._app_bytes)
-                os.lseek(self._app_fd, self._app_bytes, os.SEEK_SET)
-            except OSError:
-                pass  # replay stops at the torn record anyway
-            raise self._fail(e, "appending a record to the log")
-        if not self._app_bytes:
+                os.ftruncate(self._app_fd, start)
+                os.lseek(self._app_fd, start, os.SEEK_SET)
+            except OSError as again:
+                self._fail(again, "taking back a torn record")
+            if isinstance(e, OSError):
+                raise self._fail(e, "appending a record to the log") from None
+            raise
+        if not start:
             self._app_since = time.monotonic()
-        self._app_bytes += len(data)
+
+    def _in_doubt(self, e: BaseException, doing: str) -> None:
+        """An exception left the overlay in doubt after a record reached the log: stop the
+        writer and retire its segment (readers then read the logs and tables, where every
+        committed record is whole). The overlay's window already retired it if it was open."""
+        if self._failed is None:
+            self._failed = e
+        self._ov.retire(CLOSED)
+        log.error("%s failed (%r): the writer stops accepting commits; readers read the logs",
+                  doing, e)
 
     def _fail(self, e: OSError, doing: str) -> StorageError:
         err = storage_error(e, doing)
@@ -471,7 +519,7 @@ class Writer:
                 else:
                     lid = st.next_log
                     st.next_log += 1
-                fd = os.open(log_path(self.path, lid), os.O_WRONLY | os.O_CREAT, 0o600)
+                fd = fileio.create(log_path(self.path, lid), os.O_WRONLY)
                 try:
                     if os.fstat(fd).st_size:  # pool logs are empty; this is a safety net
                         fileio.truncate(fd, 0)
@@ -493,7 +541,7 @@ class Writer:
         # file, and nothing piles up here)
         self._handing = None
         if self._handoff is not None and self._enactor_obj is not None and self._enactor_obj.holding:
-            self._handing = self._handoff[lid] = []
+            self._handing = self._handoff.start_log(self._next_id)
         self._queue = st
 
     def _chunk_now(self, table: int, chunk: int) -> bytes:
@@ -508,8 +556,7 @@ class Writer:
         """Make the record visible: one sequence-lock window for all of it."""
         ov = self._ov
         off = ov.stage(rid, blob)  # before the window: readers wait only for the entries
-        ov.begin()
-        try:
+        with ov.window():
             if drops:
                 d = ov.drops()
                 for t in drops:
@@ -518,8 +565,6 @@ class Writer:
                 ov.set_drops(d)
             ov.put_record(rid, values.items(), off, images)
             ov.q[COMMITTED] = rid
-        finally:
-            ov.end()
         keys = list(values)
         keys.extend(key for key, _ in images)
         self._pending.append((rid, keys, tuple(drops), nbytes))
@@ -542,25 +587,26 @@ class Writer:
         enacted = ov.q[ENACTED]
         pend = self._pending
         while pend and pend[0][0] <= enacted:
-            ov.begin()
             try:
-                removed = 0
-                d = None
-                while pend and pend[0][0] <= enacted and removed < 512:  # short windows
-                    rid, keys, drops, nbytes = pend.popleft()
-                    ov.remove_record(keys, rid)
-                    removed += len(keys) + 1
-                    self._pending_bytes -= nbytes
-                    if drops:
-                        d = d if d is not None else ov.drops()
-                        for t in drops:
-                            if d.get(t) == rid:
-                                del d[t]
-                if d is not None:
-                    ov.set_drops(d)
-                ov.release_through(rid)
-            finally:
-                ov.end()
+                with ov.window():
+                    removed = 0
+                    d = None
+                    while pend and pend[0][0] <= enacted and removed < 512:  # short windows
+                        rid, keys, drops, nbytes = pend.popleft()
+                        ov.remove_record(keys, rid)
+                        removed += len(keys) + 1
+                        self._pending_bytes -= nbytes
+                        if drops:
+                            d = d if d is not None else ov.drops()
+                            for t in drops:
+                                if d.get(t) == rid:
+                                    del d[t]
+                    if d is not None:
+                        ov.set_drops(d)
+                    ov.release_through(rid)
+            except BaseException as e:
+                self._in_doubt(e, "absorbing enacted records")
+                raise
 
     def _make_room(self, new_keys: int, need: int, drops, nbytes: int) -> None:
         """Room for ``new_keys`` entries and ``need`` overlay bytes, and ``nbytes`` more log
@@ -620,9 +666,8 @@ class Writer:
         except StorageError as e:
             log.warning("cannot grow the overlay: %s", e)
             return False
-        new.begin()
-        new.copy_from(old)
-        new.end()
+        with new.window():  # no reader knows the new generation yet
+            new.copy_from(old)
         with self._queue_lock:
             st = load_queues(self.path) or self._queue
             st.generation = gen

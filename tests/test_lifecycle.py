@@ -393,30 +393,6 @@ def test_enactor_thread_handoff_matches_log_replay(db, tmp_path):
             assert a.read() == b.read(), name
 
 
-def test_publish_failure_stops_the_writer_without_reusing_ids(db, monkeypatch):
-    """A failure after a record reached the log (here: while publishing) stops the writer;
-    the id is never given to another record, and replay keeps the record."""
-    w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
-    with w.record() as rec:
-        rec.insert_value(VALUE_TABLE, 1, b"one")
-
-    def broken(self, *args):
-        raise MemoryError("injected")
-
-    monkeypatch.setattr(OverlayWriter, "put_record", broken)
-    with pytest.raises(MemoryError):
-        with w.record() as rec:
-            rec.insert_value(VALUE_TABLE, 2, b"two")
-    monkeypatch.undo()
-    with pytest.raises(mpwal.WriterFailedError):
-        with w.record() as rec:
-            rec.insert_value(VALUE_TABLE, 3, b"three")
-    w.close()
-    with mpwal.Writer(db, TABLES) as w:
-        assert w.last_record_id == 2
-        assert w.value(VALUE_TABLE, 2) == b"two" and w.value(VALUE_TABLE, 3) is None
-
-
 def test_every_table_synced_before_a_log_is_truncated(db, monkeypatch):
     """An enactor fsyncs every table before truncating a log, also tables an earlier enactor
     (stopped mid-log, or killed) wrote and it did not (invariant 3)."""

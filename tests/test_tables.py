@@ -59,7 +59,7 @@ def test_bad_table_ids_rejected(tid):
 def test_value_slot_size_in_range(size):
     """slot_size 1..2**26 is accepted and sets the stride to 4 + slot_size."""
     t = ValueTable(3, size)
-    assert t.stride == 4 + size and t.max_key == (1 << 62) // (4 + size)
+    assert t.stride == 4 + size and t.max_key == (1 << 40) // (4 + size)
 
 
 @pytest.mark.parametrize("size", [0, -1, (1 << 26) + 1, True, "8", 8.0, None])
@@ -74,7 +74,7 @@ def test_table_describe_and_file_names():
     assert IndexTable(1).describe() == {"id": 1, "kind": "index"}
     assert ValueTable(3, 256).describe() == {"id": 3, "kind": "value", "slot_size": 256}
     assert IndexTable(1).file_name == "index1.tbl" and ValueTable(3, 9).file_name == "value3.tbl"
-    assert IndexTable(1).max_key == (1 << 62) // 512
+    assert IndexTable(1).max_key == (1 << 40) // 512
 
 
 def test_table_error_is_keyerror_with_plain_message():
