@@ -1,29 +1,32 @@
-"""Read-only inspection of a database directory: what ``mpwal inspect``, ``mpwal verify`` and
-``mpwal dump`` print.
+"""Inspection of a database directory: what ``mpwal inspect``, ``mpwal verify``, ``mpwal dump``
+and ``mpwal cleanup`` print.
 
 * ``inspect_db`` describes the directory: tables and their files, log files with their record
   ids and queue (appending, read, cleanup, pool), the queue state, the shared-memory segments of
-  the directory and whether a writer is alive.
+  the directory (flagging those a writer that is gone left behind) and whether a writer is alive.
 * ``verify`` reads every log as replay would (``logs.read_logs``), checks every CRC and the
   record-id sequence, and names the first bad record and what replay would discard after it.
 * ``dump`` prints every record of the valid prefix, as text or as JSON lines.
+* ``cleanup`` is the one that changes something: it removes the segments a dead writer left in
+  /dev/shm (what the next writer's open would do), and refuses while a writer is alive.
 
-None of them changes anything (DESIGN.md invariant 8): files are opened read-only, shared memory
-is mapped read-only, and no lock is taken, so they run beside a live writer and enactor and never
-make them wait. The price is that a live database can change while it is being read; each
-function notices when a log or the queue state changed under it and says so rather than print a
-mix of two moments as if it were one.
+``inspect_db``, ``verify`` and ``dump`` change nothing (DESIGN.md invariant 8): files are opened
+read-only, shared memory is mapped read-only, and no lock is taken, so they run beside a live
+writer and enactor and never make them wait. The price is that a live database can change while
+it is being read; each function notices when a log or the queue state changed under it and says
+so rather than print a mix of two moments as if it were one. ``inspect_db`` and ``verify`` can
+print one JSON document instead of text (``as_json``); ``dump`` JSON lines.
 
 Each function writes to the text stream ``out`` and returns the process exit status:
 
 * 0: examined, nothing wrong;
 * 1: a problem was found (``verify``, ``dump``): a torn, corrupt or out-of-sequence record, a
   gap in the record ids, a log that does not start with a record, or a record that does not
-  match the tables in ``mpwal.meta``;
-* 2: the directory could not be examined: it is not an mpwal database, an I/O error, or (for
-  ``verify`` and ``dump``) the logs changed while they were read so that the answer may mix two
-  moments (a log cleaned or reused under us, or the queue state moving while a problem was
-  seen); run again.
+  match the tables in ``mpwal.meta``; for ``cleanup``: a writer is alive, nothing was removed;
+* 2: the directory could not be examined: it does not exist, is not a directory or not an mpwal
+  database, an I/O error, or (for ``verify`` and ``dump``) the logs changed while they were read
+  so that the answer may mix two moments (a log cleaned or reused under us, or the queue state
+  moving while a problem was seen); run again.
 
 ``inspect_db`` returns 0 whenever it could read the directory, problems or not; it points to
 ``verify`` for them.
@@ -33,20 +36,30 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
-from dataclasses import dataclass
-from typing import Iterator, TextIO
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TextIO
 
 import posix_ipc
 
 from . import fileio
 from . import overlay as ov
-from .errors import Error
-from .format import (BEGIN_RECORD, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan, Record,
-                     entries_of, first_record_id)
+from .errors import Error, WriterLockedError
+from .format import (
+    BEGIN_RECORD,
+    DROP_TABLE,
+    INSERT_INDEX,
+    INSERT_VALUE,
+    LogScan,
+    Record,
+    entries_of,
+    first_record_id,
+)
 from .logs import LogFile, LogSet, Problem, read_logs
-from .queues import QueueState, load_queues, log_ids, log_path, writer_alive
-from .tables import META_FILE, Table, load_catalog
+from .queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
+from .tables import META_FILE, Table, is_database, load_catalog
 
 PREVIEW_BYTES = 16  # bytes of a value shown by the text dump
 MAX_LISTED = 10  # table mismatches listed by verify before it only counts them
@@ -78,9 +91,11 @@ class _Stats:
         self.last = rec.record_id
 
     def ids(self) -> str:
-        if self.first is None:
-            return "-"
-        return f"{self.first}..{self.last}"
+        return _ids(self.first, self.last)
+
+
+def _ids(first: int | None, last: int | None) -> str:
+    return "-" if first is None else f"{first}..{last}"
 
 
 def _read_log(path: str, log_id: int) -> bytes | None:
@@ -175,18 +190,45 @@ class _Db:
         return (now.version, now.epoch) != (before.version, before.epoch)
 
 
-def _error(out: TextIO, msg: str, json_lines: bool = False) -> None:
-    print(json.dumps({"error": msg}) if json_lines else f"error: {msg}", file=out)
+def _error(out: TextIO, msg: str, as_json: bool = False) -> None:
+    print(json.dumps({"error": msg}) if as_json else f"error: {msg}", file=out)
 
 
-def _open(path: str, out: TextIO, json_lines: bool = False) -> _Db | None:
+def _path_error(path: str) -> str | None:
+    """Why ``path`` cannot be a database directory at all, or None."""
+    if not os.path.exists(path):
+        return f"{path} does not exist"
+    if not os.path.isdir(path):
+        return f"{path} is not a directory"
+    return None
+
+
+def _open(path: str, out: TextIO, as_json: bool = False) -> _Db | None:
+    why = _path_error(path)
+    if why is not None:
+        _error(out, why, as_json)
+        return None
     try:
         return _Db(path)
     except Error as e:
-        _error(out, str(e), json_lines)
+        _error(out, str(e), as_json)
     except OSError as e:  # listing the directory, say
-        _error(out, f"cannot read {path}: {e.strerror or e}", json_lines)
+        _error(out, f"cannot read {path}: {e.strerror or e}", as_json)
     return None
+
+
+def _no_records_note(db: _Db) -> str | None:
+    """After ``prefix()``: why there is no record to show when the logs hold none and nothing is
+    wrong (a cleanly closed database has every record in its tables), else None."""
+    if db.last_id is not None or db.logs.problem is not None or db.changed:
+        return None
+    q = db.queues
+    if q is not None and q.last_cleaned_record:
+        return ("no log records: every committed record has been enacted into the tables "
+                f"(last record {q.last_cleaned_record})")
+    if q is None:
+        return "no log records (and no queue file to say which record the tables end at)"
+    return "no log records: nothing has been committed"
 
 
 def _problem_text(db: _Db, p: Problem) -> str:
@@ -246,48 +288,96 @@ def _table(out: TextIO, header: list[str], rows: list[list], indent: str = "  ")
 
 # -- inspect ---------------------------------------------------------------------------------
 
-def inspect_db(path: str, out: TextIO) -> int:
+def inspect_db(path: str, out: TextIO, as_json: bool = False) -> int:
     """Describe the database at ``path``: tables, log files and their queues, record ids, queue
-    state, shared-memory segments and writer liveness. Exit 0, or 2 if it cannot be read."""
-    db = _open(path, out)
+    state, shared-memory segments and writer liveness, as text or (``as_json``) one JSON
+    document. Exit 0, or 2 if it cannot be read."""
+    db = _open(path, out, as_json)
     if db is None:
         return 2
     try:
-        db.run_prefix()
-        rows = []
-        salvaged = {}
-        valid = {lf.log_id for lf in db.logs.valid}
-        p = db.logs.problem
-        for lid in log_ids(path):
-            data = _read_log(path, lid)
-            if not data:
-                continue
-            if lid not in valid:
-                salvaged[lid] = _salvage(data, 0)
-            elif p is not None and p.log_id == lid:  # what follows the problem in a valid log
-                salvaged[lid] = _salvage(data, p.offset)
+        report = _inspect_report(db)
     except OSError as e:
-        print(f"error: cannot read {path}: {e.strerror or e}", file=out)
+        _error(out, f"cannot read {path}: {e.strerror or e}", as_json)
         return 2
-    realpath = os.path.realpath(path)
-    print(f"database {realpath}", file=out)
-
-    print("tables:", file=out)
-    trows = []
-    for tid in sorted(db.catalog):
-        t = db.catalog[tid]
-        trows.append([tid, t.kind, getattr(t, "slot_size", None), t.file_name,
-                      _size(os.path.join(path, t.file_name))])
-    if trows:
-        _table(out, ["id", "kind", "slot_size", "file", "bytes"], trows)
+    if as_json:
+        print(json.dumps(report, indent=2), file=out)
     else:
-        print("  (none)", file=out)
+        _print_inspect(report, out)
+    return 0
 
-    print("logs:", file=out)
-    ls = db.logs
+
+def _inspect_report(db: _Db) -> dict:
+    """Everything ``inspect`` shows, as plain data (the JSON document; the text is made from it)."""
+    db.run_prefix()
+    salvaged = _salvaged(db)
+    realpath = os.path.realpath(db.path)
     qs = db.queues
+    p = db.logs.problem
+    every = list(db.stats.values()) + list(salvaged.values())
+    alive = writer_alive(db.path)
+    return {
+        "database": realpath,
+        "tables": [_table_info(db.path, tid, db.catalog[tid]) for tid in sorted(db.catalog)],
+        "logs": _logs_info(db, salvaged),
+        "record_ids_on_disk": _span(every),
+        "valid_prefix": _span(db.stats.values()),
+        "problem": _problem_json(db, p) if p is not None else None,
+        "queue_state": asdict(qs) if qs is not None else None,
+        "writer": {"alive": alive},
+        "segments": _segments_info(realpath, alive),
+        "changed": bool(db.changed or db.queues_moved()),
+    }
+
+
+def _salvaged(db: _Db) -> dict[int, _Stats]:
+    """Whole records in the logs replay does not apply, and past the problem in a valid log."""
+    salvaged = {}
+    valid = {lf.log_id for lf in db.logs.valid}
+    p = db.logs.problem
+    for lid in log_ids(db.path):
+        data = _read_log(db.path, lid)
+        if not data:
+            continue
+        if lid not in valid:
+            salvaged[lid] = _salvage(data, 0)
+        elif p is not None and p.log_id == lid:  # what follows the problem in a valid log
+            salvaged[lid] = _salvage(data, p.offset)
+    return salvaged
+
+
+def _span(stats) -> dict | None:
+    """The record ids covered by some ``_Stats``: {"first", "last"}, or None if none."""
+    firsts = [s.first for s in stats if s.first is not None]
+    lasts = [s.last for s in stats if s.last is not None]
+    return {"first": min(firsts), "last": max(lasts)} if firsts else None
+
+
+def _span_ids(span: dict) -> str:
+    return _ids(span["first"], span["last"])
+
+
+def _table_info(path: str, tid: int, t: Table) -> dict:
+    return {"id": tid, "kind": t.kind, "slot_size": getattr(t, "slot_size", None),
+            "file": t.file_name, "bytes": _size(os.path.join(path, t.file_name))}
+
+
+def _log_info(path: str, lid: int, st: _Stats | None, queue: str, state: str) -> dict:
+    """One log's row; ``st`` None for a log the queue state lists but the disk does not hold."""
+    return {"log": f"log{lid}", "bytes": _size(log_path(path, lid)),
+            "records": None if st is None else st.count,
+            "first_record": None if st is None else st.first,
+            "last_record": None if st is None else st.last, "queue": queue, "state": state}
+
+
+def _logs_info(db: _Db, salvaged: dict[int, _Stats]) -> list[dict]:
+    """A row per log file: the valid ones, the discarded ones, the empty ones, then the logs the
+    queue state lists that are not on disk."""
+    ls, qs = db.logs, db.queues
+    valid = {lf.log_id for lf in ls.valid}
     order = [lf.log_id for lf in ls.valid] + list(ls.discarded) + list(ls.empty)
     problem_log = ls.problem.log_id if ls.problem else None
+    rows = []
     for lid in order:
         if lid in valid:
             st = db.stats.get(lid, _Stats())
@@ -301,56 +391,63 @@ def inspect_db(path: str, out: TextIO) -> int:
             st, state = _Stats(), "empty"
         else:
             st, state = salvaged.get(lid, _Stats()), "discarded by replay"
-        rows.append([f"log{lid}", _size(log_path(path, lid)), st.count, st.ids(),
-                     _queue_of(qs, lid), state])
+        rows.append(_log_info(db.path, lid, st, _queue_of(qs, lid), state))
     if qs is not None:
         listed = ([qs.appending] if qs.appending is not None else []) + list(qs.read) + \
             list(qs.cleanup) + list(qs.pool)
         on_disk = set(order)
         for lid in listed:
             if lid not in on_disk:
-                rows.append([f"log{lid}", None, None, "-", _queue_of(qs, lid), "missing on disk"])
+                rows.append(_log_info(db.path, lid, None, _queue_of(qs, lid), "missing on disk"))
+    return rows
+
+
+def _print_inspect(r: dict, out: TextIO) -> None:
+    print(f"database {r['database']}", file=out)
+
+    print("tables:", file=out)
+    trows = [[t["id"], t["kind"], t["slot_size"], t["file"], t["bytes"]] for t in r["tables"]]
+    if trows:
+        _table(out, ["id", "kind", "slot_size", "file", "bytes"], trows)
+    else:
+        print("  (none)", file=out)
+
+    print("logs:", file=out)
+    rows = [[lg["log"], lg["bytes"], lg["records"], _ids(lg["first_record"], lg["last_record"]),
+             lg["queue"], lg["state"]] for lg in r["logs"]]
     if rows:
         _table(out, ["log", "bytes", "records", "ids", "queue", "state"], rows)
     else:
         print("  (none)", file=out)
 
-    every = list(db.stats.values()) + list(salvaged.values())
-    firsts = [s.first for s in every if s.first is not None]
-    lasts = [s.last for s in every if s.last is not None]
-    if firsts:
-        print(f"record ids on disk: {min(firsts)}..{max(lasts)}", file=out)
-    else:
-        print("record ids on disk: none", file=out)
-    prefix_first = next((s.first for s in db.stats.values() if s.first is not None), None)
-    if db.last_id is not None:
-        print(f"valid prefix: records {prefix_first}..{db.last_id}", file=out)
-    else:
-        print("valid prefix: empty", file=out)
-    if ls.problem is not None:
-        print(f"problem: {_problem_text(db, ls.problem)}; run `mpwal verify` for details", file=out)
+    on_disk, prefix = r["record_ids_on_disk"], r["valid_prefix"]
+    print(f"record ids on disk: {_span_ids(on_disk) if on_disk else 'none'}", file=out)
+    print(f"valid prefix: {'records ' + _span_ids(prefix) if prefix else 'empty'}", file=out)
+    if r["problem"] is not None:
+        print(f"problem: {r['problem']['message']}; run `mpwal verify` for details", file=out)
 
-    alive = writer_alive(path)
+    alive = r["writer"]["alive"]
+    qs = r["queue_state"]
     if qs is None:
         print("queue state: none (no queue file; a writer rebuilds it from the logs on open)",
               file=out)
     else:
-        print(f"last cleaned record: {qs.last_cleaned_record}", file=out)
-        print(f"queue state: version {qs.version}, epoch {qs.epoch}, generation {qs.generation}, "
-              f"appending {_name(qs.appending)}, read [{_names(qs.read)}], "
-              f"cleanup [{_names(qs.cleanup)}], pool [{_names(qs.pool)}], next log {qs.next_log}, "
-              f"sync_data {qs.sync_data}", file=out)
+        print(f"last cleaned record: {qs['last_cleaned_record']}", file=out)
+        print(f"queue state: version {qs['version']}, epoch {qs['epoch']}, generation "
+              f"{qs['generation']}, appending {_name(qs['appending'])}, "
+              f"read [{_names(qs['read'])}], cleanup [{_names(qs['cleanup'])}], "
+              f"pool [{_names(qs['pool'])}], next log {qs['next_log']}, "
+              f"sync_data {qs['sync_data']}", file=out)
         if not alive:
             print("  (written by the last writer; the next writer rebuilds it from the logs)",
                   file=out)
     print(f"writer: {'alive' if alive else 'not alive'} (writer.lock "
           f"{'held' if alive else 'not held'})", file=out)
 
-    _print_segments(realpath, alive, out)
-    if db.changed or db.queues_moved():
+    _print_segments(r["database"], r["segments"], out)
+    if r["changed"]:
         print("note: the database changed while it was read (a live writer or enactor); "
               "the numbers above may mix two moments", file=out)
-    return 0
 
 
 def _n(count: int, word: str) -> str:
@@ -399,36 +496,54 @@ def _segment_header(name: str) -> dict | str:
         r.release()
 
 
-def _print_segments(realpath: str, alive: bool, out: TextIO) -> None:
-    names = ov.stale_segments(realpath)
-
+def _segment_names(realpath: str) -> list[str]:
+    """The directory's segments in /dev/shm, oldest generation first."""
     def gen(n: str) -> int:
         try:
             return int(n.rsplit("-", 1)[1], 16)
         except (IndexError, ValueError):
             return -1
 
-    names.sort(key=gen)
-    if not names:
+    return sorted(ov.stale_segments(realpath), key=gen)
+
+
+def _segments_info(realpath: str, alive: bool) -> list[dict]:
+    """Each segment's header (or ``error``: why it could not be read) and whether it is
+    ``stale``: left by a writer that is gone (a writer that closes removes its segment)."""
+    out = []
+    for name in _segment_names(realpath):
+        h = _segment_header(name)
+        info = {"name": name, "error": h} if isinstance(h, str) else dict(
+            name=name, state_name=_STATE_NAMES.get(h["state"], f"state {h['state']}"), **h)
+        info["stale"] = not alive
+        out.append(info)
+    return out
+
+
+def _print_segments(realpath: str, segments: list[dict], out: TextIO) -> None:
+    if not segments:
         print("shared memory: no segments", file=out)
         return
     print("shared memory:", file=out)
-    for name in names:
-        h = _segment_header(name)
-        if isinstance(h, str):
-            print(f"  {name}: {h}", file=out)
+    for h in segments:
+        name = h["name"] + (" (STALE)" if h["stale"] else "")
+        if "error" in h:
+            print(f"  {name}: {h['error']}", file=out)
             continue
-        state = _STATE_NAMES.get(h["state"], f"state {h['state']}")
-        if h["state"] == 2:
+        state = h["state_name"]
+        if h["state"] == ov.SUPERSEDED_STATE:
             state += f" by generation {h['next_gen']}"
-        if h["state"] == 1 and not alive:
-            state += " (its writer is gone; the next writer removes it)"
         print(f"  {name}: generation {h['generation']}, {state}, writer pid {h['writer_pid']}, "
               f"enactor pid {h['enactor_pid']}", file=out)
         print(f"    committed {h['committed']}, durable {h['durable']}, enacted {h['enacted']}; "
               f"entries {h['entries']} of {h['nslots']} slots, heap {h['heap_used']} of "
               f"{h['heap_bytes']} bytes, pending drops {h['ndrops']}, segment {h['bytes']} bytes"
               + ("" if h["consistent"] else "; header was changing while read"), file=out)
+    stale = sum(h["stale"] for h in segments)
+    if stale:
+        print(f"  {_n(stale, 'stale segment')}: left by a writer that is gone; remove with "
+              f"`mpwal cleanup {shlex.quote(realpath)}` (the next writer to open removes "
+              f"{'it' if stale == 1 else 'them'} too)", file=out)
 
 
 # -- verify ----------------------------------------------------------------------------------
@@ -449,96 +564,175 @@ def _table_mismatch(catalog: dict[int, Table], op) -> str | None:
     return None
 
 
-def verify(path: str, out: TextIO) -> int:
+TORN_LIVE_NOTE = ("a writer is alive and appends to this log; a record being written looks torn "
+                  "until its write completes: run verify again")
+MOVED_NOTE = "the queue state changed while the logs were read; every record read verified"
+
+
+@dataclass
+class _Verdict:
+    """What ``verify`` found, before it is printed as text or JSON."""
+
+    status: int = 0  # the exit status: 0 ok, 1 problem, 2 inconclusive
+    records: int = 0  # records of the valid prefix, each checked
+    mismatches: list[dict] = field(default_factory=list)  # the first MAX_LISTED
+    n_mismatch: int = 0
+    missing: list[str] = field(default_factory=list)  # table files not on disk
+    tail: dict = field(default_factory=dict)  # _discarded_tail
+    torn_live: bool = False  # the problem may be a record still being written
+    moved: bool = False  # the queue state changed while the logs were read
+
+    @property
+    def result(self) -> str:
+        return ("ok", "PROBLEM", "inconclusive")[self.status]
+
+
+def verify(path: str, out: TextIO, as_json: bool = False) -> int:
     """Check every log of ``path`` as replay would: CRCs, record-id sequence, record types, and
     that records fit the tables. Print a line per log, then the first problem (log, byte offset,
-    record id, why) and what replay would discard after it. Exit 0 clean, 1 problem, 2 cannot
-    examine."""
-    db = _open(path, out)
+    record id, why) and what replay would discard after it; or (``as_json``) one JSON document.
+    Exit 0 clean, 1 problem, 2 cannot examine."""
+    db = _open(path, out, as_json)
     if db is None:
         return 2
-    ls = db.logs
-    mismatches: list[str] = []
-    n_mismatch = 0
     try:
-        for lf, rec in db.prefix():
-            for op in rec.ops:
-                why = _table_mismatch(db.catalog, op)
-                if why is not None:
-                    n_mismatch += 1
-                    if len(mismatches) < MAX_LISTED:
-                        mismatches.append(f"record {rec.record_id} (log{lf.log_id} at byte "
-                                          f"{rec.start}): {why}")
-        tail = _discarded_tail(db)
+        v = _check(db)
     except OSError as e:
-        print(f"error: cannot read {path}: {e.strerror or e}", file=out)
+        _error(out, f"cannot read {path}: {e.strerror or e}", as_json)
         return 2
+    if as_json:
+        print(json.dumps(_verify_json(db, v), indent=2), file=out)
+    else:
+        _print_verify(db, v, out)
+    return v.status
 
-    print(f"verify {os.path.realpath(path)}", file=out)
-    rows = []
-    p = ls.problem
-    for lf in ls.valid:
-        st = db.stats.get(lf.log_id, _Stats())
-        state = "ok"
-        if p is not None and p.log_id == lf.log_id:
-            state = f"{p.why} at byte {p.offset}"
-        rows.append([f"log{lf.log_id}", lf.size, st.count, st.ids(), state])
-    for lid in ls.discarded:
-        st, size, why = tail[lid]
-        rows.append([f"log{lid}", size, st.count, st.ids(), why])
-    for lid in ls.empty:
-        rows.append([f"log{lid}", 0, 0, "-", "empty"])
+
+def _check(db: _Db) -> _Verdict:
+    v = _Verdict()
+    for lf, rec in db.prefix():
+        for op in rec.ops:
+            why = _table_mismatch(db.catalog, op)
+            if why is not None:
+                v.n_mismatch += 1
+                if len(v.mismatches) < MAX_LISTED:
+                    v.mismatches.append({
+                        "why": "does not fit the tables", "log": f"log{lf.log_id}",
+                        "offset": rec.start, "record_id": rec.record_id,
+                        "message": f"record {rec.record_id} (log{lf.log_id} at byte "
+                                   f"{rec.start}): {why}"})
+    v.tail = _discarded_tail(db)
+    v.records = sum(s.count for s in db.stats.values())
+    v.missing = [t.file_name for t in db.catalog.values()
+                 if not os.path.exists(os.path.join(db.path, t.file_name))]
+    p = db.logs.problem
+    v.torn_live = (p is not None and p.why == "torn" and writer_alive(db.path)
+                   and db.queues is not None and db.queues.appending == p.log_id)
+    found = p is not None or v.n_mismatch or v.missing
+    v.moved = db.queues_moved()
+    if db.changed or (v.moved and found):
+        v.status = 2
+    elif found:
+        v.status = 1
+    return v
+
+
+def _missing_text(f: str) -> str:
+    return f"table file {f} is missing (readers and the enactor cannot open it)"
+
+
+def _print_verify(db: _Db, v: _Verdict, out: TextIO) -> None:
+    ls = db.logs
+    print(f"verify {os.path.realpath(db.path)}", file=out)
+    rows = [[lg["log"], lg["bytes"], lg["records"], _ids(lg["first_record"], lg["last_record"]),
+             lg["state"]] for lg in _verify_logs(db, v)]
     if rows:
         _table(out, ["log", "bytes", "records", "ids", "state"], rows)
     else:
         print("  no log files", file=out)
 
-    missing = [t.file_name for t in db.catalog.values()
-               if not os.path.exists(os.path.join(path, t.file_name))]
-    for f in missing:
-        print(f"problem: table file {f} is missing (readers and the enactor cannot open it)",
-              file=out)
+    for f in v.missing:
+        print(f"problem: {_missing_text(f)}", file=out)
 
-    total = sum(s.count for s in db.stats.values())
     if db.last_id is not None:
         first = next(s.first for s in db.stats.values() if s.first is not None)
-        print(f"valid prefix: {_n(total, 'record')}, {first}..{db.last_id}, in "
+        print(f"valid prefix: {_n(v.records, 'record')}, {first}..{db.last_id}, in "
               f"{_n(len(ls.valid), 'log')}", file=out)
     else:
         print("valid prefix: no records", file=out)
+    note = _no_records_note(db)
+    if note is not None:
+        print(note, file=out)
 
+    p = ls.problem
     if p is not None:
         print(f"problem: {_problem_text(db, p)}", file=out)
-        if p.why == "torn" and writer_alive(path) and db.queues is not None \
-                and db.queues.appending == p.log_id:
-            print("  note: a writer is alive and appends to this log; a record being written "
-                  "looks torn until its write completes: run verify again", file=out)
-        _print_discarded(db, tail, out)
-    if n_mismatch:
-        print(f"problem: {_n(n_mismatch, 'change')} in the valid prefix "
-              f"{'does' if n_mismatch == 1 else 'do'} not fit the tables of {META_FILE} "
+        if v.torn_live:
+            print(f"  note: {TORN_LIVE_NOTE}", file=out)
+        _print_discarded(db, v.tail, out)
+    if v.n_mismatch:
+        print(f"problem: {_n(v.n_mismatch, 'change')} in the valid prefix "
+              f"{'does' if v.n_mismatch == 1 else 'do'} not fit the tables of {META_FILE} "
               "(the enactor would fail on them):", file=out)
-        for m in mismatches:
-            print(f"  {m}", file=out)
-        if n_mismatch > len(mismatches):
-            print(f"  ... and {n_mismatch - len(mismatches)} more", file=out)
+        for m in v.mismatches:
+            print(f"  {m['message']}", file=out)
+        if v.n_mismatch > len(v.mismatches):
+            print(f"  ... and {v.n_mismatch - len(v.mismatches)} more", file=out)
 
-    found = p is not None or n_mismatch or missing
-    moved = db.queues_moved()
-    if db.changed or (moved and found):
+    if v.status == 2:
         for c in db.changed:
             print(f"note: {c}", file=out)
         print("result: inconclusive: the logs changed while they were read (a live writer or "
               "enactor rotated or cleaned one); run verify again", file=out)
-        return 2
-    if moved:
-        print("note: the queue state changed while the logs were read; every record read "
-              "verified", file=out)
-    if found:
-        print("result: PROBLEM", file=out)
-        return 1
-    print("result: ok", file=out)
-    return 0
+        return
+    if v.moved:
+        print(f"note: {MOVED_NOTE}", file=out)
+    print(f"result: {v.result}", file=out)
+
+
+def _verify_logs(db: _Db, v: _Verdict) -> list[dict]:
+    """A row per log: the valid ones, the discarded ones, the empty ones."""
+    ls = db.logs
+    p = ls.problem
+    rows = []
+    for lf in ls.valid:
+        st = db.stats.get(lf.log_id, _Stats())
+        state = "ok"
+        if p is not None and p.log_id == lf.log_id:
+            state = f"{p.why} at byte {p.offset}"
+        rows.append(_verify_row(lf.log_id, lf.size, st, state))
+    for lid in ls.discarded:
+        st, size, why = v.tail[lid]
+        rows.append(_verify_row(lid, size, st, why))
+    for lid in ls.empty:
+        rows.append(_verify_row(lid, 0, _Stats(), "empty"))
+    return rows
+
+
+def _verify_row(lid: int, size: int, st: _Stats, state: str) -> dict:
+    return {"log": f"log{lid}", "bytes": size, "records": st.count, "first_record": st.first,
+            "last_record": st.last, "state": state}
+
+
+def _verify_json(db: _Db, v: _Verdict) -> dict:
+    p = db.logs.problem
+    problems = ([_problem_json(db, p)] if p is not None else []) + [
+        {"why": "missing table file", "file": f, "message": _missing_text(f)} for f in v.missing
+    ] + v.mismatches
+    notes = [_no_records_note(db), TORN_LIVE_NOTE if v.torn_live else None,
+             MOVED_NOTE if v.moved and v.status != 2 else None] + list(db.changed)
+    return {
+        "database": os.path.realpath(db.path),
+        "ok": v.status == 0,
+        "result": v.result.lower(),
+        "records_checked": v.records,
+        "valid_prefix": _span(db.stats.values()),
+        "last_cleaned_record": db.queues.last_cleaned_record if db.queues else None,
+        "problem": problems[0] if problems else None,
+        "table_mismatches": v.n_mismatch,
+        "missing_table_files": v.missing,
+        "logs": _verify_logs(db, v),
+        "notes": [n for n in notes if n is not None],
+    }
 
 
 def _discarded_tail(db: _Db) -> dict:
@@ -622,10 +816,11 @@ def _op_json(op) -> dict:
 
 def dump(path: str, out: TextIO, json_lines: bool = False) -> int:
     """Print every record of the valid prefix in record-id order, then the problem that ends it,
-    if any. Text: a ``record ID log{N} byte OFFSET`` line, then one indented line per change.
-    ``json_lines``: one JSON object per record, ``{"record_id", "log", "offset", "ops"}``, and
-    a last ``{"problem": {...}}`` (or ``{"note": ...}``) object, so every line parses. Exit 0
-    clean, 1 if a problem ends the prefix, 2 cannot examine."""
+    if any. Text: a ``record ID log{N} byte OFFSET`` line, then one indented line per change;
+    when the logs hold no record, one line saying why (``_no_records_note``). ``json_lines``:
+    one JSON object per record, ``{"record_id", "log", "offset", "ops"}``, and a last
+    ``{"problem": {...}}`` (or ``{"note": ...}``) object, so every line parses. Exit 0 clean, 1
+    if a problem ends the prefix, 2 cannot examine."""
     db = _open(path, out, json_lines)
     if db is None:
         return 2
@@ -639,6 +834,8 @@ def dump(path: str, out: TextIO, json_lines: bool = False) -> int:
                 print(f"record {rec.record_id} log{lf.log_id} byte {rec.start}", file=out)
                 for op in rec.ops:
                     print(f"  {_op_text(op)}", file=out)
+    except BrokenPipeError:
+        raise  # whoever read the output went away (``| head``): not a problem of the database
     except OSError as e:
         _error(out, f"cannot read {path}: {e.strerror or e}", json_lines)
         return 2
@@ -654,7 +851,74 @@ def dump(path: str, out: TextIO, json_lines: bool = False) -> int:
         else:
             print(f"problem: {_problem_text(db, p)}; replay stops here", file=out)
         return 1
+    note = _no_records_note(db)
+    if note is not None and not json_lines:  # JSON lines stay records (verify --json has it)
+        print(note, file=out)
     return 0
 
 
-__all__ = ["inspect_db", "verify", "dump"]
+# -- cleanup: the one command that changes something -------------------------------------------
+
+def cleanup(path: str, out: TextIO) -> int:
+    """Remove the shared-memory segments of ``path`` that a writer that is gone left in /dev/shm,
+    as the next writer's open would: mark each superseded (a reader still mapping it moves on at
+    its next lookup) and unlink it. Refuses while a writer is alive, and holds ``writer.lock``
+    meanwhile so no writer opens (and makes a new segment) under it. Exit 0 done (also when
+    there was nothing to remove), 1 a writer is alive (nothing removed), 2 ``path`` is not an
+    mpwal database or a segment could not be removed."""
+    why = _path_error(path)
+    if why is None and not is_database(path):
+        why = f"{path} is not an mpwal database (no {META_FILE})"
+    if why is not None:
+        _error(out, why)
+        return 2
+    alive = (f"error: a writer of {path} is alive (it holds writer.lock): its shared memory is in "
+             "use, nothing removed; closing the writer removes its segment")
+    if writer_alive(path):
+        print(alive, file=out)
+        return 1
+    try:
+        lock = WriterLock(path)
+    except WriterLockedError:  # a writer opened since the check
+        print(alive, file=out)
+        return 1
+    except Error as e:
+        _error(out, str(e))
+        return 2
+    try:
+        return _remove_segments(path, out)
+    finally:
+        lock.release()
+
+
+def _remove_segments(path: str, out: TextIO) -> int:
+    realpath = os.path.realpath(path)
+    names = _segment_names(realpath)
+    if not names:
+        print(f"no shared-memory segments of {realpath}: nothing to remove", file=out)
+        return 0
+    # the generation the next writer will make, as its own open does (readers look for it)
+    try:
+        qs = load_queues(path)
+    except Error:
+        qs = None
+    next_gen = (qs.generation if qs is not None else 0) + 1
+    for name in names:
+        h = _segment_header(name)
+        try:
+            ov.supersede_segment(name, next_gen)
+        except (posix_ipc.Error, OSError) as e:  # another user's segment, say
+            print(f"error: cannot remove {name}: {e}", file=out)
+            continue
+        what = "" if isinstance(h, str) else (
+            f" (generation {h['generation']}, {_STATE_NAMES.get(h['state'], 'state ?')}, "
+            f"left by writer pid {h['writer_pid']})")
+        print(f"removed {name}{what}", file=out)
+    left = ov.stale_segments(realpath)
+    if left:
+        print(f"error: still in /dev/shm: {', '.join(sorted(left))}", file=out)
+        return 2
+    return 0
+
+
+__all__ = ["cleanup", "dump", "inspect_db", "verify"]

@@ -1,10 +1,14 @@
 """``mpwal stress``: one writer, several reader processes and the enactor, checked exactly.
 
-With no arguments it runs for 10 s on a temporary directory::
+With no arguments it runs for 10 s on a temporary directory, removed at the end (``--keep``
+keeps it)::
 
     mpwal stress                                  # 10 s, 2 readers, enactor thread
     mpwal stress --chaos --seconds 60 --enactor process
     mpwal stress --dir /tmp/st --records 20000 --durability commit
+
+A ``--dir`` it creates gets mode 0700 and its ``stress.json`` (the workload parameters) 0600,
+as a Writer makes its own files.
 
 The workload (deterministic from ``--seed``, so every process can recompute it):
 
@@ -39,9 +43,11 @@ Checks, all exact:
 * At the end no shared-memory segment of the directory may be left in /dev/shm.
 
 The writer runs in a child process in every mode (so chaos and plain runs share the code); the
-parent shows progress, kills, verifies and prints the summary. mpwal's warnings in the writer
-process are shown as events, its errors count as failed checks. Exit status 0 when every check
-passed, 1 when one failed, 2 for bad arguments, 130 after Ctrl-C.
+parent shows progress, kills, verifies and prints the summary. The writer waits while the parent
+checks the state after a restart; the summary counts those verification pauses apart and leaves
+them out of the commit throughput. mpwal's warnings in the writer process are shown as events,
+its errors count as failed checks. Exit status 0 when every check passed, 1 when one failed, 2
+for bad arguments, 130 after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import shutil
 import signal
 import struct
 import sys
@@ -231,10 +238,8 @@ def check_snapshot(plan: Plan, keys: list[int], vals: list, l1: int, l2: int,
                 errs.append(f"key {k}: record {rid} read after record {seen[k]} (went back)")
             else:
                 seen[k] = rid
-        if iv[0] > lo:
-            lo = iv[0]
-        if iv[1] < hi:
-            hi = iv[1]
+        lo = max(lo, iv[0])
+        hi = min(hi, iv[1])
     if not errs and lo > hi:
         if len(keys) == 1:
             k = keys[0]
@@ -360,7 +365,7 @@ def _reader_main(idx: int, path: str, wl: dict, stop, counts, results) -> None:
            "ops": {"value": 0, "values": 0, "chunk": 0}}
     try:
         _reader_loop(idx, path, Workload(**wl), stop, counts, out, results)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any crash is reported to the parent as a failed check
         out["errors"] += 1
         results.put(("error", f"reader {idx} crashed:\n{traceback.format_exc()}"))
     results.put(("result", out))
@@ -463,7 +468,7 @@ def _reader_loop(idx: int, path: str, wl: Workload, stop, counts, out: dict, res
                                 seen[k] = rid
                         last = l2
                 break  # stopped
-            except Exception:  # an mpwal error in a reader is a failed check; keep reading
+            except Exception:  # noqa: BLE001 - an error in a reader is a failed check; read on
                 failures += 1
                 error(f"lookup raised:\n{traceback.format_exc()}")
                 if failures >= 20:
@@ -521,7 +526,7 @@ def _writer_main(conn, path: str, wl: dict, cfg: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _writer_loop(conn, path, Workload(**wl), cfg)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any crash is reported to the parent as an error
         try:
             conn.send(("error", f"writer process (pid {os.getpid()}):\n{traceback.format_exc()}"))
         except OSError:
@@ -580,9 +585,8 @@ def _writer_loop(conn, path: str, wl: Workload, cfg: dict) -> None:
             if now >= next_report:
                 conn.send(("p", rid - 1, _writer_stats(w), lat.take(), logs.take()))
                 next_report = now + WRITER_REPORT_SECONDS
-            if conn.poll():
-                if conn.recv()[0] == "stop":
-                    break
+            if conn.poll() and conn.recv()[0] == "stop":
+                break
         _writer_close(conn, w, lat, logs)
     finally:
         w.close()
@@ -681,7 +685,8 @@ class Stress:
         self.close_seconds = 0.0
         self.warnings = 0
         self.open_seconds: list[float] = []
-        self.verify_seconds: list[float] = []
+        self.verify_seconds: list[float] = []  # state checks after each writer open
+        self.pause_seconds: list[float] = []  # those made during the run: the writer waited
 
     # -- errors ----------------------------------------------------------------------------
     def error(self, msg: str, count: int = 1) -> None:
@@ -739,9 +744,22 @@ class Stress:
     def passed(self) -> bool:
         return not self.error_count and not self.lost and not self.rolled_back
 
+    def _make_dir(self) -> bool:
+        """Create the directory with mode 0700 as a Writer would, unless it exists."""
+        try:
+            os.makedirs(self.path, mode=0o700)
+        except FileExistsError:
+            if os.path.isdir(self.path):
+                return True
+            print(f"mpwal stress: {self.path} exists and is not a directory", file=sys.stderr)
+            return False
+        os.chmod(self.path, 0o700)  # makedirs' mode is masked by the umask
+        return True
+
     def _prepare_dir(self) -> bool:
         from .tables import META_FILE
-        os.makedirs(self.path, exist_ok=True)
+        if not self._make_dir():
+            return False
         names = set(os.listdir(self.path))
         pfile = os.path.join(self.path, PARAMS_FILE)
         if not names:
@@ -1027,6 +1045,8 @@ class Stress:
         t0 = time.monotonic()
         self._verify(last, "after the writer opened" if first else "after a restart")
         self.verify_seconds.append(time.monotonic() - t0)
+        if self.run_started is not None:  # the run's clock is going: not time spent committing
+            self.pause_seconds.append(self.verify_seconds[-1])
         if not first:
             self.event(f"writer reopened at record {last} (opening and replay "
                        f"{self.open_seconds[-1]:.2f} s); state verified in {self.verify_seconds[-1]:.2f} s")
@@ -1041,12 +1061,10 @@ class Stress:
         return seen
 
     def _write_params(self) -> None:
+        from .fileio import write_file_atomic
         p = os.path.join(self.path, PARAMS_FILE)
         if not os.path.exists(p):
-            tmp = p + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(asdict(self.wl), f)
-            os.replace(tmp, p)
+            write_file_atomic(p, json.dumps(asdict(self.wl)).encode())  # mode 0600
 
     # -- readers ---------------------------------------------------------------------------
     def _start_readers(self) -> None:
@@ -1183,6 +1201,8 @@ class Stress:
             self._line_shown = False
         end = self.run_ended or time.monotonic()
         elapsed = (end - self.run_started) if self.run_started else 0.0
+        paused = sum(self.pause_seconds)
+        committing = max(0.0, elapsed - paused)  # the writer waits while the state is checked
         last = self.final_last if self.final_last is not None else self.committed
         records = max(0, last - self.start_last)
         values = records * a.batch
@@ -1196,19 +1216,23 @@ class Stress:
         per = [r["reads"] / elapsed if elapsed else 0
                for r in sorted(self.reader_results, key=lambda r: r["idx"])]
         el = elapsed or float("nan")
+        cl = committing or float("nan")
         vbytes = HEADER.size + a.value_size
         rows = [
             ("records committed", f"{_fmt_int(records)} (last record id {last})"),
             ("values written", _fmt_int(values)),
             ("elapsed", f"{elapsed:.1f} s"),
-            ("commit throughput", f"{records / el:,.0f} records/s, {values / el:,.0f} values/s, "
-                                  f"{_fmt_bytes(values * vbytes / el)}/s"),
+            ("verification pauses", (f"{len(self.pause_seconds)}, {paused:.1f} s (state checks "
+                                     "after restarts; the writer waits)")),
+            ("commit throughput", (f"{records / cl:,.0f} records/s, {values / cl:,.0f} values/s, "
+                                   f"{_fmt_bytes(values * vbytes / cl)}/s over {committing:.1f} s "
+                                   "(elapsed less pauses)")),
             ("reads", f"{_fmt_int(reads)}: {reads / el:,.0f}/s total, per reader "
                       + (", ".join(f"{p:,.0f}" for p in per) or "-")),
             ("commit latency p50/p99/max", _fmt_lat(percentiles(self.commit_lat))),
             ("read latency p50/p99/max", _fmt_lat(percentiles(rlat))),
-            ("state verifications", f"{self.verifications} (every key and index entry), "
-                                    f"{sum(self.verify_seconds):.1f} s"),
+            ("state verifications", (f"{self.verifications} (every key and index entry), "
+                                     f"{sum(self.verify_seconds):.1f} s")),
             ("writer restarts", f"{self.writer_restarts}" + (
                 f" ({self.kills_during_open} while opening)" if self.kills_during_open else "")),
             ("writer open (replay) max", f"{max(self.open_seconds, default=0):.2f} s"),
@@ -1268,9 +1292,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mpwal stress",
         description="Run one writer, several reader processes and the enactor against a database "
                     "and check every read exactly; exit status 1 when any check fails.")
-    p.add_argument("--dir", help="database directory (created if absent; must be empty or a "
-                                 "stress database of the same parameters); default: a temporary "
-                                 "directory removed at the end")
+    p.add_argument("--dir", help="database directory (created with mode 0700 if absent; must be "
+                                 "empty or a stress database of the same parameters); default: a "
+                                 "temporary directory removed at the end")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory at the end and print where it is (a --dir "
+                        "is always kept)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--seconds", type=_positive_float, default=None,
                    help="run this long (default 10)")
@@ -1336,8 +1363,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dir is not None:
         return Stress(args, os.path.abspath(args.dir)).run()
-    with tempfile.TemporaryDirectory(prefix="mpwal-stress-") as tmp:
-        return Stress(args, os.path.join(tmp, "db")).run()
+    return _run_in_temp_dir(args)
+
+
+def _run_in_temp_dir(args) -> int:
+    """Run on a new temporary directory (mode 0700); remove it at the end unless ``--keep``."""
+    tmp = tempfile.mkdtemp(prefix="mpwal-stress-")
+    try:
+        return Stress(args, tmp).run()
+    finally:
+        if args.keep:
+            print(f"mpwal stress: kept the database directory {tmp} (--keep); remove it when "
+                  "done", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            gone = not os.path.exists(tmp)
+            print(f"mpwal stress: {'removed' if gone else 'could not remove'} the temporary "
+                  f"directory {tmp}", flush=True)
 
 
 if __name__ == "__main__":

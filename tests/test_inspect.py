@@ -284,8 +284,41 @@ def test_dump_stops_at_the_problem(tmp_path):
 
 def test_dump_empty_database(tmp_path):
     path, _ = make_db(tmp_path, logs=(), queues=False)
-    assert run(mi.dump, path) == (0, "")
-    assert run(mi.dump, path, json_lines=True) == (0, "")
+    rc, text = run(mi.dump, path)
+    assert rc == 0 and text.startswith("no log records") and "no queue file" in text
+    assert run(mi.dump, path, json_lines=True) == (0, "")  # JSON lines hold records only
+
+
+def _closed_db(tmp_path, last: int = 42) -> str:
+    """What a cleanly closed database looks like: every log cleaned into the pool, the queue
+    state naming the last record enacted into the tables."""
+    path, _ = make_db(tmp_path, logs=((),))
+    save_queues(path, QueueState(epoch=1, generation=1, pool=[0], next_log=1,
+                                 last_cleaned_record=last))
+    return path
+
+
+CLOSED_NOTE = ("no log records: every committed record has been enacted into the tables "
+               "(last record 42)")
+
+
+def test_dump_and_verify_say_why_a_closed_database_has_no_records(tmp_path):
+    path = _closed_db(tmp_path)
+    assert run(mi.dump, path) == (0, CLOSED_NOTE + "\n")
+    rc, text = run(mi.verify, path)
+    assert rc == 0 and "valid prefix: no records\n" + CLOSED_NOTE + "\nresult: ok\n" in text
+    rc, text = run(mi.verify, path, as_json=True)
+    doc = json.loads(text)
+    assert doc["ok"] is True and doc["records_checked"] == 0 and doc["notes"] == [CLOSED_NOTE]
+    assert doc["last_cleaned_record"] == 42
+
+
+def test_no_records_note_only_when_nothing_is_wrong(tmp_path):
+    path, offsets = make_db(tmp_path, logs=((1, 2),))
+    flip(path, 0, offsets[1][1] + 20)  # the first record is bad: no valid prefix
+    for fn in (mi.dump, mi.verify):
+        rc, text = run(fn, path)
+        assert rc == 1 and "no log records" not in text
 
 
 # -- inspect -----------------------------------------------------------------------------------
@@ -314,6 +347,53 @@ def test_inspect_with_queue_file(tmp_path):
     assert "queue state: version 5, epoch 2, generation 3" in text
     assert "writer: not alive" in text
     assert "shared memory: no segments" in text
+
+
+def test_inspect_json(tmp_path):
+    path, offsets = make_db(tmp_path)
+    flip(path, 2, offsets[8][1] + len(rec(8)) - 22)  # inside record 8's value
+    rc, text = run(mi.inspect_db, path, as_json=True)
+    assert rc == 0
+    doc = json.loads(text)  # one document
+    assert doc["database"] == os.path.realpath(path)
+    assert doc["tables"] == [
+        {"id": 1, "kind": "index", "slot_size": None, "file": "index1.tbl", "bytes": 0},
+        {"id": 3, "kind": "value", "slot_size": 64, "file": "value3.tbl", "bytes": 0}]
+    logs = {lg["log"]: lg for lg in doc["logs"]}
+    assert logs["log0"] == {"log": "log0", "bytes": len(rec(1)) * 3, "records": 3,
+                            "first_record": 1, "last_record": 3, "queue": "read",
+                            "state": "valid"}
+    assert logs["log2"]["queue"] == "appending"
+    assert (logs["log2"]["first_record"], logs["log2"]["last_record"]) == (7, 7)
+    assert logs["log2"]["state"].startswith(f"valid up to byte {offsets[8][1]}, then crc")
+    assert doc["record_ids_on_disk"] == {"first": 1, "last": 9}
+    assert doc["valid_prefix"] == {"first": 1, "last": 7}
+    assert doc["problem"]["why"] == "crc" and doc["problem"]["record_id"] == 8
+    assert doc["queue_state"]["appending"] == 2 and doc["queue_state"]["read"] == [0, 1]
+    assert doc["queue_state"]["last_cleaned_record"] == 0
+    assert doc["writer"] == {"alive": False}
+    assert doc["segments"] == [] and doc["changed"] is False
+
+
+def test_verify_json(tmp_path):
+    path, offsets = make_db(tmp_path)
+    rc, text = run(mi.verify, path, as_json=True)
+    doc = json.loads(text)
+    assert rc == 0 and doc["ok"] is True and doc["result"] == "ok"
+    assert doc["records_checked"] == 9 and doc["problem"] is None
+    assert doc["valid_prefix"] == {"first": 1, "last": 9}
+    assert [lg["state"] for lg in doc["logs"]] == ["ok", "ok", "ok"]
+    lid, off = offsets[5]
+    flip(path, lid, off + len(rec(5)) - 22)  # inside record 5's value
+    os.unlink(os.path.join(path, "index1.tbl"))
+    rc, text = run(mi.verify, path, as_json=True)
+    doc = json.loads(text)
+    assert rc == 1 and doc["ok"] is False and doc["result"] == "problem"
+    assert doc["records_checked"] == 4
+    p = doc["problem"]  # the first: the bad record, which ends what replay applies
+    assert (p["log"], p["offset"], p["record_id"], p["why"]) == (f"log{lid}", off, 5, "crc")
+    assert p["message"].startswith(f"log{lid} at byte {off}, record 5: crc")
+    assert doc["missing_table_files"] == ["index1.tbl"]
 
 
 def test_inspect_without_queue_file(tmp_path):
@@ -361,10 +441,16 @@ def test_inspect_shows_shared_memory_and_live_writer(tmp_path):
                 "heap 5 of 4096 bytes") in text
         assert bytes(seg.m) == before_shm  # mapped read-only, nothing written
         assert snapshot(path) == before
+        assert "STALE" not in text
         lock.release()
         rc, text = run(mi.inspect_db, path)
         assert "writer: not alive" in text
-        assert "its writer is gone" in text
+        assert f"{seg.name} (STALE): generation 5, live" in text
+        assert (f"1 stale segment: left by a writer that is gone; remove with `mpwal cleanup "
+                f"{real}`") in text
+        doc = json.loads(run(mi.inspect_db, path, as_json=True)[1])
+        assert [(s["name"], s["stale"], s["state_name"]) for s in doc["segments"]] == \
+            [(seg.name, True, "live")]
     finally:
         lock.release()
         seg.retire(ov.CLOSED)
@@ -374,20 +460,28 @@ def test_inspect_shows_shared_memory_and_live_writer(tmp_path):
 
 # -- not a database, and nothing changes -------------------------------------------------------
 
-@pytest.mark.parametrize("fn", ALL)
+@pytest.mark.parametrize("fn", ALL + [mi.cleanup])
 def test_not_a_database(tmp_path, fn):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for p in (str(empty), str(tmp_path / "missing")):
-        rc, text = run(fn, p)
-        assert rc == 2
-        assert text.startswith("error: ") and "not an mpwal database" in text
-    assert os.listdir(empty) == []
-    assert not (tmp_path / "missing").exists()
     a_file = tmp_path / "file"
     a_file.write_bytes(b"x")
-    rc, text = run(fn, str(a_file))
-    assert rc == 2 and text.startswith("error: ")
+    missing = tmp_path / "missing"
+    for p, why in ((empty, "is not an mpwal database"), (missing, "does not exist"),
+                   (a_file, "is not a directory")):
+        rc, text = run(fn, str(p))
+        assert rc == 2
+        assert text.startswith(f"error: {p} {why}") and text.count("\n") == 1, text
+    assert os.listdir(empty) == []
+    assert not missing.exists()
+    assert a_file.read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("fn", [mi.inspect_db, mi.verify])
+def test_json_errors_are_json(tmp_path, fn):
+    rc, text = run(fn, str(tmp_path / "missing"), as_json=True)
+    assert rc == 2
+    assert json.loads(text) == {"error": f"{tmp_path / 'missing'} does not exist"}
 
 
 def test_dump_json_error_is_json(tmp_path):
@@ -420,6 +514,8 @@ def test_nothing_changes_on_disk(tmp_path, damage, queues):
     for fn in ALL:
         run(fn, path)
     run(mi.dump, path, json_lines=True)
+    run(mi.inspect_db, path, as_json=True)
+    run(mi.verify, path, as_json=True)
     assert snapshot(path) == before
     assert not ov.stale_segments(os.path.realpath(path))
 
@@ -470,14 +566,16 @@ def test_no_write_calls_are_made(tmp_path, monkeypatch):
         guard("mmap.mmap", mmap.mmap,
               lambda fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, *a:
               bool(prot & mmap.PROT_WRITE))
-        outs = [run(fn, path) for fn in ALL] + [run(mi.dump, path, json_lines=True)]
+        outs = [run(fn, path) for fn in ALL] + [run(mi.dump, path, json_lines=True),
+                                                run(mi.inspect_db, path, as_json=True),
+                                                run(mi.verify, path, as_json=True)]
     finally:
         monkeypatch.undo()
         lock.release()
         seg.retire(ov.CLOSED)
         seg.release()
     assert not calls
-    assert [rc for rc, _ in outs] == [0, 1, 1, 1]
+    assert [rc for rc, _ in outs] == [0, 1, 1, 1, 0, 1]
     assert f"{seg.name}: generation 1, live" in outs[0][1]
     assert "writer: alive" in outs[0][1]
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import stat
 import struct
+import tempfile
 
 import pytest
 
 from mpwal import stress
+from mpwal.overlay import stale_segments
 from mpwal.stress import (HEADER, SLOT_BITS, Plan, Workload, check_chunk, check_snapshot,
                           last_writer, make_value, verify_value, writer_interval)
 
@@ -152,6 +156,8 @@ def test_stress_chaos_run_loses_nothing(db, capsys):
     assert rc == 0, out
     assert "lost acknowledged records" in out
     assert "killed the writer" in out  # the schedule kills within the first 2.5 s
+    # the state check after each reopen is a pause of the run, counted apart
+    assert re.search(r"verification pauses +[1-9][0-9]*, [0-9.]+ s", out), out
 
 
 def test_bad_arguments_exit_2(capsys):
@@ -188,3 +194,64 @@ def test_summary_reports_failure_on_a_planted_error(db, monkeypatch):
     assert rc == 1, text
     assert "planted error" in text and "FAIL" in text
     assert os.path.isdir(db)
+
+
+WORKLOAD = ["--readers", "0", "--keys", "100", "--batch", "5", "--value-size", "10", "--seed", "7"]
+SMALL = ["--records", "1"] + WORKLOAD
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("multiprocess")
+def test_stress_dir_is_0700_and_params_file_0600(db, capsys):
+    old = os.umask(0o022)  # the usual umask, which leaves 0755 and 0644
+    try:
+        rc, out = _run(["--dir", db] + SMALL, capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0, out
+    assert _mode(db) == 0o700
+    assert _mode(os.path.join(db, stress.PARAMS_FILE)) == 0o600
+
+
+def test_stress_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("mine")
+    assert stress.main(["--dir", str(tmp_path / "f")] + SMALL) == 2
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("multiprocess")
+def test_stress_temporary_directory_is_removed_or_kept(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp makes it
+    rc, out = _run(SMALL, capsys)
+    assert rc == 0, out
+    (gone,) = re.findall(r"mpwal stress: removed the temporary directory (\S+)\n", out)
+    assert out.startswith(f"mpwal stress: {gone}, ")
+    assert gone.startswith(str(tmp_path)) and not os.path.exists(gone)
+
+    rc, out = _run(SMALL + ["--keep"], capsys)
+    assert rc == 0, out
+    (kept,) = re.findall(r"mpwal stress: kept the database directory (\S+) \(--keep\)", out)
+    assert out.startswith(f"mpwal stress: {kept}, ")
+    assert {"mpwal.meta", stress.PARAMS_FILE} <= set(os.listdir(kept))
+    assert _mode(kept) == 0o700
+    assert stale_segments(os.path.realpath(kept)) == []
+
+
+def test_summary_rate_excludes_verification_pauses(tmp_path):
+    """10 s elapsed, 4 s of them the writer waiting on state checks: 600 records in 6 s."""
+    out = io.StringIO()
+    args = stress.build_parser().parse_args(["--records", "600"] + WORKLOAD)
+    st = stress.Stress(args, str(tmp_path / "db"), out=out)
+    st.run_started, st.run_ended = 100.0, 110.0
+    st.pause_seconds = [1.5, 2.5]
+    st.final_last = 600
+    st._summary()
+    text = out.getvalue()
+    assert re.search(r"elapsed +10.0 s\n", text), text
+    assert re.search(r"verification pauses +2, 4.0 s ", text), text
+    assert re.search(r"commit throughput +100 records/s, 500 values/s, .* over 6.0 s ", text), text
