@@ -37,7 +37,7 @@ from .format import (BEGIN_SIZE, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan
 from .overlay import ENACTED, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
 from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, file_lock, load_queues, log_path,
                      save_queues)
-from .tables import TableFiles, load_catalog
+from .tables import TableFiles, load_catalog, op_problem
 
 log = logging.getLogger("mpwal")
 _U32 = struct.Struct("<I")
@@ -214,6 +214,7 @@ class Enactor:
             if rec.record_id <= self.enacted:
                 self.pos += rec.end - rec.start
                 continue
+            self._check(head, rec)
             if rec.ops and rec.ops[0].kind == DROP_TABLE:  # drops come first in a record
                 if batch:
                     break  # apply what we have; the drop comes alone next step
@@ -318,6 +319,17 @@ class Enactor:
             p.q[ENACTED] = rid
 
     # -- applying ----------------------------------------------------------------------------
+    def _check(self, head: int, rec) -> None:
+        """Refuse a record of a log file that no writer of this version could have logged."""
+        for op in rec.ops:
+            why = op_problem(self.catalog, op)
+            if why is not None and op.table not in self.catalog:
+                self.catalog.update(load_catalog(self.path))  # a table added since we started
+                why = op_problem(self.catalog, op)
+            if why is not None:
+                raise CorruptionError(f"log{head} record {rec.record_id} cannot be enacted ({why}); "
+                                      "reopen the writer: replay ends the logs' prefix there")
+
     def _table(self, tid: int):
         if tid not in self.catalog:
             self.catalog.update(load_catalog(self.path))

@@ -51,7 +51,6 @@ from .format import (
     BEGIN_RECORD,
     DROP_TABLE,
     INSERT_INDEX,
-    INSERT_VALUE,
     LogScan,
     Record,
     entries_of,
@@ -59,7 +58,7 @@ from .format import (
 )
 from .logs import LogFile, LogSet, Problem, read_logs
 from .queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
-from .tables import META_FILE, Table, is_database, load_catalog
+from .tables import META_FILE, Table, is_database, load_catalog, op_problem
 
 PREVIEW_BYTES = 16  # bytes of a value shown by the text dump
 MAX_LISTED = 10  # table mismatches listed by verify before it only counts them
@@ -548,22 +547,6 @@ def _print_segments(realpath: str, segments: list[dict], out: TextIO) -> None:
 
 # -- verify ----------------------------------------------------------------------------------
 
-def _table_mismatch(catalog: dict[int, Table], op) -> str | None:
-    """Why an op cannot be enacted against the tables of ``mpwal.meta``, or None."""
-    t = catalog.get(op.table)
-    if t is None:
-        return f"table {op.table} is not defined in {META_FILE}"
-    if op.kind == INSERT_INDEX and t.kind != "index":
-        return f"insert_index into table {op.table}, which is a value table"
-    if op.kind == INSERT_VALUE:
-        if t.kind != "value":
-            return f"insert_value into table {op.table}, which is an index table"
-        if op.data is not None and len(op.data) > t.slot_size:
-            return (f"a {len(op.data)}-byte value in table {op.table}, whose slot_size is "
-                    f"{t.slot_size}")
-    return None
-
-
 TORN_LIVE_NOTE = ("a writer is alive and appends to this log; a record being written looks torn "
                   "until its write completes: run verify again")
 MOVED_NOTE = "the queue state changed while the logs were read; every record read verified"
@@ -611,7 +594,7 @@ def _check(db: _Db) -> _Verdict:
     v = _Verdict()
     for lf, rec in db.prefix():
         for op in rec.ops:
-            why = _table_mismatch(db.catalog, op)
+            why = op_problem(db.catalog, op)
             if why is not None:
                 v.n_mismatch += 1
                 if len(v.mismatches) < MAX_LISTED:

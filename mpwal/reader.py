@@ -34,7 +34,7 @@ from .overlay import (COMMITTED, DURABLE, ENACTED, ENTRIES, GENERATION, HEAP_BYT
                       HEADER_WORDS, K, LIVE, M64, NDROPS, NEXT_GEN, NSLOTS, SLOT_WORDS, STATE,
                       SUPERSEDED, OverlayReader, segment_name)
 from .queues import QUEUE_FILE, load_queues, writer_alive
-from .tables import TableFiles, check_key, load_catalog
+from .tables import TableFiles, check_key, load_catalog, op_problem
 
 ZERO_CHUNK = bytes(CHUNK_BYTES)
 STUCK_SECONDS = 0.02
@@ -47,10 +47,13 @@ class _LogView:
     def __init__(self, files: TableFiles, logs, done: int, stamp):
         self.files = files
         self.stamp = stamp  # the queue file's identity when the logs were read
-        self.last = max(done, logs.last_record_id or 0)
+        self.last = done
         data: dict = {}
         drops: set[int] = set()
         for rec in logs.records():
+            if any(op_problem(files.catalog, op) for op in rec.ops):
+                break  # replay ends the prefix here too (tables.op_problem)
+            self.last = rec.record_id
             for op in rec.ops:
                 if op.kind == DROP_TABLE:
                     drops.add(op.table)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from . import fileio
 from .errors import (ArgumentRangeError, ArgumentTypeError, DatabaseError, StorageError, TableError,
                      storage_error)
-from .format import CHUNK_BYTES
+from .format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, INSERT_VALUE
 
 FORMAT_VERSION = 1
 META_FILE = "mpwal.meta"
@@ -351,6 +351,26 @@ def check_key(catalog: dict, tid, key, kind: str) -> Table:
             f"0..{t.max_key - 1} ({t.capacity()}; a table file is at most "
             f"{MAX_TABLE_BYTES >> 40} TiB)")
     return t
+
+
+def op_problem(catalog: dict, op) -> str | None:
+    """Why a decoded log entry (``format.Op``) cannot be applied to the tables of ``catalog``,
+    or None. This writer never logs such an entry (``check_key`` refuses it first); a log that
+    holds one is damaged or was written by an older mpwal, and replay ends its prefix there."""
+    t = catalog.get(op.table)
+    if t is None:
+        return f"table {op.table} is not defined in {META_FILE}"
+    if op.kind == DROP_TABLE:
+        return None
+    want = "index" if op.kind == INSERT_INDEX else "value"
+    if t.kind != want:
+        return f"insert_{want} into table {op.table}, which is {'an' if t.kind == 'index' else 'a'} {t.kind} table"
+    if not 0 <= op.key < t.max_key:
+        return (f"{'chunk' if want == 'index' else 'index'} {op.key} of table {op.table} is past "
+                f"its limit ({t.capacity()})")
+    if op.kind == INSERT_VALUE and op.data is not None and len(op.data) > t.slot_size:
+        return f"a {len(op.data)}-byte value in table {op.table}, whose slot_size is {t.slot_size}"
+    return None
 
 
 __all__ = ["IndexTable", "ValueTable", "TableFiles", "load_catalog", "merge_catalog", "StorageError"]

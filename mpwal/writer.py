@@ -50,7 +50,7 @@ from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSE
 from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, QueueState, WriterLock,
                      file_lock, load_queues, log_ids, log_path, save_queues)
 from .record import Record
-from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog
+from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog, op_problem
 from .tables import IndexTable, ValueTable
 
 log = logging.getLogger("mpwal")
@@ -195,10 +195,13 @@ class Writer:
     def _check_is_ours(self) -> None:
         """Refuse a directory that holds something other than an mpwal database. What a first
         open that failed half-way leaves is not a stranger's data. Only a writer creates files
-        here, so once this process holds writer.lock the answer cannot change under it."""
+        here, so once this process holds writer.lock the answer cannot change under it; before
+        that, the order of the two looks keeps it right while another writer creates it."""
+        names = os.listdir(self.path)  # listed before the test: a writer creating this
+        # directory meanwhile writes mpwal.meta before any other file that is not in the regex
         if is_database(self.path):
             return
-        stray = [n for n in os.listdir(self.path) if not _LEFT_BY_FAILED_OPEN.fullmatch(n)]
+        stray = [n for n in names if not _LEFT_BY_FAILED_OPEN.fullmatch(n)]
         if stray:
             raise DatabaseError(
                 f"{self.path} is not empty and is not an mpwal database (no {META_FILE}; it "
@@ -241,11 +244,17 @@ class Writer:
                 log.warning("replay of %s stops at %s; later records are dropped",
                             self.path, logs.problem)
             applier = Enactor(self.path)
+            last = done
             try:
                 batch: list = []
                 size = 0
                 count = 0
                 for rec in logs.records():
+                    why = next(filter(None, (op_problem(self._catalog, op) for op in rec.ops)), None)
+                    if why is not None:  # damaged, or an older mpwal's: the prefix ends here
+                        log.warning("replay of %s stops at record %d (%s); later records are "
+                                    "dropped", self.path, rec.record_id, why)
+                        break
                     has_drop = rec.ops and rec.ops[0].kind == DROP_TABLE  # drops come first in a record
                     if batch and (has_drop or len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES):
                         applier._apply(batch)
@@ -253,12 +262,12 @@ class Writer:
                     batch.append(rec)
                     size += rec.end - rec.start
                     count += 1
+                    last = max(last, rec.record_id)
                 if batch:
                     applier._apply(batch)
                 applier.files.sync()
             finally:
                 applier.files.close()
-            last = max(done, logs.last_record_id or 0)
             with self._queue_lock:
                 st = load_queues(self.path) or st
                 st.last_cleaned_record = max(st.last_cleaned_record, last)

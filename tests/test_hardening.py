@@ -494,3 +494,27 @@ def test_root_opening_a_users_database_does_not_lock_the_owner_out():
         as_user(uid, gid, owner_writes, path)  # and writes again
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_log_record_past_a_table_limit_ends_replay_instead_of_failing_the_open(db, caplog):
+    """A log left by an older mpwal with a record this version refuses (an index past the
+    table limit) ends the valid prefix there, for replay and private readers alike; the
+    directory opens."""
+    from mpwal.format import encode_record
+    with mpwal.Writer(db, TABLES, enactor="none") as w:
+        with w.record() as rec:
+            rec.insert_value(VALUE_TABLE, 1, b"one")
+    poison = 2 ** 42
+    logbytes = (encode_record(2, [], {}, {(VALUE_TABLE, 2): b"two"})
+                + encode_record(3, [], {}, {(VALUE_TABLE, poison): b"x"})
+                + encode_record(4, [], {}, {(VALUE_TABLE, 4): b"four"}))
+    with open(os.path.join(db, "log7"), "wb") as f:
+        f.write(logbytes)
+    with mpwal.Reader(db) as r:
+        assert r.mode == "private"
+        assert r.values(VALUE_TABLE, [1, 2, 4]) == [b"one", b"two", None]
+        assert r.last_record_id == 2
+    with mpwal.Writer(db, TABLES) as w:
+        assert w.last_record_id == 2
+        assert [w.value(VALUE_TABLE, i) for i in (1, 2, 4)] == [b"one", b"two", None]
+    assert "stops at record 3" in caplog.text
