@@ -5,13 +5,23 @@ see every committed record at once through overlays in POSIX shared memory; an e
 records to the table files in the background. See README.md and DESIGN.md.
 """
 
+import logging
+
+from .platform import check_platform
+
+check_platform()  # a clear ImportError off Linux, before the modules that need it
+
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      CorruptionError, DatabaseError, Error, ForkedError, StorageError, TableError,
-                     ValueTooLargeError, WriterFailedError, WriterLockedError)
+                     UnsupportedPlatformError, ValueTooLargeError, WriterFailedError,
+                     WriterLockedError)
 from .reader import Reader
 from .record import Record
 from .tables import IndexTable, ValueTable
 from .writer import Writer
+
+# library warnings reach the application's logging configuration, or nowhere: not stderr
+logging.getLogger("mpwal").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
@@ -19,5 +29,5 @@ __all__ = [
     "Writer", "Reader", "Record", "IndexTable", "ValueTable",
     "Error", "ArgumentTypeError", "ArgumentRangeError", "ValueTooLargeError", "TableError",
     "ClosedError", "ForkedError", "WriterLockedError", "DatabaseError", "CorruptionError",
-    "StorageError", "WriterFailedError", "BackpressureError",
+    "StorageError", "WriterFailedError", "BackpressureError", "UnsupportedPlatformError",
 ]

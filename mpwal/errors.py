@@ -51,7 +51,12 @@ class CorruptionError(Error):
 
 
 class StorageError(Error, OSError):
-    """An operating-system I/O call failed (EIO, ENOSPC, EACCES ...)."""
+    """An operating-system I/O call failed (EIO, ENOSPC, EACCES ...).
+
+    When a commit with ``durability="commit"`` raises it, the record is committed but not known
+    to be durable, and ``record_id`` (set only then) is its id."""
+
+    record_id: int
 
 
 class WriterFailedError(Error):
@@ -60,6 +65,12 @@ class WriterFailedError(Error):
 
 class BackpressureError(Error):
     """Enactment did not free overlay or log space within the timeout."""
+
+
+class UnsupportedPlatformError(Error):
+    """This machine cannot run mpwal: raised when a Writer or Reader opens on a processor other
+    than x86-64, whose ordering of stores between processes the shared-memory protocol relies
+    on. (On an operating system other than Linux, ``import mpwal`` itself raises ImportError.)"""
 
 
 def storage_error(exc: OSError, doing: str) -> StorageError:
