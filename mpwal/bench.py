@@ -22,8 +22,9 @@ Figures (``--only`` takes these names or their numbers):
 
 Every timed loop runs for a fixed time and counts what it finished (time.perf_counter). The
 column mpwal/this is mpwal's rate (its first row: the default configuration) divided by the
-row's, on the table's first column and the same workload: above 1 mpwal is faster. Each workload gets a fresh temporary directory, removed afterwards; mpwal
-writers are closed so their shared memory is unlinked. Nothing here asserts on timings.
+row's, on the table's first column and the same workload: above 1 mpwal is faster. Each
+workload gets a fresh temporary directory, removed afterwards; mpwal writers are closed so their
+shared memory is unlinked. Nothing here asserts on timings.
 
 LMDB is optional (``pip install mpwal[bench]``).
 """
@@ -42,7 +43,9 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import mpwal
 
@@ -197,7 +200,7 @@ MPWAL_DIRS: list[str] = []  # every mpwal directory made, checked for leftover s
 
 def open_mpwal(db: str, durability: str = "relaxed", enactor: str | None = None):
     MPWAL_DIRS.append(db)
-    kw = {} if enactor is None else {"enactor": enactor}
+    kw: dict[str, Any] = {} if enactor is None else {"enactor": enactor}
     return mpwal.Writer(db, tables=[mpwal.IndexTable(1), mpwal.ValueTable(VALUE_TABLE, slot_size=256),
                                     mpwal.ValueTable(LARGE_TABLE, slot_size=LARGE)],
                         sync_wal=True, sync_data=True, durability=durability, **kw)
@@ -404,7 +407,10 @@ def _writer_proc(system: str, db: str, nkeys: int, ready, ok, stop, count, out) 
         ready.set()
 
 
-def sqlite_getters(conn: sqlite3.Connection):
+Getters = tuple[Callable[[Any], Any], Callable[[list[Any]], list[Any]]]  # (get one, get a batch)
+
+
+def sqlite_getters(conn: sqlite3.Connection) -> Getters:
     """(get one key, get a batch of 100 keys) on the ``kv`` table."""
     one = "SELECT v FROM kv WHERE k = ?"
     many = "SELECT k, v FROM kv WHERE k IN (" + ",".join("?" * 100) + ")"
@@ -419,7 +425,7 @@ def sqlite_getters(conn: sqlite3.Connection):
     return get, get_many
 
 
-def lmdb_getters(env):
+def lmdb_getters(env: Any) -> Getters:
     """(get one key, get a batch) in a read transaction per call."""
     def get(k):
         with env.begin() as txn:
@@ -513,7 +519,7 @@ def reads_system(tmp: str, system: str, z: Sizes) -> dict[int, tuple]:
         p.start()
 
     def collect(n):
-        msgs = []
+        msgs: list[list[Any]] = []
         while len(msgs) < n:
             tag, *rest = out.get(timeout=300 + 4 * z.read_s)
             if tag == "error":
@@ -802,7 +808,7 @@ class Figure:
 def measure(workload: str, system: str, fn, *args, needs: str | None = None, raw: bool = False):
     """Run one workload on one system in a fresh temporary directory. Returns a Row (or, with
     ``raw``, ``fn``'s result); a missing system or an error becomes the row's note."""
-    missing = {"lmdb": LMDB_MISSING}.get(needs)
+    missing = LMDB_MISSING if needs == "lmdb" else None
     if missing:
         return missing if raw else Row(workload, system, None, missing)
     print(f"  … {system}{', ' + workload if workload else ''}", file=sys.stderr, flush=True)
@@ -839,9 +845,10 @@ def render(fig: Figure, markdown: bool) -> str:
     for r in fig.rows:
         if r.system.startswith("mpwal") and r.metrics:
             mp_rate.setdefault(r.workload, r.metrics.get(first))
-    body = []   # list of cells, or (workload, system, note) tuples for rows without numbers
+    body: list[list[str] | tuple[str, str, str]] = []  # cells, or (workload, system, note)
     for r in fig.rows:
         if r.metrics is None:
+            assert r.note is not None  # a row without numbers says why
             body.append((r.workload, r.system, r.note))
             continue
         base, mine = mp_rate.get(r.workload), r.metrics.get(first)

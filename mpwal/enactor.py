@@ -32,8 +32,8 @@ import posix_ipc
 
 from . import fileio
 from .errors import CorruptionError, StorageError, storage_error
-from .format import (BEGIN_SIZE, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan, entries_of,
-                     first_record_id)
+from .format import (BEGIN_SIZE, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan, Record,
+                     entries_of, first_record_id)
 from .overlay import ENACTED, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
 from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, file_lock, load_queues, log_path,
                      save_queues)
@@ -206,9 +206,9 @@ class Enactor:
                     self.data = b""
             self.pos = 0
         if self.mem is not None:
-            return self._step_in_memory(head, st.epoch)
+            return self._step_in_memory(self.mem, head, st.epoch)
         scan = LogScan(self.data, start=self.pos)
-        batch = []
+        batch: list[Record] = []
         size = 0
         for rec in scan.records():
             if rec.record_id <= self.enacted:
@@ -252,10 +252,9 @@ class Enactor:
             os.close(fd)
         return None if first is None else self.handoff.take(first)
 
-    def _step_in_memory(self, head: int, epoch: int) -> bool:
+    def _step_in_memory(self, mem: list, head: int, epoch: int) -> bool:
         """The head log's records as the writer handed them over (enactor thread): no file to
-        read or parse, and index chunks come as whole after-images."""
-        mem = self.mem
+        read or parse, and index chunks come as whole after-images. ``mem`` is ``self.mem``."""
         while self.pos < len(mem) and mem[self.pos][0] <= self.enacted:
             self.pos += 1
         if self.pos == len(mem):
@@ -268,7 +267,7 @@ class Enactor:
         files = self.files
         values: dict = {}
         chunks: dict = {}
-        for rid, vals, images, drops in mem[self.pos:end]:
+        for _rid, vals, images, drops in mem[self.pos:end]:
             for t in drops:
                 self._table(t)
                 files.drop(t)
@@ -340,7 +339,7 @@ class Enactor:
         contents of each index chunk are written once per batch."""
         files = self.files
         values = {}
-        chunks = {}
+        chunks: dict[tuple[int, int], bytearray] = {}
         for rec in batch:
             for kind, table, key, mask, data in rec.ops:
                 if kind == INSERT_VALUE:

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 BEGIN_RECORD = 1
 INSERT_INDEX = 2
@@ -144,9 +145,11 @@ class LogScan:
             self.end = pos = rec.end
             yield rec
 
-    def _stop(self, why: str, rid=None) -> None:
+    def _stop(self, why: str, rid: int | None = None) -> Record | None:
+        """Note why the scan stops; returns None, the ``_one`` of a record that is not whole."""
         self.problem = why
         self.problem_record = rid
+        return None
 
     def _one(self, buf: bytes, start: int, n: int) -> Record | None:
         """Decode the record at ``start``: the hot path of enactment and replay."""
@@ -156,7 +159,7 @@ class LogScan:
             return self._stop("torn")
         rid = _BEGIN.unpack_from(buf, start)[1]
         pos = start + BEGIN_SIZE
-        ops = []
+        ops: list[Op] = []
         append = ops.append
         new = tuple.__new__
         vunpack = _VALUE.unpack_from

@@ -375,15 +375,15 @@ def _logs_info(db: _Db, salvaged: dict[int, _Stats]) -> list[dict]:
     ls, qs = db.logs, db.queues
     valid = {lf.log_id for lf in ls.valid}
     order = [lf.log_id for lf in ls.valid] + list(ls.discarded) + list(ls.empty)
-    problem_log = ls.problem.log_id if ls.problem else None
+    problem = ls.problem
     rows = []
     for lid in order:
         if lid in valid:
             st = db.stats.get(lid, _Stats())
             state = "valid"
-            if lid == problem_log:
+            if problem is not None and lid == problem.log_id:
                 after = salvaged.get(lid, _Stats())
-                state = f"valid up to byte {ls.problem.offset}, then {ls.problem.why}"
+                state = f"valid up to byte {problem.offset}, then {problem.why}"
                 if after.count:
                     state += f" ({_n(after.count, 'whole record')} {after.ids()} after it)"
         elif lid in ls.empty:
@@ -477,7 +477,7 @@ def _segment_header(name: str) -> dict | str:
         words = ("GENERATION", "STATE", "NEXT_GEN", "WRITER_PID", "COMMITTED", "DURABLE",
                  "ENACTED", "ENACTOR_PID", "NSLOTS", "HEAP_BYTES", "ENTRIES", "HEAP_USED", "NDROPS")
         snap: dict = {}
-        for attempt in range(200):
+        for _attempt in range(200):
             s1 = q[ov.SEQ]
             if s1 & 1 and s1 != ov.SUPERSEDED:
                 time.sleep(0.0005)
@@ -748,6 +748,7 @@ def _print_discarded(db: _Db, tail: dict, out: TextIO) -> None:
     if None in tail:
         st, n = tail[None]
         p = db.logs.problem
+        assert p is not None  # _discarded_tail keeps None only for a problem
         parts.append(f"log{p.log_id} from byte {p.offset} ({n} bytes, "
                      f"{_n(st.count, 'whole record')})")
         records += st.count

@@ -9,6 +9,7 @@ a log went missing); nothing after that point is part of the prefix.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from . import fileio
@@ -53,7 +54,7 @@ class LogSet:
                 return lf.last_record
         return None
 
-    def records(self):
+    def records(self) -> Iterator[Record]:
         for lf in self.valid:
             yield from lf.records
 
@@ -83,14 +84,15 @@ def read_logs(path: str, keep_records: bool = True, start: int | None = None) ->
             empty.append(lid)
             continue
         head = LogScan(data)
-        first = next(head.records(), None)
-        if first is None:  # torn, crc, bad type: the first record does not verify
+        head_rec = next(head.records(), None)
+        if head_rec is None:  # torn, crc, bad type: the first record does not verify
             discarded.append(lid)
             rid = first_record_id(data)  # None: the file does not even start with a BEGIN
+            assert head.problem is not None  # a scan that yields nothing says why
             head_problem = head_problem or Problem(
                 lid, 0, head.problem if rid is not None else "no first record", rid)
             continue
-        heads.append((first.record_id, lid))
+        heads.append((head_rec.record_id, lid))
         datas[lid] = data
     heads.sort()
     valid = []
@@ -116,11 +118,13 @@ def read_logs(path: str, keep_records: bool = True, start: int | None = None) ->
             for _ in scan.records():
                 pass
         lf.end = scan.end
-        if scan.end and (skip is None or scan.expect_id > skip):
-            lf.last_record = scan.expect_id - 1
-        expect = scan.expect_id if expect is None else max(expect, scan.expect_id)
+        nxt = scan.expect_id  # the id after the last good record
+        assert nxt is not None  # the scan was given one, ``first``
+        if scan.end and (skip is None or nxt > skip):
+            lf.last_record = nxt - 1
+        expect = nxt if expect is None else max(expect, nxt)
         valid.append(lf)
-        if scan.problem and (skip is None or scan.expect_id > skip):
+        if scan.problem and (skip is None or nxt > skip):
             # (damage among records the tables already hold ends nothing: the next log may
             # still continue the chain at ``expect``)
             problem = Problem(lid, scan.end, scan.problem, scan.problem_record)

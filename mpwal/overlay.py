@@ -57,7 +57,7 @@ import contextlib
 import hashlib
 import mmap
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import posix_ipc
 
@@ -274,7 +274,7 @@ class OverlayWriter(_Segment):
         q[SEQ] += 1
 
     @contextlib.contextmanager
-    def window(self) -> Iterator["OverlayWriter"]:
+    def window(self) -> Iterator[OverlayWriter]:
         """One sequence-lock window, all or nothing: an exception inside it (a failure, or a
         KeyboardInterrupt at any point) leaves the counter odd and retires the generation, so
         no reader ever sees a window half done; readers then read the logs and tables."""
@@ -477,11 +477,11 @@ class OverlayWriter(_Segment):
         q[NDROPS] = len(items)
 
     # -- growth ------------------------------------------------------------------------------
-    def copy_from(self, other: "OverlayWriter") -> None:
+    def copy_from(self, other: OverlayWriter) -> None:
         """Fill this (new, bigger) generation with every entry and counter of ``other``: each
         record's surviving entries become one blob here, in record order."""
         by_record: dict[int, list] = {}
-        for (table, index), w in other.where.items():
+        for (table, index), _w in other.where.items():
             rid, data = other.get(table, index)
             by_record.setdefault(rid, []).append(((table, index), data))
         for rid in sorted(by_record):

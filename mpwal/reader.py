@@ -25,30 +25,35 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from .errors import ArgumentRangeError, ArgumentTypeError, ClosedError, DatabaseError
 from .format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, entries_of
-from .logs import read_logs
+from .logs import LogSet, read_logs
 from .overlay import (COMMITTED, DURABLE, ENACTED, ENTRIES, GENERATION, HEAP_BYTES, HEAP_USED,
                       HEADER_WORDS, K, LIVE, M64, NDROPS, NEXT_GEN, NSLOTS, SLOT_WORDS, STATE,
                       SUPERSEDED, OverlayReader, segment_name)
+from .platform import check_machine
 from .queues import QUEUE_FILE, load_queues, writer_alive
 from .tables import TableFiles, check_key, load_catalog, op_problem
 
 ZERO_CHUNK = bytes(CHUNK_BYTES)
 STUCK_SECONDS = 0.02
 
+Stamp = tuple[int, int, int] | None  # the queue file's (inode, mtime, size), None if it is missing
+_T = TypeVar("_T")
+
 
 class _LogView:
     """The committed records of the logs' longest valid prefix, as replay would apply them over
     the table files: private mode's whole state, and a stuck reader's answer."""
 
-    def __init__(self, files: TableFiles, logs, done: int, stamp):
+    def __init__(self, files: TableFiles, logs: LogSet, done: int, stamp: Stamp) -> None:
         self.files = files
         self.stamp = stamp  # the queue file's identity when the logs were read
         self.last = done
-        data: dict = {}
+        data: dict[tuple[int, int], bytes | None] = {}
         drops: set[int] = set()
         for rec in logs.records():
             if any(op_problem(files.catalog, op) for op in rec.ops):
@@ -93,7 +98,8 @@ class _LogView:
 class Reader:
     """Read-only view of a database directory, in any process. A context manager."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        check_machine()
         if not isinstance(path, (str, os.PathLike)):
             raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
         self.path = os.path.realpath(os.fspath(path))
@@ -108,7 +114,7 @@ class Reader:
         self._queue_file = os.path.join(self.path, QUEUE_FILE)
         self._seg: OverlayReader | None = None
         self._private: _LogView | None = None  # in private mode
-        self._stuck: tuple | None = None  # (segment, odd counter, _LogView) of a stuck window
+        self._stuck: tuple[OverlayReader, int, _LogView] | None = None  # of a stuck window
         self._closed = False
         self.recoveries = 0  # times this reader moved segment or mode
         self._attach()
@@ -145,7 +151,7 @@ class Reader:
         self._catalog.update(load_catalog(self.path))
         self._limits = {tid: t.max_key for tid, t in self._catalog.items() if t.kind == "value"}
 
-    def _check_value_key(self, table, index) -> None:
+    def _check_value_key(self, table: int, index: int) -> None:
         """The slow path of argument checking: raise the precise error."""
         if self._closed:
             raise ClosedError("this Reader is closed; open a new mpwal.Reader")
@@ -153,14 +159,14 @@ class Reader:
             self._refresh_catalog()
         check_key(self._catalog, table, index, "value")
 
-    def _stamp(self):
+    def _stamp(self) -> Stamp:
         try:
             s = os.stat(self._queue_file)
             return (s.st_ino, s.st_mtime_ns, s.st_size)
         except FileNotFoundError:
             return None
 
-    def _read_view(self, stamp) -> _LogView | None:
+    def _read_view(self, stamp: Stamp) -> _LogView | None:
         """The logs' valid prefix over the tables; None if the queues changed meanwhile."""
         self._refresh_catalog()
         st = load_queues(self.path)
@@ -170,7 +176,7 @@ class Reader:
             return None
         return _LogView(self._files, logs, done, stamp)
 
-    def _build_private(self, stamp) -> bool:
+    def _build_private(self, stamp: Stamp) -> bool:
         """Enter private mode; False if the queues changed while the logs were read."""
         view = self._read_view(stamp)
         if view is None:
@@ -181,7 +187,7 @@ class Reader:
         self._private = view
         return True
 
-    def _stuck_view(self, seg, s: int) -> _LogView | None:
+    def _stuck_view(self, seg: OverlayReader, s: int) -> _LogView | None:
         """The logs and tables, for a call that found ``seg``'s counter odd (``s``) for long
         while its writer lives. Kept while the counter stays at ``s`` (the writer did not move
         on, so neither did the logs it publishes); None if the queues kept changing."""
@@ -251,7 +257,7 @@ class Reader:
                     return data
         return self._value_retry(table, index)
 
-    def _lookup(self, seg, q, table: int, index: int) -> bytes | None:
+    def _lookup(self, seg: OverlayReader, q: memoryview, table: int, index: int) -> bytes | None:
         """Overlay, then a pending drop, then the table file; call inside a seq window."""
         got = seg.find(table, index)
         if got is not None:
@@ -260,7 +266,8 @@ class Reader:
             return None
         return self._files.read_value(table, index)
 
-    def _consistent(self, in_window, from_logs):
+    def _consistent(self, in_window: Callable[[OverlayReader, memoryview], _T],
+                    from_logs: Callable[[_LogView], _T]) -> _T:
         """``in_window(seg, q)`` inside one sequence-lock window of the current segment, looked
         up again until the counter did not move; ``from_logs(view)`` on a ``_LogView`` when
         there is no live writer (private mode) or the counter stays odd for long (a stopped or
@@ -273,7 +280,9 @@ class Reader:
         while True:
             seg = self._seg
             if seg is None:
-                return from_logs(self._private)
+                private = self._private
+                assert private is not None  # without a segment, _attach left a private view
+                return from_logs(private)
             q = seg.q
             s = q[0]
             if s == SUPERSEDED:
@@ -321,7 +330,8 @@ class Reader:
         return self._consistent(lambda seg, q: self._lookup_many(seg, q, table, indices),
                                 lambda view: [view.value(table, i) for i in indices])
 
-    def _lookup_many(self, seg, q, table: int, indices: list) -> list:
+    def _lookup_many(self, seg: OverlayReader, q: memoryview, table: int,
+                     indices: list[int]) -> list[bytes | None]:
         """``_lookup`` of many indices, with find() inlined: the batch hot path."""
         tag = table + 1
         tbits = table << 47
@@ -330,7 +340,7 @@ class Reader:
         shift = seg.shift
         end = seg.slots_end
         dropped = bool(q[NDROPS]) and table in seg.drops()
-        out = []
+        out: list[bytes | None] = []
         append = out.append
         for index in indices:
             w = ((((index ^ tbits) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
@@ -361,7 +371,7 @@ class Reader:
         return self._consistent(lambda seg, q: self._chunk_in(seg, q, table, chunk),
                                 lambda view: view.chunk(table, chunk))
 
-    def _chunk_in(self, seg, q, table: int, chunk: int) -> bytes:
+    def _chunk_in(self, seg: OverlayReader, q: memoryview, table: int, chunk: int) -> bytes:
         got = seg.find(table, chunk)
         if got is not None:
             return got[1] or ZERO_CHUNK
@@ -391,12 +401,12 @@ class Reader:
         """``"shared-memory"`` while following a live writer, else ``"private"``."""
         return "shared-memory" if self._seg is not None else "private"
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Record ids, queues, overlay use and generation as this reader sees them."""
         if self._closed:
             raise ClosedError("this Reader is closed; open a new mpwal.Reader")
         st = load_queues(self.path)
-        out = {
+        out: dict[str, Any] = {
             "mode": self.mode,
             "committed": self.last_record_id,
             "logs": ({"appending": st.appending, "read": st.read, "cleanup": st.cleanup,
@@ -414,6 +424,7 @@ class Reader:
         return out
 
     def close(self) -> None:
+        """Unmap the shared memory and close the table files. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -423,10 +434,10 @@ class Reader:
             self._seg = None
         self._files.close()
 
-    def __enter__(self) -> "Reader":
+    def __enter__(self) -> Reader:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

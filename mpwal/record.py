@@ -7,17 +7,29 @@ overlays until the ``with`` block ends without an exception.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Protocol
 
 from .errors import ArgumentRangeError, ArgumentTypeError, ClosedError, ValueTooLargeError
 from .format import CHUNK_ENTRIES
 from .overlay import MAX_DROPS
-from .tables import check_key
-
-if TYPE_CHECKING:
-    from .writer import Writer
+from .tables import Table, check_key
 
 U64 = (1 << 64) - 1
+
+
+class Committer(Protocol):
+    """What a Record needs of whoever commits it (the Writer): the table catalog to validate
+    against, the committed data for reading through, and the commit itself."""
+
+    _catalog: dict[int, Table]
+
+    def value(self, table: int, index: int) -> bytes | None: ...
+
+    def index_entry(self, table: int, chunk: int, entry: int) -> int: ...
+
+    def _commit(self, rec: Record) -> int: ...
 
 
 class Record:
@@ -25,7 +37,7 @@ class Record:
 
     __slots__ = ("_w", "_values", "_chunks", "_drops", "record_id", "_state")
 
-    def __init__(self, writer: "Writer"):
+    def __init__(self, writer: Committer) -> None:
         self._w = writer
         self._values: dict[tuple[int, int], bytes | None] = {}
         self._chunks: dict[tuple[int, int], list] = {}  # (table, chunk) -> [mask, {entry: value}]
@@ -128,6 +140,7 @@ class Record:
         return self._w.value(table, index)
 
     def index_entry(self, table: int, chunk: int, entry: int) -> int:
+        """The entry as this record would leave it: its own change, else the committed one."""
         self._check()
         check_key(self._w._catalog, table, chunk, "index")
         c = self._chunks.get((table, chunk))
@@ -139,6 +152,7 @@ class Record:
 
     @property
     def empty(self) -> bool:
+        """Whether the record holds no change yet."""
         return not (self._values or self._chunks or self._drops)
 
     # -- committing --------------------------------------------------------------------------
@@ -155,13 +169,15 @@ class Record:
         return self.record_id
 
     def discard(self) -> None:
+        """Drop the record's changes (the ``with`` block does this when it raises)."""
         if self._state == "open":
             self._state = "discarded"
 
-    def __enter__(self) -> "Record":
+    def __enter__(self) -> Record:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             if self._state == "open":
                 self.commit()
@@ -169,7 +185,7 @@ class Record:
             self.discard()
 
 
-def _as_bytes(data) -> bytes:
+def _as_bytes(data: object) -> bytes:
     if isinstance(data, (bytearray, memoryview)):
         return bytes(data)
     raise ArgumentTypeError(

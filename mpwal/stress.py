@@ -69,6 +69,7 @@ import time
 import traceback
 import zlib
 from dataclasses import asdict, dataclass
+from typing import Any
 
 VALUE_TABLE = 1
 INDEX_TABLE = 2
@@ -313,8 +314,8 @@ def verify_state(path: str, plan: Plan, expect_last: int | None) -> tuple[int, l
                         f"{want or 'no value'}")
         for c in range(plan.chunks):
             ents = struct.unpack("<64Q", r.index_chunk(INDEX_TABLE, c))
-            for e, v in enumerate(ents):
-                slot = c * 64 + e
+            for ent, v in enumerate(ents):
+                slot = c * 64 + ent
                 want = plan.expected_index(slot, last)
                 if v != want:
                     err(f"state check at record {last}: index slot {slot} holds {v:#x}, expected {want:#x}")
@@ -361,8 +362,8 @@ def percentiles(values) -> tuple[float, float, float] | None:
 
 def _reader_main(idx: int, path: str, wl: dict, stop, counts, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    out = {"idx": idx, "reads": 0, "errors": 0, "recoveries": 0, "lat": b"",
-           "ops": {"value": 0, "values": 0, "chunk": 0}}
+    out: dict[str, Any] = {"idx": idx, "reads": 0, "errors": 0, "recoveries": 0, "lat": b"",
+                           "ops": {"value": 0, "values": 0, "chunk": 0}}
     try:
         _reader_loop(idx, path, Workload(**wl), stop, counts, out, results)
     except BaseException:  # noqa: BLE001 - any crash is reported to the parent as a failed check
@@ -423,8 +424,8 @@ def _reader_loop(idx: int, path: str, wl: Workload, stop, counts, out: dict, res
                         reads += len(ks)
                         if l2 < last:
                             error(f"last_record_id went back from {last} to {l2}")
-                        for e in check_snapshot(plan, ks, vals, last, max(l2, last), seen):
-                            error(e)
+                        for why in check_snapshot(plan, ks, vals, last, max(l2, last), seen):
+                            error(why)
                         last = max(last, l2)
                     elif kind == 32:
                         c = randrange(plan.chunks)
@@ -434,8 +435,8 @@ def _reader_loop(idx: int, path: str, wl: Workload, stop, counts, out: dict, res
                         reads += 1
                         if l2 < last:
                             error(f"last_record_id went back from {last} to {l2}")
-                        for e in check_chunk(plan, c, data, last, max(l2, last), seen_index):
-                            error(e)
+                        for why in check_chunk(plan, c, data, last, max(l2, last), seen_index):
+                            error(why)
                         last = max(last, l2)
                     else:
                         k = randrange(keys)
@@ -511,13 +512,13 @@ class _LogToParent:
                     text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
                 self.pending.append((record.levelno, record.levelname.lower(), text))
 
-        self.pending: list[str] = []
+        self.pending: list[tuple[int, str, str]] = []  # (level, level name, text)
         self.handler = H(logging.WARNING)
         lg = logging.getLogger("mpwal")
         lg.addHandler(self.handler)
         lg.propagate = False
 
-    def take(self) -> list[str]:
+    def take(self) -> list[tuple[int, str, str]]:
         out, self.pending = self.pending, []
         return out
 
@@ -552,7 +553,7 @@ def _writer_loop(conn, path: str, wl: Workload, cfg: dict) -> None:
             return _writer_close(conn, w, Samples(), logs)
         target = cfg["records"]
         ack_each = cfg["durability"] == "commit"
-        sync_every = CHAOS_SYNC_SECONDS if cfg["chaos"] and not ack_each else None
+        sync_every = CHAOS_SYNC_SECONDS if cfg["chaos"] and not ack_each else 0.0  # 0: never
         lat = Samples()
         mono = time.monotonic
         perf = time.perf_counter_ns
@@ -679,7 +680,7 @@ class Stress:
         self.interrupted = False
         self._last_show = 0.0
         self._line_shown = False
-        self._last_rates = None  # (time, records, reads)
+        self._last_rates: tuple[float, int, int] | None = None  # (time, records, reads)
         self._rate_values = 0.0
         self._rate_reads = 0.0
         self.close_seconds = 0.0
@@ -1052,6 +1053,7 @@ class Stress:
                        f"{self.open_seconds[-1]:.2f} s); state verified in {self.verify_seconds[-1]:.2f} s")
 
     def _verify(self, last: int | None, when: str) -> int:
+        assert self.plan is not None  # run() made it before any writer opened
         seen, errs, count = verify_state(self.path, self.plan, last)
         self.verifications += 1
         for e in errs:

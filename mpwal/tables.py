@@ -36,12 +36,14 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, Literal, cast, overload
 
 from . import fileio
 from .errors import (ArgumentRangeError, ArgumentTypeError, DatabaseError, StorageError, TableError,
                      storage_error)
-from .format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, INSERT_VALUE
+from .format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, Op
 
 FORMAT_VERSION = 1
 META_FILE = "mpwal.meta"
@@ -59,14 +61,16 @@ class IndexTable:
     id: int
     kind = "index"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_table_id(self.id)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
+        """The table as ``mpwal.meta`` records it."""
         return {"id": self.id, "kind": "index"}
 
     @property
     def file_name(self) -> str:
+        """The table file's name in the database directory."""
         return f"index{self.id}.tbl"
 
     @property
@@ -75,6 +79,7 @@ class IndexTable:
         return MAX_TABLE_BYTES // CHUNK_BYTES
 
     def capacity(self) -> str:
+        """How much the table can hold, in words (for error messages)."""
         return f"index table {self.id} holds at most {self.max_key} chunks of {CHUNK_BYTES} bytes"
 
 
@@ -86,22 +91,25 @@ class ValueTable:
     slot_size: int
     kind = "value"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_table_id(self.id)
         if not isinstance(self.slot_size, int) or isinstance(self.slot_size, bool):
             raise TableError(f"ValueTable({self.id}): slot_size must be an int, not {type(self.slot_size).__name__}")
         if not 1 <= self.slot_size <= 1 << 26:
             raise TableError(f"ValueTable({self.id}): slot_size must be 1..{1 << 26}, got {self.slot_size}")
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
+        """The table as ``mpwal.meta`` records it."""
         return {"id": self.id, "kind": "value", "slot_size": self.slot_size}
 
     @property
     def file_name(self) -> str:
+        """The table file's name in the database directory."""
         return f"value{self.id}.tbl"
 
     @property
     def stride(self) -> int:
+        """Bytes per slot in the table file: a u32 length, then ``slot_size`` bytes."""
         return 4 + self.slot_size
 
     @property
@@ -110,20 +118,21 @@ class ValueTable:
         return MAX_TABLE_BYTES // self.stride
 
     def capacity(self) -> str:
+        """How much the table can hold, in words (for error messages)."""
         return f"value table {self.id} holds at most {self.max_key} slots of {self.slot_size} bytes"
 
 
 Table = IndexTable | ValueTable
 
 
-def _check_table_id(tid) -> None:
+def _check_table_id(tid: object) -> None:
     if not isinstance(tid, int) or isinstance(tid, bool):
         raise TableError(f"a table id must be an int, not {type(tid).__name__}")
     if not 0 <= tid <= MAX_TABLE_ID:
         raise TableError(f"table id {tid} is outside 0..{MAX_TABLE_ID}")
 
 
-def table_from(desc: dict) -> Table:
+def table_from(desc: dict[str, Any]) -> Table:
     if desc.get("kind") == "index":
         return IndexTable(desc["id"])
     if desc.get("kind") == "value":
@@ -161,7 +170,7 @@ def load_catalog(path: str) -> dict[int, Table]:
     return {t.id: t for t in tables}
 
 
-def merge_catalog(path: str, wanted) -> dict[int, Table]:
+def merge_catalog(path: str, wanted: Iterable[Table]) -> dict[int, Table]:
     """Create or extend the metadata with ``wanted`` tables; refuse a conflicting redefinition."""
     try:
         wanted = list(wanted)
@@ -220,7 +229,7 @@ class TableFiles:
             self._fds[tid] = fd
         return fd
 
-    def _map(self, tid: int, end: int):
+    def _map(self, tid: int, end: int) -> mmap.mmap | None:
         """The mapping of a table file, mapped again if the file grew towards ``end``. It covers
         at most MAP_WINDOW bytes, and may be None (an empty file, or one that cannot be mapped):
         callers read what it does not cover with pread."""
@@ -249,7 +258,7 @@ class TableFiles:
         self._maps[tid] = new
         return new
 
-    def _past_end(self, tid: int, m, off: int) -> bool:
+    def _past_end(self, tid: int, m: mmap.mmap | None, off: int) -> bool:
         """Whether ``off`` lies past the end of the file as ``_map`` just saw it (a mapping
         shorter than MAP_WINDOW covers the whole file; None is an empty one)."""
         if tid in self._unmappable:
@@ -257,7 +266,7 @@ class TableFiles:
         return off >= (len(m) if m is not None else 0) and (m is None or len(m) < MAP_WINDOW)
 
     def read_value(self, tid: int, index: int) -> bytes | None:
-        t = self.catalog[tid]
+        t = cast(ValueTable, self.catalog[tid])  # callers checked it is a value table
         stride = t.stride
         off = index * stride
         if self.mapped:
@@ -299,7 +308,7 @@ class TableFiles:
         return raw if len(raw) == CHUNK_BYTES else raw + ZERO_CHUNK[len(raw):]
 
     def write_value(self, tid: int, index: int, data: bytes | None) -> None:
-        t = self.catalog[tid]
+        t = cast(ValueTable, self.catalog[tid])  # the enactor checked it is a value table
         if data is None:
             blob = b"\0\0\0\0"
         else:
@@ -332,7 +341,11 @@ class TableFiles:
         self._fds.clear()
 
 
-def check_key(catalog: dict, tid, key, kind: str) -> Table:
+@overload
+def check_key(catalog: dict[int, Table], tid: int, key: int, kind: Literal["value"]) -> ValueTable: ...
+@overload
+def check_key(catalog: dict[int, Table], tid: int, key: int, kind: Literal["index"]) -> IndexTable: ...
+def check_key(catalog: dict[int, Table], tid: int, key: int, kind: str) -> Table:
     """Validate a (table, index-or-chunk) pair at the API boundary; return the table."""
     t = catalog.get(tid) if type(tid) is int else None
     if t is None:
@@ -344,7 +357,8 @@ def check_key(catalog: dict, tid, key, kind: str) -> Table:
                          f"not {'an' if kind == 'index' else 'a'} {kind} table")
     if type(key) is not int:
         if isinstance(key, bool) or not isinstance(key, int):
-            raise ArgumentTypeError(f"the {'chunk' if kind == 'index' else 'index'} must be an int, not {type(key).__name__}")
+            raise ArgumentTypeError(f"the {'chunk' if kind == 'index' else 'index'} must be an int, "
+                                    f"not {type(key).__name__}")
     if not 0 <= key < t.max_key:
         raise ArgumentRangeError(
             f"{'chunk' if kind == 'index' else 'index'} {key} is out of range: it must be "
@@ -353,7 +367,7 @@ def check_key(catalog: dict, tid, key, kind: str) -> Table:
     return t
 
 
-def op_problem(catalog: dict, op) -> str | None:
+def op_problem(catalog: dict[int, Table], op: Op) -> str | None:
     """Why a decoded log entry (``format.Op``) cannot be applied to the tables of ``catalog``,
     or None. This writer never logs such an entry (``check_key`` refuses it first); a log that
     holds one is damaged or was written by an older mpwal, and replay ends its prefix there."""
@@ -368,8 +382,10 @@ def op_problem(catalog: dict, op) -> str | None:
     if not 0 <= op.key < t.max_key:
         return (f"{'chunk' if want == 'index' else 'index'} {op.key} of table {op.table} is past "
                 f"its limit ({t.capacity()})")
-    if op.kind == INSERT_VALUE and op.data is not None and len(op.data) > t.slot_size:
-        return f"a {len(op.data)}-byte value in table {op.table}, whose slot_size is {t.slot_size}"
+    if op.kind == INSERT_VALUE and op.data is not None:
+        size = cast(ValueTable, t).slot_size  # t is a value table: its kind was checked above
+        if len(op.data) > size:
+            return f"a {len(op.data)}-byte value in table {op.table}, whose slot_size is {size}"
     return None
 
 

@@ -34,7 +34,8 @@ import sys
 import threading
 import time
 import weakref
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import filelock
 
@@ -47,6 +48,7 @@ from .logs import read_logs
 from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSED,
                       SUPERSEDED_STATE, OverlayWriter, stale_segments,
                       supersede_segment)
+from .platform import check_machine
 from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, QueueState, WriterLock,
                      file_lock, load_queues, log_ids, log_path, save_queues)
 from .record import Record
@@ -55,11 +57,12 @@ from .tables import IndexTable, ValueTable
 
 log = logging.getLogger("mpwal")
 
-_live_writers: "weakref.WeakSet[Writer]" = weakref.WeakSet()
+_live_writers: weakref.WeakSet[Writer] = weakref.WeakSet()
 _LEFT_BY_FAILED_OPEN = re.compile(r"(writer|queue|enactor)\.lock|(index|value)\d+\.tbl|"
                                   r"(mpwal\.meta|queues)\.tmp\d+")
 MAX_UNSYNCED_LOGS = 64
 ZERO_CHUNK = bytes(CHUNK_BYTES)
+Image = tuple[tuple[int, int], bytes]  # ((table, chunk), the chunk's 512-byte after-image)
 
 
 class Writer:
@@ -84,12 +87,18 @@ class Writer:
       ``BackpressureError``.
     """
 
-    def __init__(self, path: str | os.PathLike, tables: Iterable[IndexTable | ValueTable] = (), *,
+    # set while __init__ opens; a Writer that __init__ returned has all three
+    _wlock: WriterLock
+    _files: TableFiles
+    _ov: OverlayWriter
+
+    def __init__(self, path: str | os.PathLike[str], tables: Iterable[IndexTable | ValueTable] = (), *,
                  sync_wal: bool = True, sync_data: bool = True, durability: str = "relaxed",
                  log_size: int = 64 << 20, log_age: float = 1.0, enactor: str = "thread",
                  overlay_slots: int = 1 << 20, overlay_bytes: int = 256 << 20,
                  max_overlay_bytes: int = 1 << 30, max_pending_bytes: int = 1 << 30,
-                 backpressure_timeout: float = 30.0):
+                 backpressure_timeout: float = 30.0) -> None:
+        check_machine()
         if not isinstance(path, (str, os.PathLike)):
             raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
         if durability not in ("relaxed", "commit"):
@@ -106,9 +115,9 @@ class Writer:
                 raise ArgumentRangeError(f"{name} must be at least {lo}, got {v}")
         if overlay_slots & (overlay_slots - 1):
             raise ArgumentRangeError(f"overlay_slots must be a power of two, got {overlay_slots}")
-        for name, v in (("log_age", log_age), ("backpressure_timeout", backpressure_timeout)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
-                raise ArgumentRangeError(f"{name} must be a number of seconds >= 0, got {v!r}")
+        for name, secs in (("log_age", log_age), ("backpressure_timeout", backpressure_timeout)):
+            if not isinstance(secs, (int, float)) or isinstance(secs, bool) or not secs >= 0:
+                raise ArgumentRangeError(f"{name} must be a number of seconds >= 0, got {secs!r}")
         self.path = os.path.realpath(os.fspath(path))
         self.sync_wal = bool(sync_wal)
         self.sync_data = bool(sync_data)
@@ -142,13 +151,10 @@ class Writer:
         self._enactor_proc: subprocess.Popen | None = None
         self._enactor_stop = threading.Event()
         self._enactor_errors: list[str] = []
-        self._wlock: WriterLock | None = None
-        self._ov: OverlayWriter | None = None
         # the enactor thread takes rotated logs' records from here instead of parsing the file
         self._handoff: Handoff | None = Handoff() if enactor == "thread" else None
         self._handing: list | None = None  # the appending log's list in _handoff
 
-        self._files: TableFiles | None = None
         self._open_dir()
         self._check_is_ours()  # before creating anything in a stranger's directory
         self._wlock = WriterLock(self.path)
@@ -160,9 +166,9 @@ class Writer:
             self._replay(overlay_slots, overlay_bytes)
             self._start_enactor()
         except BaseException:  # leave no lock, descriptor or segment behind
-            if self._ov is not None:
+            if hasattr(self, "_ov"):
                 self._ov.retire(CLOSED)
-            if self._files is not None:
+            if hasattr(self, "_files"):
                 self._files.close()
             self._wlock.release()
             raise
@@ -351,7 +357,7 @@ class Writer:
         self._wait_durable(target)
         return target
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Record ids, queues, overlay use and enactor state, for monitoring."""
         self._check_usable()
         with self._lock:
@@ -409,10 +415,10 @@ class Writer:
                 self._ov.retire(CLOSED)
                 self._wlock.release()
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> Writer:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -472,7 +478,7 @@ class Writer:
                                    f"record {rid} is committed and visible to readers, but the "
                                    f"fsync that would make it durable failed ({e}); close the "
                                    "Writer and open a new one, which replays the log")
-                err.record_id = rid  # type: ignore[attr-defined]
+                err.record_id = rid
                 raise err from e
         return rid
 
@@ -561,7 +567,8 @@ class Writer:
             return ZERO_CHUNK
         return self._files.read_chunk(table, chunk)
 
-    def _publish(self, rid: int, drops, values, images: list, blob: bytes, nbytes: int) -> None:
+    def _publish(self, rid: int, drops: list[int], values: dict[tuple[int, int], bytes | None],
+                 images: list[Image], blob: bytes, nbytes: int) -> None:
         """Make the record visible: one sequence-lock window for all of it."""
         ov = self._ov
         off = ov.stage(rid, blob)  # before the window: readers wait only for the entries
@@ -579,10 +586,10 @@ class Writer:
         self._pending.append((rid, keys, tuple(drops), nbytes))
         self._pending_bytes += nbytes
 
-    def _images(self, drops, chunks) -> list:
+    def _images(self, drops: list[int], chunks: dict[tuple[int, int], list]) -> list[Image]:
         """((table, chunk), 512-byte after-image) of each index chunk a record changes."""
         images = []
-        for (t, c), (mask, entries) in chunks.items():
+        for (t, c), (_mask, entries) in chunks.items():
             base = bytearray(ZERO_CHUNK if t in drops else self._chunk_now(t, c))
             for e, v in entries.items():
                 base[e * 8:e * 8 + 8] = v.to_bytes(8, "little")
@@ -617,7 +624,7 @@ class Writer:
                 self._in_doubt(e, "absorbing enacted records")
                 raise
 
-    def _make_room(self, new_keys: int, need: int, drops, nbytes: int) -> None:
+    def _make_room(self, new_keys: int, need: int, drops: list[int], nbytes: int) -> None:
         """Room for ``new_keys`` entries and ``need`` overlay bytes, and ``nbytes`` more log
         bytes: absorb enactment, else grow the overlay, else wait for the enactor."""
         self._absorb()

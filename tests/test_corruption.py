@@ -196,7 +196,7 @@ def test_flip_every_byte_private(small, scratch, masks):
     (first headers included: a log is ordered only by a first record that verifies)."""
     path = fresh_copy(small, scratch)
     cases = 0
-    for pos, lid, o in offsets(small):
+    for _pos, lid, o in offsets(small):
         rid = small.locate(lid, o)
         start = record_start(small, lid, rid)
         for mask in masks:
@@ -221,7 +221,7 @@ REPLAY_FLIPS = scale(15, None)
 def test_flip_bytes_replay(small, scratch, n):
     """Flipped bytes of the small template (a spread sample; every byte in long mode): a
     Writer's replay applies exactly the records before the damaged one."""
-    for pos, lid, o in sample(offsets(small), n, 1):
+    for _pos, lid, o in sample(offsets(small), n, 1):
         rid = small.locate(lid, o)
         path = fresh_copy(small, scratch)
         mutate(path, lid, flipped(o, 0xFF))
@@ -301,8 +301,8 @@ REPLAY_CUTS = scale(12, None)
 def test_truncate_replay(small, scratch, n):
     """Logs of the small template cut at a spread of offsets (every offset in long mode): a
     Writer's replay applies exactly the records wholly before the cut."""
-    for pos, lid, o in sample(offsets(small),
-                              n, 2):
+    for _pos, lid, o in sample(offsets(small),
+                               n, 2):
         path = fresh_copy(small, scratch)
         mutate(path, lid, truncated(o))
         check_replay(small, path, boundary_before(small, lid, o), f"log{lid} cut at {o}")

@@ -109,7 +109,7 @@ def test_sigkill_enactor_process_at_random_points(db):
         rid = 0
         kills = 0
         killed = None
-        for point in range(POINTS):
+        for _point in range(POINTS):
             n = rng.randint(5, 30)
             commit_workload(w, rid + 1, rid + n, KEYS, PER)
             rid += n
@@ -141,7 +141,7 @@ def test_sigkill_readers_affects_no_one(db):
         survivor = spawn.Process(target=reader_loop, args=(db, KEYS, 6 + POINTS * 0.1, out))
         survivor.start()
         rid = 0
-        for point in range(POINTS):
+        for _point in range(POINTS):
             victim = fork.Process(target=reader_loop, args=(db, KEYS, 60, out))
             victim.start()
             commit_workload(w, rid + 1, rid + 10, KEYS, PER)

@@ -118,7 +118,8 @@ def test_encode_matches_hand_built_bytes():
 def test_empty_record_layout():
     """A record with no entries is BEGIN, id, END, crc: 14 bytes."""
     rec = encode_record(1, [], {}, {})
-    assert rec == b"\x01" + b"\x01\0\0\0\0\0\0\0" + b"\x04" + struct.pack("<I", crc32(b"\x01" + b"\x01" + bytes(7) + b"\x04"))
+    assert rec == (b"\x01" + b"\x01\0\0\0\0\0\0\0" + b"\x04"
+                   + struct.pack("<I", crc32(b"\x01" + b"\x01" + bytes(7) + b"\x04")))
     assert len(rec) == 14
     assert_crc_ok(rec)
 

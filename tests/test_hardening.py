@@ -233,7 +233,7 @@ def test_readers_never_wait_for_a_stopped_writer(db):
             in_window += in_a_window(db)
             got: list = []
 
-            def reads() -> None:
+            def reads(got: list = got) -> None:  # this round's list, even if the thread outlives it
                 got.append(whole_record(r.values(VALUE_TABLE, range(KEYS))))
                 got.append(r.last_record_id)
                 got.append(r.value(VALUE_TABLE, KEYS - 1))

@@ -42,11 +42,11 @@ def test_long_run_recycles_logs_and_stays_bounded(db, enactor):
     try:
         sizes = []
         rid = 0
-        for round_ in range(5):
+        for _round in range(5):
             commit_workload(w, rid + 1, rid + 150, keys, per)
             rid += 150
             assert read_state(r, keys) == expected_state(rid, keys, per)
-            wait_for(lambda: w.stats()["enacted"] == rid)
+            wait_for(lambda rid=rid: w.stats()["enacted"] == rid)  # called in this round only
             wait_for(lambda: not w.stats()["logs"]["read"] and not w.stats()["logs"]["cleanup"])
             s = w.stats()
             assert s["overlay_entries"] == 0 and s["pending_bytes"] == 0
