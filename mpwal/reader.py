@@ -13,8 +13,9 @@ Two modes:
   A segment marked superseded names its successor (the overlay grew, or a new writer replaced a
   killed one). A counter that stays odd for more than ``STUCK_SECONDS`` (a writer stopped or
   killed inside a window) makes the reader ask whether the writer is alive (its
-  ``writer.lock``), and if it is, answer that call from the logs and tables as private mode
-  does, instead of waiting for it: every record the writer is publishing is in the log already
+  ``writer.lock``), and if it is stopped (``SIGSTOP``) or the window stays open past
+  ``GIVE_UP_SECONDS``, answer that call from the logs and tables as private mode does, instead
+  of waiting for it: every record the writer is publishing is in the log already
   (invariant 1), so that answer is at least as new as anything the segment showed.
 * **private** when there is no live writer: the reader reads the logs' longest valid prefix into
   its own memory (as replay would apply it) over the table files. It checks the queue file's
@@ -33,13 +34,23 @@ from .format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, entries_of
 from .logs import LogSet, read_logs
 from .overlay import (COMMITTED, DURABLE, ENACTED, ENTRIES, GENERATION, HEAP_BYTES, HEAP_USED,
                       HEADER_WORDS, K, LIVE, M64, NDROPS, NEXT_GEN, NSLOTS, SLOT_WORDS, STATE,
-                      SUPERSEDED, OverlayReader, segment_name)
+                      SUPERSEDED, WRITER_PID, OverlayReader, segment_name)
 from .platform import check_machine
 from .queues import QUEUE_FILE, load_queues, writer_alive
 from .tables import TableFiles, check_key, load_catalog, op_problem
 
 ZERO_CHUNK = bytes(CHUNK_BYTES)
-STUCK_SECONDS = 0.02
+STUCK_SECONDS = 0.02  # a window open this long: is the writer alive, is it stopped?
+GIVE_UP_SECONDS = 0.5  # a window open this long while the writer runs: answer from the logs
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, a debugger): ``T`` or ``t`` in /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 Stamp = tuple[int, int, int] | None  # the queue file's (inode, mtime, size), None if it is missing
 _T = TypeVar("_T")
@@ -304,9 +315,10 @@ class Reader:
                     self._recover()
                     spins = odd = 0
                     continue
-                view = self._stuck_view(seg, s)
-                if view is not None:
-                    return from_logs(view)
+                if now - since > GIVE_UP_SECONDS or _stopped(q[WRITER_PID]):
+                    view = self._stuck_view(seg, s)
+                    if view is not None:
+                        return from_logs(view)
             time.sleep(0)
 
     def _value_retry(self, table: int, index: int) -> bytes | None:

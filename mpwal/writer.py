@@ -452,28 +452,32 @@ class Writer:
             if images:
                 blob += b"".join([img for _, img in images])
             self._make_room(len(values) + len(chunks), len(blob), drops, len(data))
+            doubt = False
             try:
                 self._append(data, rid)  # raises with the log as it was: nothing committed
                 # the record is committed from here on: it is in the log, replay keeps it
                 self._publish(rid, drops, values, images, blob, len(data))
+                if self._handing is not None:
+                    self._handing.append((rid, values, images, drops))
             except BaseException as e:
                 if self._next_id == rid:
                     raise  # the append did not happen
                 self._in_doubt(e, f"publishing record {rid}")
                 if not isinstance(e, Exception):
                     raise  # KeyboardInterrupt, SystemExit: the record stands, the caller stops
-                return rid  # readers read it from the log now; later commits are refused
-            if self._handing is not None:
-                self._handing.append((rid, values, images, drops))
-            if self._app_bytes >= self.log_size:
+                doubt = True  # readers read it from the log now; later commits are refused
+            if not doubt and self._app_bytes >= self.log_size:
                 try:
                     self._rotate()
                 except StorageError:
                     pass  # the writer is failed for later commits; this record stands
         if self.durability == "commit":
             try:
-                self._wait_durable(rid)
-            except (StorageError, WriterFailedError) as e:
+                if doubt:  # the writer stopped: no group commit, fsync the log here
+                    self._sync_logs_now()
+                else:
+                    self._wait_durable(rid)
+            except (OSError, WriterFailedError) as e:
                 err = StorageError(getattr(e, "errno", None) or errno.EIO,
                                    f"record {rid} is committed and visible to readers, but the "
                                    f"fsync that would make it durable failed ({e}); close the "
@@ -481,6 +485,16 @@ class Writer:
                 err.record_id = rid
                 raise err from e
         return rid
+
+    def _sync_logs_now(self) -> None:
+        """fsync every log that holds committed records, in this thread: for a commit with
+        ``durability="commit"`` whose writer stopped after its record reached the log."""
+        with self._lock:
+            if self._dir_dirty:
+                fileio.sync_dir(self.path)
+                self._dir_dirty = False
+            for fd in ([self._app_fd] if self._app_fd >= 0 else []) + self._unsynced:
+                fileio.fdatasync(fd)
 
     def _append(self, data: bytes, rid: int) -> None:
         """Write record ``rid`` at the end of the appending log. On any exception the log is
@@ -496,6 +510,7 @@ class Writer:
         except BaseException as e:
             if self._next_id != rid:
                 raise  # counted: committed after all
+            self._app_bytes = start
             try:  # take the torn bytes back (not through fileio: a rollback is not a fault
                 # site), so the log ends at a record boundary
                 os.ftruncate(self._app_fd, start)
@@ -550,6 +565,9 @@ class Writer:
                     raise
         except OSError as e:
             raise self._fail(e, "opening a new log file") from None
+        except BaseException as e:  # the queue state may name a log we do not hold: stop
+            self._failed = self._failed or e
+            raise
         self._app_id, self._app_fd, self._app_bytes = lid, fd, 0
         # hand a log's records to the enactor thread only if it holds enactor.lock when the log
         # starts, and then all of them: a list must be the whole log (another enactor reads the
@@ -713,6 +731,9 @@ class Writer:
                 self._queue = st
         except OSError as e:
             raise self._fail(e, f"rotating log{lid}") from None
+        except BaseException as e:  # the queue state may list this log as read while we
+            self._failed = self._failed or e  # still hold it as appending: stop here
+            raise
         self._app_fd, self._app_id, self._app_bytes = -1, None, 0
         self._rotations += 1
         if self.sync_wal:

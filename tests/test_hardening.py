@@ -25,7 +25,7 @@ import mpwal
 from mpwal import fileio, tables
 from mpwal.enactor import Enactor, Handoff
 from mpwal.fileio import FaultPlan
-from mpwal.overlay import SEQ, OverlayReader, segment_name
+from mpwal.overlay import SEQ, OverlayReader, segment_name, stale_segments
 from mpwal.queues import load_queues
 
 from procs import SLOT, TABLES, VALUE_TABLE, check_value, make_value
@@ -518,3 +518,74 @@ def test_a_log_record_past_a_table_limit_ends_replay_instead_of_failing_the_open
         assert w.last_record_id == 2
         assert [w.value(VALUE_TABLE, i) for i in (1, 2, 4)] == [b"one", b"two", None]
     assert "stops at record 3" in caplog.text
+
+
+def test_a_publish_failure_under_commit_durability_still_fsyncs_before_returning(db, monkeypatch):
+    """With durability="commit", the commit whose publish failed returns only once its record
+    is on disk; if that fsync fails too, it says the record is committed but not durable."""
+    from mpwal.overlay import OverlayWriter
+
+    def broken(self, *args):
+        raise MemoryError("injected")
+
+    for fail_fsync in (False, True):
+        path = f"{db}-{fail_fsync}"
+        w = mpwal.Writer(path, TABLES, enactor="none", durability="commit", log_age=1000)
+        with w.record() as rec:
+            rec.insert_value(VALUE_TABLE, 1, b"one")
+        plan = FaultPlan("fsync", 1 if fail_fsync else 10 ** 9, errno.EIO)
+        monkeypatch.setattr(OverlayWriter, "put_record", broken)
+        fileio.arm(plan)
+        try:
+            if fail_fsync:
+                with pytest.raises(mpwal.StorageError, match="record 2 is committed") as e:
+                    with w.record() as rec:
+                        rec.insert_value(VALUE_TABLE, 2, b"two")
+                assert e.value.record_id == 2
+            else:
+                with w.record() as rec:
+                    rec.insert_value(VALUE_TABLE, 2, b"two")
+                assert rec.record_id == 2
+            assert plan.counts["fsync"] >= 1  # the record's log was fsynced before the answer
+        finally:
+            fileio.arm(None)
+            monkeypatch.undo()
+        w.close()
+        with mpwal.Writer(path, TABLES) as w:
+            assert w.value(VALUE_TABLE, 2) == b"two"
+        assert not stale_segments(os.path.realpath(path))
+
+
+def test_an_interrupt_during_rotation_stops_the_writer_and_loses_nothing(db, monkeypatch):
+    """A KeyboardInterrupt right after a rotation saved the queue state: the writer refuses
+    later commits (it no longer knows which log it holds) and every committed record survives."""
+    import mpwal.writer as writer_module
+    real = writer_module.save_queues
+    calls = []
+
+    def interrupted(path, state, sync=False):
+        real(path, state, sync)
+        calls.append(state.read[:])
+        if len(calls) == 6 and state.read:  # a rotation's save
+            raise KeyboardInterrupt
+
+    w = mpwal.Writer(db, TABLES, log_size=200, log_age=1000)
+    monkeypatch.setattr(writer_module, "save_queues", interrupted)
+    committed = 0
+    with pytest.raises(KeyboardInterrupt):
+        for i in range(1, 400):
+            with w.record() as rec:
+                rec.insert_value(VALUE_TABLE, i % 50, make_value(i % 50, i, SLOT))
+            committed = i
+    monkeypatch.undo()
+    with pytest.raises(mpwal.WriterFailedError):
+        with w.record() as rec:
+            rec.insert_value(VALUE_TABLE, 0, b"refused")
+    w.close()
+    with mpwal.Writer(db, TABLES) as w:
+        last = w.last_record_id
+        assert last >= committed > 0
+        newest = {i % 50: i for i in range(1, last + 1)}  # every committed record, replayed
+        for k in range(50):
+            data = w.value(VALUE_TABLE, k)
+            assert (check_value(k, data) if data else None) == newest.get(k), k
