@@ -37,7 +37,7 @@ from .format import (BEGIN_SIZE, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan
 from .overlay import ENACTED, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
 from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, file_lock, load_queues, log_path,
                      save_queues)
-from .tables import TableFiles, load_catalog, op_problem
+from .tables import TableFiles, load_catalog, record_problem
 
 log = logging.getLogger("mpwal")
 _U32 = struct.Struct("<I")
@@ -318,16 +318,15 @@ class Enactor:
             p.q[ENACTED] = rid
 
     # -- applying ----------------------------------------------------------------------------
-    def _check(self, head: int, rec) -> None:
+    def _check(self, head: int, rec: Record) -> None:
         """Refuse a record of a log file that no writer of this version could have logged."""
-        for op in rec.ops:
-            why = op_problem(self.catalog, op)
-            if why is not None and op.table not in self.catalog:
-                self.catalog.update(load_catalog(self.path))  # a table added since we started
-                why = op_problem(self.catalog, op)
-            if why is not None:
-                raise CorruptionError(f"log{head} record {rec.record_id} cannot be enacted ({why}); "
-                                      "reopen the writer: replay ends the logs' prefix there")
+        why = record_problem(self.catalog, rec.ops)
+        if why is not None:  # perhaps a table added since we started
+            self.catalog.update(load_catalog(self.path))
+            why = record_problem(self.catalog, rec.ops)
+        if why is not None:
+            raise CorruptionError(f"log{head} record {rec.record_id} cannot be enacted ({why}); "
+                                  "reopen the writer: replay ends the logs' prefix there")
 
     def _table(self, tid: int):
         if tid not in self.catalog:

@@ -37,7 +37,7 @@ from .overlay import (COMMITTED, DURABLE, ENACTED, ENTRIES, GENERATION, HEAP_BYT
                       SUPERSEDED, WRITER_PID, OverlayReader, segment_name)
 from .platform import check_machine
 from .queues import QUEUE_FILE, load_queues, writer_alive
-from .tables import TableFiles, check_key, load_catalog, op_problem
+from .tables import TableFiles, check_key, load_catalog, record_problem
 
 ZERO_CHUNK = bytes(CHUNK_BYTES)
 STUCK_SECONDS = 0.02  # a window open this long: is the writer alive, is it stopped?
@@ -67,8 +67,8 @@ class _LogView:
         data: dict[tuple[int, int], bytes | None] = {}
         drops: set[int] = set()
         for rec in logs.records():
-            if any(op_problem(files.catalog, op) for op in rec.ops):
-                break  # replay ends the prefix here too (tables.op_problem)
+            if record_problem(files.catalog, rec.ops):
+                break  # replay ends the prefix here too
             self.last = rec.record_id
             for op in rec.ops:
                 if op.kind == DROP_TABLE:

@@ -389,4 +389,14 @@ def op_problem(catalog: dict[int, Table], op: Op) -> str | None:
     return None
 
 
+
+def record_problem(catalog: dict[int, Table], ops: list[Op]) -> str | None:
+    """The first ``op_problem`` of a record's entries, or None: the one check that replay,
+    private readers and the enactor make before they apply a record read from a log file."""
+    for op in ops:
+        why = op_problem(catalog, op)
+        if why is not None:
+            return why
+    return None
+
 __all__ = ["IndexTable", "ValueTable", "TableFiles", "load_catalog", "merge_catalog", "StorageError"]

@@ -52,7 +52,7 @@ from .platform import check_machine
 from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, QueueState, WriterLock,
                      file_lock, load_queues, log_ids, log_path, save_queues)
 from .record import Record
-from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog, op_problem
+from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog, record_problem
 from .tables import IndexTable, ValueTable
 
 log = logging.getLogger("mpwal")
@@ -256,7 +256,7 @@ class Writer:
                 size = 0
                 count = 0
                 for rec in logs.records():
-                    why = next(filter(None, (op_problem(self._catalog, op) for op in rec.ops)), None)
+                    why = record_problem(self._catalog, rec.ops)
                     if why is not None:  # damaged, or an older mpwal's: the prefix ends here
                         log.warning("replay of %s stops at record %d (%s); later records are "
                                     "dropped", self.path, rec.record_id, why)

@@ -514,6 +514,14 @@ def test_a_log_record_past_a_table_limit_ends_replay_instead_of_failing_the_open
         assert r.mode == "private"
         assert r.values(VALUE_TABLE, [1, 2, 4]) == [b"one", b"two", None]
         assert r.last_record_id == 2
+    from mpwal.queues import save_queues
+    st = load_queues(db)
+    st.read = [7]  # as if rotated: the enactor refuses the record instead of failing on it
+    save_queues(db, st)
+    e = Enactor(db)
+    with pytest.raises(mpwal.CorruptionError, match="log7 record 3 cannot be enacted"):
+        e.drain()
+    e.files.close()
     with mpwal.Writer(db, TABLES) as w:
         assert w.last_record_id == 2
         assert [w.value(VALUE_TABLE, i) for i in (1, 2, 4)] == [b"one", b"two", None]
