@@ -35,8 +35,7 @@ from .errors import CorruptionError, StorageError, storage_error
 from .format import (BEGIN_SIZE, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan, Record,
                      entries_of, first_record_id)
 from .overlay import ENACTED, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
-from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, file_lock, load_queues, log_path,
-                     save_queues)
+from .queues import ENACTOR_LOCK, QueueStore, file_lock, log_path
 from .tables import TableFiles, load_catalog, record_problem
 
 log = logging.getLogger("mpwal")
@@ -115,7 +114,7 @@ class Enactor:
         self.poll = poll
         self.catalog = load_catalog(self.path)
         self.files = TableFiles(self.path, self.catalog, writable=True)
-        self.queue_lock = file_lock(self.path, QUEUE_LOCK)
+        self.queues = QueueStore(self.path)
         self.progress: _Progress | None = None
         self.generation = -1
         self.epoch = -1
@@ -183,7 +182,7 @@ class Enactor:
             raise storage_error(e, "enacting the logs") from None
 
     def _step(self) -> bool:
-        st = load_queues(self.path)
+        st = self.queues.read()
         if st is None:
             return False
         self._follow(st)
@@ -393,26 +392,17 @@ class Enactor:
 
     # -- the end of a log, cleaning ----------------------------------------------------------
     def _finish_log(self, head: int, epoch: int) -> None:
-        sync_data = True
-        with self.queue_lock:
-            st = load_queues(self.path)
-            if st is None or st.epoch != epoch or not st.read or st.read[0] != head:
-                self.current = None
-                return
-            sync_data = st.sync_data
-        if sync_data:
+        st = self.queues.read()
+        if st is None or st.epoch != epoch or not st.read or st.read[0] != head:
+            self.current = None  # a new writer replayed meanwhile
+            return
+        if st.sync_data:
             # invariant 3: tables on disk before the log that holds them goes; all of them, as
             # an earlier enactor (killed, or stopped at close) may have written some
             self.files.sync(everything=True)
-        with self.queue_lock:
-            st = load_queues(self.path)
-            if st is None or st.epoch != epoch or not st.read or st.read[0] != head:
-                self.current = None
-                return
-            st.read.pop(0)
-            st.cleanup.append(head)
-            st.last_cleaned_record = max(st.last_cleaned_record, self.enacted)
-            save_queues(self.path, st, sync=True)  # replay must not start before it
+        if not self.queues.finish_log(head, epoch, self.enacted):
+            self.current = None
+            return
         log.debug("enacted log%d through record %d", head, self.enacted)
         self.current = None
         self.data = b""
@@ -420,34 +410,21 @@ class Enactor:
         self._clean()
 
     def _clean(self) -> None:
-        with self.queue_lock:
-            st = load_queues(self.path)
-            if st is None or not st.cleanup:
-                return
-            for lid in st.cleanup:
-                p = log_path(self.path, lid)
-                try:
-                    fd = os.open(p, os.O_RDWR)
-                except FileNotFoundError:
-                    continue
-                try:
-                    fileio.truncate(fd, 0)
-                    fileio.fsync(fd)
-                finally:
-                    os.close(fd)
-                st.pool.append(lid)
-                log.debug("cleaned log%d", lid)
-            st.cleanup = []
-            st.pool.sort()
-            extra = st.pool[MAX_LOG_POOL_SIZE:]
-            st.pool = st.pool[:MAX_LOG_POOL_SIZE]
-            for lid in extra:
-                try:
-                    os.unlink(log_path(self.path, lid))
-                except FileNotFoundError:
-                    pass
-            save_queues(self.path, st)
+        for lid in self.queues.clean(self._truncate):
+            log.debug("cleaned log%d", lid)
 
+    def _truncate(self, lid: int) -> bool:
+        """Empty a cleaned log for the pool (under queue.lock); False if it is gone."""
+        try:
+            fd = os.open(log_path(self.path, lid), os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fileio.truncate(fd, 0)
+            fileio.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
 
 def run_process(path: str, parent_pid: int = 0) -> None:
     """Entry point of an enactor process: run until SIGTERM/SIGINT, or until the writer that

@@ -20,11 +20,13 @@ the log files it finds (``replay``), so this file only coordinates live processe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import filelock
@@ -149,4 +151,135 @@ def save_queues(path: str, state: QueueState, sync: bool = False) -> None:
         raise storage_error(e, "writing the queue state") from None
 
 
-__all__ = ["WriterLock", "writer_alive", "QueueState", "load_queues", "save_queues", "StorageError"]
+
+class QueueStore:
+    """The queue state of one directory, changed only through the named transitions below.
+
+    Each transition is load, change, save under ``queue.lock``; none fsyncs a log or the
+    directory while it holds the lock except the enactor's ``clean`` (truncating logs is what the
+    lock is for) and replay's ``reset``, so the commit path (``start_log``, ``rotate``) never
+    waits for a disk flush behind the lock. ``last`` is the state as this process last saw it:
+    the writer's fallback should the file be unreadable (its next open rebuilds it from the
+    logs); the enactor has none and does nothing then.
+
+    The transitions, who makes them, and what they change:
+
+    ==================  ========  ===============================================================
+    ``new_epoch``       writer    epoch + 1, writer pid, sync_data (every open, before replay)
+    ``replayed``        writer    last_cleaned_record: the replayed prefix is in the tables
+    ``reset``           writer    every log truncated and pooled, a new generation
+    ``start_log``       writer    a pool log (or a new id) becomes the appending log
+    ``rotate``          writer    the appending log joins the read queue
+    ``set_generation``  writer    the overlay grew into a new generation
+    ``finish_log``      enactor   the read queue's head, enacted, moves to cleanup
+    ``clean``           enactor   cleanup logs are truncated into the pool (at most 16 kept)
+    ==================  ========  ===============================================================
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = file_lock(path, QUEUE_LOCK)  # reentrant: replay nests transitions in it
+        self.last: QueueState | None = None
+
+    def read(self) -> QueueState | None:
+        """The state now, without the lock (the file is replaced atomically)."""
+        return load_queues(self.path)
+
+    @contextlib.contextmanager
+    def _change(self, sync: bool = False) -> Iterator[QueueState]:
+        """A writer's transition: load under the lock (or fall back on ``last``), let the caller
+        change the state, save it unless the body raised."""
+        with self.lock:
+            st = load_queues(self.path) or self.last or QueueState()
+            yield st
+            save_queues(self.path, st, sync=sync)
+            self.last = st
+
+    # -- the writer ---------------------------------------------------------------------------
+    def new_epoch(self, writer_pid: int, sync_data: bool) -> tuple[QueueState, bool]:
+        """A writer opens: bump the epoch (an enactor of the last one lets go of its lock).
+        Returns the state and whether a queue file existed."""
+        with self.lock:
+            existed = load_queues(self.path) is not None
+            with self._change() as st:
+                st.epoch += 1
+                st.writer_pid = writer_pid
+                st.sync_data = sync_data
+            return st, existed
+
+    def replayed(self, last_record: int) -> None:
+        """Replay applied the prefix through ``last_record`` and fsynced the tables: fsynced,
+        before any log is truncated, so no later open reuses those ids or replays them again."""
+        with self._change(sync=True) as st:
+            st.last_cleaned_record = max(st.last_cleaned_record, last_record)
+
+    def reset(self, generation: int, truncate_all: Callable[[], list[int]]) -> QueueState:
+        """After ``replayed``: ``truncate_all()`` empties every log and returns the ids left;
+        they become the pool (the rest are deleted), and ``generation`` the live one."""
+        with self._change(sync=True) as st:
+            ids = truncate_all()
+            st.pool = ids[:MAX_LOG_POOL_SIZE]
+            for lid in ids[MAX_LOG_POOL_SIZE:]:
+                os.unlink(log_path(self.path, lid))
+            st.read, st.cleanup, st.appending = [], [], None
+            st.next_log = (max(ids) + 1) if ids else st.next_log
+            st.generation = generation
+        return st
+
+    def start_log(self) -> tuple[int, bool]:
+        """Make a pool log, or a new log id, the appending log: (log id, whether it is new)."""
+        with self._change() as st:
+            if st.pool:
+                lid, created = st.pool.pop(0), False
+            else:
+                lid, created = st.next_log, True
+                st.next_log += 1
+            st.appending = lid
+        return lid, created
+
+    def rotate(self, log_id: int) -> None:
+        """The appending log ``log_id`` (fsynced first with sync_wal) joins the read queue."""
+        with self._change() as st:
+            st.appending = None
+            st.read.append(log_id)
+
+    def set_generation(self, generation: int) -> None:
+        with self._change() as st:
+            st.generation = generation
+
+    # -- the enactor --------------------------------------------------------------------------
+    def finish_log(self, log_id: int, epoch: int, enacted: int) -> bool:
+        """The head ``log_id`` is enacted through record ``enacted`` and the tables are synced:
+        it moves to cleanup (fsynced: replay must not start before it). False if it is not the
+        head of ``epoch`` any more (a new writer replayed meanwhile)."""
+        with self.lock:
+            st = load_queues(self.path)
+            if st is None or st.epoch != epoch or not st.read or st.read[0] != log_id:
+                return False
+            st.read.pop(0)
+            st.cleanup.append(log_id)
+            st.last_cleaned_record = max(st.last_cleaned_record, enacted)
+            save_queues(self.path, st, sync=True)
+            self.last = st
+        return True
+
+    def clean(self, truncate: Callable[[int], bool]) -> list[int]:
+        """Truncate the cleanup logs in order (``truncate(id)``: False if the file is gone) and
+        return them to the pool, keeping at most MAX_LOG_POOL_SIZE; returns the ids cleaned."""
+        with self.lock:
+            st = load_queues(self.path)
+            if st is None or not st.cleanup:
+                return []
+            done = [lid for lid in st.cleanup if truncate(lid)]
+            st.pool.extend(done)
+            st.cleanup = []
+            st.pool.sort()
+            for lid in st.pool[MAX_LOG_POOL_SIZE:]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(log_path(self.path, lid))
+            st.pool = st.pool[:MAX_LOG_POOL_SIZE]
+            save_queues(self.path, st)
+            self.last = st
+        return done
+
+__all__ = ["WriterLock", "writer_alive", "QueueState", "QueueStore", "load_queues", "save_queues", "StorageError"]

@@ -49,8 +49,7 @@ from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSE
                       SUPERSEDED_STATE, OverlayWriter, stale_segments,
                       supersede_segment)
 from .platform import check_machine
-from .queues import (ENACTOR_LOCK, MAX_LOG_POOL_SIZE, QUEUE_LOCK, QueueState, WriterLock,
-                     file_lock, load_queues, log_ids, log_path, save_queues)
+from .queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock, log_ids, log_path
 from .record import Record
 from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog, record_problem
 from .tables import IndexTable, ValueTable
@@ -162,7 +161,7 @@ class Writer:
             self._check_is_ours()  # again under the lock: no other writer can change it now
             self._catalog = merge_catalog(self.path, tables)
             self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
-            self._queue_lock = file_lock(self.path, QUEUE_LOCK)
+            self._queues = QueueStore(self.path)
             self._replay(overlay_slots, overlay_bytes)
             self._start_enactor()
         except BaseException:  # leave no lock, descriptor or segment behind
@@ -222,13 +221,7 @@ class Writer:
         the last replayed record (fsynced) before any log is truncated, so a later open neither
         reuses record ids nor applies a leftover older log over newer table data (records at or
         below ``last_cleaned_record`` are already in the tables and are skipped)."""
-        with self._queue_lock:
-            loaded = load_queues(self.path)
-            st = loaded or QueueState()
-            st.epoch += 1
-            st.writer_pid = self._pid
-            st.sync_data = self.sync_data
-            save_queues(self.path, st)
+        st, loaded = self._queues.new_epoch(self._pid, self.sync_data)
         generation = st.generation + 1
         for name in stale_segments(self.path):
             supersede_segment(name, generation)
@@ -241,8 +234,7 @@ class Writer:
         try:
             # read again now that no enactor can work: one of the dead writer's may have cleaned
             # logs (and moved last_cleaned_record) between the epoch bump and the lock
-            with self._queue_lock:
-                st = load_queues(self.path) or st
+            st = self._queues.read() or st
             done = st.last_cleaned_record
             # (without a queue file, the logs alone say where the prefix starts)
             logs = read_logs(self.path, start=done + 1 if loaded else None)  # I/O error: raises
@@ -274,27 +266,16 @@ class Writer:
                 applier.files.sync()
             finally:
                 applier.files.close()
-            with self._queue_lock:
-                st = load_queues(self.path) or st
-                st.last_cleaned_record = max(st.last_cleaned_record, last)
-                save_queues(self.path, st, sync=True)  # before any log is truncated
-                for lid in log_ids(self.path):
-                    self._truncate_log(lid)
-                fileio.sync_dir(self.path)
-                ids = log_ids(self.path)
-                st.pool = ids[:MAX_LOG_POOL_SIZE]
-                for lid in ids[MAX_LOG_POOL_SIZE:]:
-                    os.unlink(log_path(self.path, lid))
-                st.read, st.cleanup, st.appending = [], [], None
-                st.next_log = (max(ids) + 1) if ids else st.next_log
+            with self._queues.lock:
+                self._queues.replayed(last)  # before any log is truncated
                 self._next_id = last + 1
-                st.generation = generation
+                # the segment exists before the queue state names it, so a reader that reads
+                # the new state finds it
                 self._ov = OverlayWriter(self.path, generation, overlay_slots, overlay_bytes)
                 q = self._ov.q
                 q[COMMITTED] = q[DURABLE] = q[ENACTED] = last
                 self._durable = last
-                save_queues(self.path, st, sync=True)
-                self._queue = st
+                self._queues.reset(generation, self._truncate_all_logs)
             if count:
                 log.debug("replayed %d records of %s through record %d", count, self.path, last)
         except OSError as e:
@@ -302,14 +283,18 @@ class Writer:
         finally:
             enactor_lock.release()
 
-    def _truncate_log(self, lid: int) -> None:
-        fd = os.open(log_path(self.path, lid), os.O_RDWR)
-        try:
-            if os.fstat(fd).st_size:
-                fileio.truncate(fd, 0)
-                fileio.fsync(fd)
-        finally:
-            os.close(fd)
+    def _truncate_all_logs(self) -> list[int]:
+        """Empty every log file (replay applied them) and make that durable; their ids."""
+        for lid in log_ids(self.path):
+            fd = os.open(log_path(self.path, lid), os.O_RDWR)
+            try:
+                if os.fstat(fd).st_size:
+                    fileio.truncate(fd, 0)
+                    fileio.fsync(fd)
+            finally:
+                os.close(fd)
+        fileio.sync_dir(self.path)
+        return log_ids(self.path)
 
     # -- the public API ----------------------------------------------------------------------
     def record(self) -> Record:
@@ -363,7 +348,7 @@ class Writer:
         with self._lock:
             self._absorb()
             ov = self._ov
-            st = load_queues(self.path) or self._queue
+            st = self._queues.read() or self._queues.last or QueueState()
             return {
                 "committed": self._next_id - 1,
                 "durable": self._durable,
@@ -541,28 +526,19 @@ class Writer:
 
     def _open_appending(self) -> None:
         try:
-            with self._queue_lock:
-                st = load_queues(self.path) or self._queue
-                created = not st.pool
-                if st.pool:
-                    lid = st.pool.pop(0)
-                else:
-                    lid = st.next_log
-                    st.next_log += 1
-                fd = fileio.create(log_path(self.path, lid), os.O_WRONLY)
-                try:
-                    if os.fstat(fd).st_size:  # pool logs are empty; this is a safety net
-                        fileio.truncate(fd, 0)
-                    if created:
-                        if self.sync_wal or self.durability == "commit":
-                            fileio.sync_dir(self.path)
-                        else:
-                            self._dir_dirty = True  # sync() makes the new name durable
-                    st.appending = lid
-                    save_queues(self.path, st)
-                except BaseException:
-                    os.close(fd)
-                    raise
+            lid, created = self._queues.start_log()
+            fd = fileio.create(log_path(self.path, lid), os.O_WRONLY)
+            try:
+                if os.fstat(fd).st_size:  # pool logs are empty; this is a safety net
+                    fileio.truncate(fd, 0)
+                if created:  # the new name must be durable before a record in it is
+                    if self.sync_wal or self.durability == "commit":
+                        fileio.sync_dir(self.path)
+                    else:
+                        self._dir_dirty = True  # sync() makes it durable
+            except BaseException:
+                os.close(fd)
+                raise
         except OSError as e:
             raise self._fail(e, "opening a new log file") from None
         except BaseException as e:  # the queue state may name a log we do not hold: stop
@@ -575,7 +551,6 @@ class Writer:
         self._handing = None
         if self._handoff is not None and self._enactor_obj is not None and self._enactor_obj.holding:
             self._handing = self._handoff.start_log(self._next_id)
-        self._queue = st
 
     def _chunk_now(self, table: int, chunk: int) -> bytes:
         got = self._ov.get(table, chunk)
@@ -702,11 +677,7 @@ class Writer:
             return False
         with new.window():  # no reader knows the new generation yet
             new.copy_from(old)
-        with self._queue_lock:
-            st = load_queues(self.path) or self._queue
-            st.generation = gen
-            save_queues(self.path, st)
-            self._queue = st
+        self._queues.set_generation(gen)
         old.retire(SUPERSEDED_STATE, gen)
         new.q[ENACTED] = max(new.q[ENACTED], old.q[ENACTED])
         self._ov = new
@@ -720,15 +691,11 @@ class Writer:
         if self._app_fd < 0 or not self._app_bytes:
             return
         fd, lid = self._app_fd, self._app_id
+        assert lid is not None  # an open appending log has an id
         try:
             if self.sync_wal:
                 fileio.fsync(fd)
-            with self._queue_lock:
-                st = load_queues(self.path) or self._queue
-                st.appending = None
-                st.read.append(lid)
-                save_queues(self.path, st)
-                self._queue = st
+            self._queues.rotate(lid)
         except OSError as e:
             raise self._fail(e, f"rotating log{lid}") from None
         except BaseException as e:  # the queue state may list this log as read while we

@@ -363,7 +363,7 @@ def replay_phases(t, base: str) -> dict[str, dict[str, list[int]]]:
     cleaning = False
     for kind, n, names in plan.calls:
         if "_replay" in names:
-            cleaning = cleaning or "_truncate_log" in names
+            cleaning = cleaning or "_truncate_all_logs" in names
             phases["cleanup" if cleaning else "apply"][kind].append(n)
         elif "close" in names:
             phases["close"][kind].append(n)

@@ -567,18 +567,18 @@ def test_a_publish_failure_under_commit_durability_still_fsyncs_before_returning
 def test_an_interrupt_during_rotation_stops_the_writer_and_loses_nothing(db, monkeypatch):
     """A KeyboardInterrupt right after a rotation saved the queue state: the writer refuses
     later commits (it no longer knows which log it holds) and every committed record survives."""
-    import mpwal.writer as writer_module
-    real = writer_module.save_queues
+    from mpwal.queues import QueueStore
+    real = QueueStore.rotate
     calls = []
 
-    def interrupted(path, state, sync=False):
-        real(path, state, sync)
-        calls.append(state.read[:])
-        if len(calls) == 6 and state.read:  # a rotation's save
+    def interrupted(self, log_id):
+        real(self, log_id)  # the rotation is saved, then the interrupt lands
+        calls.append(log_id)
+        if len(calls) == 3:
             raise KeyboardInterrupt
 
     w = mpwal.Writer(db, TABLES, log_size=200, log_age=1000)
-    monkeypatch.setattr(writer_module, "save_queues", interrupted)
+    monkeypatch.setattr(QueueStore, "rotate", interrupted)
     committed = 0
     with pytest.raises(KeyboardInterrupt):
         for i in range(1, 400):
