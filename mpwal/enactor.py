@@ -11,7 +11,7 @@ Each step (parity-db's ``read_next``/``end_read``/``clean_logs``):
 
 1. read the head of the read queue (a rotated log never changes again), apply its records in
    batches: values of consecutive slots are written with one ``pwrite``, each index chunk is read
-   and written once per batch; a record that drops a table is applied on its own;
+   and written once per batch; a record that drops a table starts a new batch (``applier.py``);
 2. publish ``enacted`` after each batch, only once its bytes are in the table files (invariant 2:
    the writer then drops those overlay entries by the record-id rule);
 3. at the end of a log: fsync the tables when ``sync_data``, move the log to the cleanup queue,
@@ -24,25 +24,19 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import struct
 import threading
 
 import filelock
 import posix_ipc
 
 from . import fileio
+from .applier import BATCH_RECORDS, Applier, batches
 from .errors import CorruptionError, StorageError, storage_error
-from .format import (BEGIN_SIZE, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, LogScan, Record,
-                     entries_of, first_record_id)
+from .format import BEGIN_SIZE, LogScan, first_record_id
 from .overlay import ENACTED, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
 from .queues import ENACTOR_LOCK, QueueStore, file_lock, log_path
-from .tables import TableFiles, load_catalog, record_problem
 
 log = logging.getLogger("mpwal")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-BATCH_RECORDS = 512
-BATCH_BYTES = 4 << 20
 
 
 class _Progress:
@@ -112,8 +106,8 @@ class Enactor:
         self.path = os.path.realpath(path)
         self.stop = stop or threading.Event()
         self.poll = poll
-        self.catalog = load_catalog(self.path)
-        self.files = TableFiles(self.path, self.catalog, writable=True)
+        self.applier = Applier(self.path)
+        self.files = self.applier.files
         self.queues = QueueStore(self.path)
         self.progress: _Progress | None = None
         self.generation = -1
@@ -128,7 +122,6 @@ class Enactor:
         # filled by the Writer whose thread this is; a log missing from it is read from its file
         self.handoff: Handoff | None = None
         self.mem: list | None = None
-        self._slot_structs: dict[int, struct.Struct] = {}
 
     # -- driving -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -161,9 +154,14 @@ class Enactor:
             self.holding = False
             if lock.is_locked:
                 lock.release()
-            self.files.close()
-            if self.progress:
-                self.progress.close()
+            self.close()
+
+    def close(self) -> None:
+        """Close the table files and the progress mapping."""
+        self.applier.close()
+        if self.progress:
+            self.progress.close()
+            self.progress = None
 
     def drain(self) -> None:
         """Enact and clean everything queued now (used by close and by tests)."""
@@ -207,26 +205,17 @@ class Enactor:
         if self.mem is not None:
             return self._step_in_memory(self.mem, head, st.epoch)
         scan = LogScan(self.data, start=self.pos)
-        batch: list[Record] = []
-        size = 0
-        for rec in scan.records():
-            if rec.record_id <= self.enacted:
-                self.pos += rec.end - rec.start
-                continue
-            self._check(head, rec)
-            if rec.ops and rec.ops[0].kind == DROP_TABLE:  # drops come first in a record
-                if batch:
-                    break  # apply what we have; the drop comes alone next step
-                batch.append(rec)
-                size += rec.end - rec.start
-                break
-            batch.append(rec)
-            size += rec.end - rec.start
-            if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
-                break
+        fresh = (rec for rec in scan.records() if rec.record_id > self.enacted)
+        batch = next(batches(fresh), None)  # the rest of the log is scanned again next step
         if batch:
-            self._apply(batch)
-            self.pos += size
+            for rec in batch:
+                why = self.applier.problem(rec)
+                if why is not None:
+                    raise CorruptionError(f"log{head} record {rec.record_id} cannot be enacted "
+                                          f"({why}); reopen the writer: replay ends the logs' "
+                                          "prefix there")
+            self.applier.apply(batch)
+            self.pos = batch[-1].end
             self.enacted = batch[-1].record_id
             self._publish(self.enacted)
             return True
@@ -263,20 +252,7 @@ class Enactor:
         if not mem[self.pos][3]:  # a record with drops is applied alone
             while end < len(mem) and end - self.pos < BATCH_RECORDS and not mem[end][3]:
                 end += 1
-        files = self.files
-        values: dict = {}
-        chunks: dict = {}
-        for _rid, vals, images, drops in mem[self.pos:end]:
-            for t in drops:
-                self._table(t)
-                files.drop(t)
-            values.update(vals)
-            chunks.update(images)
-        for (tid, c), image in chunks.items():
-            self._table(tid)
-            files.write_chunk(tid, c, image)
-        if values:
-            self._write_values(values)
+        self.applier.apply_handed(mem[self.pos:end])
         self.pos = end
         self.enacted = mem[end - 1][0]
         self._publish(self.enacted)
@@ -317,79 +293,6 @@ class Enactor:
             p.q[ENACTED] = rid
 
     # -- applying ----------------------------------------------------------------------------
-    def _check(self, head: int, rec: Record) -> None:
-        """Refuse a record of a log file that no writer of this version could have logged."""
-        why = record_problem(self.catalog, rec.ops)
-        if why is not None:  # perhaps a table added since we started
-            self.catalog.update(load_catalog(self.path))
-            why = record_problem(self.catalog, rec.ops)
-        if why is not None:
-            raise CorruptionError(f"log{head} record {rec.record_id} cannot be enacted ({why}); "
-                                  "reopen the writer: replay ends the logs' prefix there")
-
-    def _table(self, tid: int):
-        if tid not in self.catalog:
-            self.catalog.update(load_catalog(self.path))
-        return self.catalog[tid]
-
-    def _apply(self, batch) -> None:
-        """Apply records to the table files: the newest value of each slot and the final
-        contents of each index chunk are written once per batch."""
-        files = self.files
-        values = {}
-        chunks: dict[tuple[int, int], bytearray] = {}
-        for rec in batch:
-            for kind, table, key, mask, data in rec.ops:
-                if kind == INSERT_VALUE:
-                    values[(table, key)] = data
-                elif kind == INSERT_INDEX:
-                    self._table(table)
-                    chunk = chunks.get((table, key))
-                    if chunk is None:
-                        chunk = chunks[(table, key)] = bytearray(files.read_chunk(table, key))
-                    for e, v in entries_of(mask, data):
-                        _U64.pack_into(chunk, e * 8, v)
-                else:  # DROP_TABLE: a record that drops is applied alone, drops first
-                    self._table(table)
-                    files.drop(table)
-        for (tid, c), chunk in chunks.items():
-            files.write_chunk(tid, c, bytes(chunk))
-        if values:
-            self._write_values(values)
-
-    def _write_values(self, values: dict) -> None:
-        """Write slots, joining runs of consecutive indices of a table into one pwrite."""
-        tables: dict[int, dict] = {}
-        for (tid, index), data in values.items():
-            slots = tables.get(tid)
-            if slots is None:
-                slots = tables[tid] = {}
-            slots[index] = data
-        for tid, slots in tables.items():
-            slot = self._slot_struct(tid)  # u32 stored, then the data padded with zeros
-            pack = slot.pack
-            empty = pack(0, b"")
-            fd = self.files.fd(tid)
-            indices = sorted(slots)
-            n = len(indices)
-            i = 0
-            while i < n:
-                first = indices[i]
-                j = i + 1
-                while j < n and indices[j] == first + j - i:
-                    j += 1
-                run = map(slots.__getitem__, indices[i:j])
-                buf = b"".join([empty if d is None else pack(len(d) + 1, d) for d in run])
-                fileio.pwrite_all(fd, buf, first * slot.size)
-                i = j
-            self.files.dirty.add(tid)
-
-    def _slot_struct(self, tid: int) -> struct.Struct:
-        st = self._slot_structs.get(tid)
-        if st is None:
-            st = self._slot_structs[tid] = struct.Struct(f"<I{self._table(tid).slot_size}s")
-        return st
-
     # -- the end of a log, cleaning ----------------------------------------------------------
     def _finish_log(self, head: int, epoch: int) -> None:
         st = self.queues.read()

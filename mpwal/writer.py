@@ -34,16 +34,18 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import filelock
 
 from . import fileio
-from .enactor import BATCH_BYTES, BATCH_RECORDS, Enactor, Handoff
+from .applier import Applier, batches
+from .enactor import Enactor, Handoff
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
-from .format import CHUNK_BYTES, DROP_TABLE, encode_record
+from .format import CHUNK_BYTES, encode_record
+from .format import Record as LogRecord
 from .logs import read_logs
 from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSED,
                       SUPERSEDED_STATE, OverlayWriter, stale_segments,
@@ -51,7 +53,7 @@ from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSE
 from .platform import check_machine
 from .queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock, log_ids, log_path
 from .record import Record
-from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog, record_problem
+from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog
 from .tables import IndexTable, ValueTable
 
 log = logging.getLogger("mpwal")
@@ -241,31 +243,17 @@ class Writer:
             if logs.problem:
                 log.warning("replay of %s stops at %s; later records are dropped",
                             self.path, logs.problem)
-            applier = Enactor(self.path)
+            applier = Applier(self.path)
             last = done
+            count = 0
             try:
-                batch: list = []
-                size = 0
-                count = 0
-                for rec in logs.records():
-                    why = record_problem(self._catalog, rec.ops)
-                    if why is not None:  # damaged, or an older mpwal's: the prefix ends here
-                        log.warning("replay of %s stops at record %d (%s); later records are "
-                                    "dropped", self.path, rec.record_id, why)
-                        break
-                    has_drop = rec.ops and rec.ops[0].kind == DROP_TABLE  # drops come first in a record
-                    if batch and (has_drop or len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES):
-                        applier._apply(batch)
-                        batch, size = [], 0
-                    batch.append(rec)
-                    size += rec.end - rec.start
-                    count += 1
-                    last = max(last, rec.record_id)
-                if batch:
-                    applier._apply(batch)
-                applier.files.sync()
+                for batch in batches(self._replayable(logs.records(), applier)):
+                    applier.apply(batch)
+                    count += len(batch)
+                    last = batch[-1].record_id
+                applier.sync()
             finally:
-                applier.files.close()
+                applier.close()
             with self._queues.lock:
                 self._queues.replayed(last)  # before any log is truncated
                 self._next_id = last + 1
@@ -282,6 +270,17 @@ class Writer:
             raise e if isinstance(e, StorageError) else storage_error(e, "replaying the logs") from None
         finally:
             enactor_lock.release()
+
+    def _replayable(self, records: Iterator[LogRecord], applier: Applier) -> Iterator[LogRecord]:
+        """The records of the valid prefix up to the first one that cannot be applied (damaged,
+        or an older mpwal's: the prefix ends there, invariant 4)."""
+        for rec in records:
+            why = applier.problem(rec)
+            if why is not None:
+                log.warning("replay of %s stops at record %d (%s); later records are dropped",
+                            self.path, rec.record_id, why)
+                return
+            yield rec
 
     def _truncate_all_logs(self) -> list[int]:
         """Empty every log file (replay applied them) and make that durable; their ids."""
@@ -860,9 +859,7 @@ class Writer:
             try:
                 e.drain()
             finally:
-                e.files.close()
-                if e.progress:
-                    e.progress.close()
+                e.close()
             with self._lock:
                 self._absorb()
         except (OSError, Error) as e:

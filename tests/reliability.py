@@ -155,9 +155,7 @@ def drain(path: str) -> None:
         try:
             e.drain()
         finally:
-            e.files.close()
-            if e.progress is not None:
-                e.progress.close()
+            e.close()
     finally:
         lock.release()
 

@@ -429,7 +429,7 @@ def test_a_stale_handoff_list_never_passes_for_a_reused_log(db):
         e = Enactor(db)
         e.handoff = handoff
         e.drain()
-        e.files.close()
+        e.close()
         assert len(handoff) == 0  # the stale lists were dropped, not used
         assert w.stats()["enacted"] == 6
     with mpwal.Reader(db) as r:
@@ -521,7 +521,7 @@ def test_a_log_record_past_a_table_limit_ends_replay_instead_of_failing_the_open
     e = Enactor(db)
     with pytest.raises(mpwal.CorruptionError, match="log7 record 3 cannot be enacted"):
         e.drain()
-    e.files.close()
+    e.close()
     with mpwal.Writer(db, TABLES) as w:
         assert w.last_record_id == 2
         assert [w.value(VALUE_TABLE, i) for i in (1, 2, 4)] == [b"one", b"two", None]

@@ -133,9 +133,7 @@ def test_record_id_rule_keeps_newer_overlay_entry(db):
         assert e.files.read_value(VALUE_TABLE, 6) == b"six"
         with mpwal.Reader(db) as r:
             assert r.value(VALUE_TABLE, 5) == b"two" and r.value(VALUE_TABLE, 6) == b"six"
-        e.files.close()
-        if e.progress:
-            e.progress.close()
+        e.close()
     finally:
         w.close()
 
@@ -404,7 +402,7 @@ def test_every_table_synced_before_a_log_is_truncated(db, monkeypatch):
         first = Enactor(db)
         first.detach_on_new_writer = False
         first.step()  # applies records, publishes how far it got, and stops ("killed")
-        first.files.close()
+        first.close()
         events = []
         real_fsync, real_truncate = fileio.fsync, fileio.truncate
         monkeypatch.setattr(fileio, "fsync", lambda fd: (events.append(
@@ -414,7 +412,7 @@ def test_every_table_synced_before_a_log_is_truncated(db, monkeypatch):
         second = Enactor(db)
         second.detach_on_new_writer = False
         second.drain()
-        second.files.close()
+        second.close()
         monkeypatch.undo()
         cut = next(i for i, e in enumerate(events) if e[0] == "truncate")
         assert {("fsync", "value3.tbl"), ("fsync", "index1.tbl")} <= set(events[:cut])
@@ -462,11 +460,10 @@ def test_enactor_after_a_dead_writer_does_not_apply_again(db):
     e = Enactor(db)
     e.detach_on_new_writer = False
     applied = []
-    e._apply = lambda batch: applied.extend(r.record_id for r in batch)
+    e.applier.apply = lambda batch: applied.extend(r.record_id for r in batch)
     e.step()
     assert e.enacted == 20 and applied == []
-    e.files.close()
-    e.progress.close()
+    e.close()
     with mpwal.Writer(db, TABLES) as w:  # removes the dead writer's segment
         assert read_state(w, 100) == expected_state(20, 100, 5)
 
