@@ -13,12 +13,9 @@ Durability: ``durability="commit"`` then waits until an fsync covers the record;
 fsyncs for every commit waiting at that moment (group commit). ``sync()`` does the same for
 everything committed so far.
 
-Open (replay): the writer takes ``writer.lock``, bumps the queue epoch (a running enactor of an
-earlier writer lets go of ``enactor.lock``), takes ``enactor.lock`` itself, reads the longest
-valid prefix of the logs and applies it to the table files (records are after-images, so this
-is idempotent), fsyncs the tables, and only then truncates the logs into the pool. The overlay
-of the new generation starts empty: everything replayed is in the tables. Segments left by a
-killed writer are marked superseded and unlinked.
+Open: the writer takes ``writer.lock`` (the directory's one writer), checks the directory is an
+mpwal database or empty, merges the table definitions, replays the logs (``replay.py``) and
+starts the enactor.
 """
 
 from __future__ import annotations
@@ -34,24 +31,21 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import filelock
 
 from . import fileio
-from .applier import Applier, batches
 from .enactor import Enactor, Handoff
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
 from .format import CHUNK_BYTES, encode_record
-from .format import Record as LogRecord
-from .logs import read_logs
 from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSED,
-                      SUPERSEDED_STATE, OverlayWriter, stale_segments,
-                      supersede_segment)
+                      SUPERSEDED_STATE, OverlayWriter)
 from .platform import check_machine
-from .queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock, log_ids, log_path
+from .queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock, log_path
+from .replay import replay
 from .record import Record
 from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog
 from .tables import IndexTable, ValueTable
@@ -216,84 +210,16 @@ class Writer:
                 "give an empty or new directory")
 
     def _replay(self, overlay_slots: int, overlay_bytes: int) -> None:
-        """Apply the longest valid prefix of the logs to the tables; start a new generation.
+        """Replay the logs (``replay.py``) and start the new generation's overlay."""
 
-        Order matters for a writer killed in the middle of it: readers are sent off the dead
-        writer's segment first (they read the logs privately meanwhile); the queue file records
-        the last replayed record (fsynced) before any log is truncated, so a later open neither
-        reuses record ids nor applies a leftover older log over newer table data (records at or
-        below ``last_cleaned_record`` are already in the tables and are skipped)."""
-        st, loaded = self._queues.new_epoch(self._pid, self.sync_data)
-        generation = st.generation + 1
-        for name in stale_segments(self.path):
-            supersede_segment(name, generation)
-        enactor_lock = file_lock(self.path, ENACTOR_LOCK)
-        try:
-            enactor_lock.acquire(timeout=30)
-        except filelock.Timeout:
-            raise DatabaseError(f"an enactor process still holds {ENACTOR_LOCK} after 30 s; stop "
-                                "it (it lets go when a new writer opens) and reopen") from None
-        try:
-            # read again now that no enactor can work: one of the dead writer's may have cleaned
-            # logs (and moved last_cleaned_record) between the epoch bump and the lock
-            st = self._queues.read() or st
-            done = st.last_cleaned_record
-            # (without a queue file, the logs alone say where the prefix starts)
-            logs = read_logs(self.path, start=done + 1 if loaded else None)  # I/O error: raises
-            if logs.problem:
-                log.warning("replay of %s stops at %s; later records are dropped",
-                            self.path, logs.problem)
-            applier = Applier(self.path)
-            last = done
-            count = 0
-            try:
-                for batch in batches(self._replayable(logs.records(), applier)):
-                    applier.apply(batch)
-                    count += len(batch)
-                    last = batch[-1].record_id
-                applier.sync()
-            finally:
-                applier.close()
-            with self._queues.lock:
-                self._queues.replayed(last)  # before any log is truncated
-                self._next_id = last + 1
-                # the segment exists before the queue state names it, so a reader that reads
-                # the new state finds it
-                self._ov = OverlayWriter(self.path, generation, overlay_slots, overlay_bytes)
-                q = self._ov.q
-                q[COMMITTED] = q[DURABLE] = q[ENACTED] = last
-                self._durable = last
-                self._queues.reset(generation, self._truncate_all_logs)
-            if count:
-                log.debug("replayed %d records of %s through record %d", count, self.path, last)
-        except OSError as e:
-            raise e if isinstance(e, StorageError) else storage_error(e, "replaying the logs") from None
-        finally:
-            enactor_lock.release()
+        def start_generation(generation: int, last: int) -> None:
+            self._next_id = last + 1
+            self._ov = OverlayWriter(self.path, generation, overlay_slots, overlay_bytes)
+            q = self._ov.q
+            q[COMMITTED] = q[DURABLE] = q[ENACTED] = last
+            self._durable = last
 
-    def _replayable(self, records: Iterator[LogRecord], applier: Applier) -> Iterator[LogRecord]:
-        """The records of the valid prefix up to the first one that cannot be applied (damaged,
-        or an older mpwal's: the prefix ends there, invariant 4)."""
-        for rec in records:
-            why = applier.problem(rec)
-            if why is not None:
-                log.warning("replay of %s stops at record %d (%s); later records are dropped",
-                            self.path, rec.record_id, why)
-                return
-            yield rec
-
-    def _truncate_all_logs(self) -> list[int]:
-        """Empty every log file (replay applied them) and make that durable; their ids."""
-        for lid in log_ids(self.path):
-            fd = os.open(log_path(self.path, lid), os.O_RDWR)
-            try:
-                if os.fstat(fd).st_size:
-                    fileio.truncate(fd, 0)
-                    fileio.fsync(fd)
-            finally:
-                os.close(fd)
-        fileio.sync_dir(self.path)
-        return log_ids(self.path)
+        replay(self.path, self._queues, self._pid, self.sync_data, start_generation)
 
     # -- the public API ----------------------------------------------------------------------
     def record(self) -> Record:

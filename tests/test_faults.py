@@ -362,7 +362,7 @@ def replay_phases(t, base: str) -> dict[str, dict[str, list[int]]]:
     phases: dict = {p: {k: [] for k in fileio.KINDS} for p in ("apply", "cleanup", "close")}
     cleaning = False
     for kind, n, names in plan.calls:
-        if "_replay" in names:
+        if "replay" in names:
             cleaning = cleaning or "_truncate_all_logs" in names
             phases["cleanup" if cleaning else "apply"][kind].append(n)
         elif "close" in names:
