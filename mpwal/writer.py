@@ -10,8 +10,8 @@ A commit (``Writer.record()`` block) goes, under one lock of the writer process:
 4. rotate the appending log into the read queue once it passes ``log_size`` bytes.
 
 Durability: ``durability="commit"`` then waits until an fsync covers the record; one thread
-fsyncs for every commit waiting at that moment (group commit). ``sync()`` does the same for
-everything committed so far.
+fsyncs for every commit waiting at that moment (group commit, ``durability.py``). ``sync()``
+does the same for everything committed so far.
 
 Open: the writer takes ``writer.lock`` (the directory's one writer), checks the directory is an
 mpwal database or empty, merges the table definitions, replays the logs (``replay.py``) and
@@ -37,6 +37,7 @@ from typing import Any
 import filelock
 
 from . import fileio
+from .durability import GroupCommit
 from .enactor import Enactor, Handoff
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
@@ -128,9 +129,7 @@ class Writer:
         self._forked = False
         self._failed: BaseException | None = None
         self._lock = threading.RLock()
-        self._sync_cond = threading.Condition(threading.Lock())
-        self._syncing = False
-        self._durable = 0
+        self._group = GroupCommit(self._publish_durable)
         self._app_id: int | None = None  # appending log
         self._app_fd = -1
         self._app_bytes = 0
@@ -217,7 +216,7 @@ class Writer:
             self._ov = OverlayWriter(self.path, generation, overlay_slots, overlay_bytes)
             q = self._ov.q
             q[COMMITTED] = q[DURABLE] = q[ENACTED] = last
-            self._durable = last
+            self._group.durable = last
 
         replay(self.path, self._queues, self._pid, self.sync_data, start_generation)
 
@@ -264,7 +263,7 @@ class Writer:
         """Return once every record committed before this call is on disk; returns its id."""
         self._check_usable()
         target = self._next_id - 1
-        self._wait_durable(target)
+        self._group.wait(target, self._flush)
         return target
 
     def stats(self) -> dict[str, Any]:
@@ -276,7 +275,7 @@ class Writer:
             st = self._queues.read() or self._queues.last or QueueState()
             return {
                 "committed": self._next_id - 1,
-                "durable": self._durable,
+                "durable": self._group.durable,
                 "enacted": ov.q[ENACTED],
                 "generation": ov.generation,
                 "logs": {"appending": st.appending, "read": list(st.read),
@@ -386,7 +385,7 @@ class Writer:
                 if doubt:  # the writer stopped: no group commit, fsync the log here
                     self._sync_logs_now()
                 else:
-                    self._wait_durable(rid)
+                    self._group.wait(rid, self._flush)
             except (OSError, WriterFailedError) as e:
                 err = StorageError(getattr(e, "errno", None) or errno.EIO,
                                    f"record {rid} is committed and visible to readers, but the "
@@ -630,7 +629,7 @@ class Writer:
         self._rotations += 1
         if self.sync_wal:
             os.close(fd)
-            self._set_durable(self._next_id - 1)
+            self._group.advance(self._next_id - 1)
         else:
             self._unsynced.append(fd)
             if len(self._unsynced) > MAX_UNSYNCED_LOGS:  # bound the open descriptors
@@ -645,55 +644,37 @@ class Writer:
                     self._unsynced = []
         log.debug("rotated log%d into the read queue", lid)
 
-    def _set_durable(self, rid: int) -> None:
-        with self._sync_cond:
-            if rid > self._durable:
-                self._durable = rid
-                self._ov.q[DURABLE] = rid
-            self._sync_cond.notify_all()
+    def _publish_durable(self, rid: int) -> None:
+        self._ov.q[DURABLE] = rid  # (called with the writer's lock held)
 
-    def _wait_durable(self, rid: int) -> None:
-        """Group commit: the first waiting thread fsyncs for all; the others wait for it."""
-        while True:
-            with self._sync_cond:
-                while self._durable < rid and self._syncing:
-                    self._sync_cond.wait()
-                if self._durable >= rid:
-                    return
-                self._syncing = True
-            try:
-                with self._lock:
-                    self._check_usable()
-                    target = self._next_id - 1
-                    fds = [os.dup(self._app_fd)] if self._app_fd >= 0 else []
-                    fds.extend(os.dup(f) for f in self._unsynced)
-                    unsynced = self._unsynced
-                    self._unsynced = []
-                try:
-                    if self._dir_dirty:
-                        self._dir_dirty = False
-                        fileio.sync_dir(self.path)
-                    for fd in fds:
-                        fileio.fdatasync(fd)
-                    if not self.sync_data:  # the enactor may have written them without it
-                        self._files.sync(everything=True)
-                except OSError as e:
-                    with self._lock:
-                        raise self._fail(e, "syncing the log") from None
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                    for fd in unsynced:
-                        os.close(fd)
-                with self._sync_cond:
-                    self._syncing = False
-                with self._lock:  # the overlay may be moving to a new generation
-                    self._set_durable(target)
-            except BaseException:
-                with self._sync_cond:
-                    self._syncing = False
-                    self._sync_cond.notify_all()
-                raise
+    def _flush(self) -> None:
+        """fsync every log committed records are in (group commit's flush): the descriptors are
+        taken under the writer's lock, the fsyncs made outside it, so commits go on meanwhile."""
+        with self._lock:
+            self._check_usable()
+            target = self._next_id - 1
+            fds = [os.dup(self._app_fd)] if self._app_fd >= 0 else []
+            fds.extend(os.dup(f) for f in self._unsynced)
+            unsynced = self._unsynced
+            self._unsynced = []
+        try:
+            if self._dir_dirty:
+                self._dir_dirty = False
+                fileio.sync_dir(self.path)
+            for fd in fds:
+                fileio.fdatasync(fd)
+            if not self.sync_data:  # the enactor may have written them without it
+                self._files.sync(everything=True)
+        except OSError as e:
+            with self._lock:
+                raise self._fail(e, "syncing the log") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+            for fd in unsynced:
+                os.close(fd)
+        with self._lock:  # the overlay may be moving to a new generation
+            self._group.advance(target)
 
     # -- background work ---------------------------------------------------------------------
     def _housekeeping(self) -> None:
