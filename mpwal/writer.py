@@ -26,8 +26,6 @@ import errno
 import logging
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -39,6 +37,7 @@ import filelock
 from . import fileio
 from .durability import GroupCommit
 from .enactor import Enactor, Handoff
+from .supervisor import EnactorSupervisor
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
 from .format import CHUNK_BYTES, encode_record
@@ -139,12 +138,6 @@ class Writer:
         self._pending: collections.deque = collections.deque()  # (rid, keys, drops, nbytes)
         self._pending_bytes = 0
         self._rotations = 0
-        self._enactor_restarts = 0
-        self._enactor_thread: threading.Thread | None = None
-        self._enactor_obj: Enactor | None = None
-        self._enactor_proc: subprocess.Popen | None = None
-        self._enactor_stop = threading.Event()
-        self._enactor_errors: list[str] = []
         # the enactor thread takes rotated logs' records from here instead of parsing the file
         self._handoff: Handoff | None = Handoff() if enactor == "thread" else None
         self._handing: list | None = None  # the appending log's list in _handoff
@@ -158,7 +151,8 @@ class Writer:
             self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
             self._queues = QueueStore(self.path)
             self._replay(overlay_slots, overlay_bytes)
-            self._start_enactor()
+            self._supervisor = EnactorSupervisor(self.path, enactor, self._handoff)
+            self._supervisor.start()
         except BaseException:  # leave no lock, descriptor or segment behind
             if hasattr(self, "_ov"):
                 self._ov.retire(CLOSED)
@@ -289,8 +283,8 @@ class Writer:
                 "rotations": self._rotations,
                 "enactor": self.enactor_mode,
                 "enactor_pid": ov.q[ENACTOR_PID],
-                "enactor_restarts": self._enactor_restarts,
-                "enactor_errors": list(self._enactor_errors),
+                "enactor_restarts": self._supervisor.restarts,
+                "enactor_errors": list(self._supervisor.errors),
             }
 
     def close(self) -> None:
@@ -309,7 +303,7 @@ class Writer:
                         self._rotate()
                     except StorageError:
                         pass  # recorded in _failed; the logs stay for replay
-            self._stop_enactor()
+            self._supervisor.stop()
             if self._failed is None:
                 self._drain_here()
         finally:
@@ -473,7 +467,7 @@ class Writer:
         # starts, and then all of them: a list must be the whole log (another enactor reads the
         # file, and nothing piles up here)
         self._handing = None
-        if self._handoff is not None and self._enactor_obj is not None and self._enactor_obj.holding:
+        if self._handoff is not None and self._supervisor.holding:
             self._handing = self._handoff.start_log(self._next_id)
 
     def _chunk_now(self, table: int, chunk: int) -> bytes:
@@ -571,7 +565,8 @@ class Writer:
             self._absorb()
             if fits():
                 return
-            self._supervise_enactor()
+            if not self._closed:
+                self._supervisor.supervise()
             if time.monotonic() > deadline:
                 raise BackpressureError(
                     f"enactment did not free room within {self.backpressure_timeout} s "
@@ -688,70 +683,12 @@ class Writer:
                     if (self._app_bytes and self.log_age >= 0
                             and time.monotonic() - self._app_since >= self.log_age):
                         self._rotate()
-                self._supervise_enactor()
+                if not self._closed:
+                    self._supervisor.supervise()
             except StorageError:
                 pass  # recorded in _failed; the next commit reports it
             except Exception:  # never let housekeeping die silently
                 log.exception("mpwal housekeeping")
-
-    def _start_enactor(self) -> None:
-        self._enactor_started = time.monotonic()  # also when it fails: retried 0.2 s later
-        self._enactor_stop = threading.Event()
-        if self.enactor_mode == "thread":
-            e = Enactor(self.path, self._enactor_stop)
-            e.detach_on_new_writer = False
-            e.handoff = self._handoff
-            self._enactor_obj = e
-            self._enactor_thread = threading.Thread(target=self._run_enactor_thread, args=(e,),
-                                                    name="mpwal-enactor", daemon=True)
-            self._enactor_thread.start()
-        elif self.enactor_mode == "process":
-            code = "import sys; from mpwal.enactor import run_process; run_process(sys.argv[1], int(sys.argv[2]))"
-            env = dict(os.environ)  # the child imports this very mpwal, installed or not
-            here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-            try:
-                self._enactor_proc = subprocess.Popen(
-                    [sys.executable, "-c", code, self.path, str(os.getpid())],
-                    stdin=subprocess.DEVNULL, close_fds=True, env=env)
-            except OSError as e:
-                raise storage_error(e, "starting the enactor process") from None
-
-    def _run_enactor_thread(self, e: Enactor) -> None:
-        try:
-            e.run()
-        except BaseException:
-            self._enactor_errors.append(repr(e.error))
-
-    def _supervise_enactor(self) -> None:
-        """Restart an enactor that died (at most five times a second)."""
-        if self._closed or time.monotonic() - self._enactor_started < 0.2:
-            return
-        dead = ((self._enactor_thread is not None and not self._enactor_thread.is_alive())
-                or (self._enactor_proc is not None and self._enactor_proc.poll() is not None))
-        if dead:
-            if self._enactor_proc is not None:
-                self._enactor_errors.append(f"enactor process exited with {self._enactor_proc.returncode}")
-            self._enactor_restarts += 1
-            log.warning("restarting the enactor of %s", self.path)
-            try:
-                self._start_enactor()
-            except StorageError as e:  # tried again at the next check
-                self._enactor_errors.append(str(e))
-
-    def _stop_enactor(self) -> None:
-        self._enactor_stop.set()
-        if self._enactor_thread is not None:
-            self._enactor_thread.join()
-            self._enactor_thread = None
-        if self._enactor_proc is not None:
-            self._enactor_proc.terminate()
-            try:
-                self._enactor_proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._enactor_proc.kill()
-                self._enactor_proc.wait()
-            self._enactor_proc = None
 
     def _drain_here(self) -> None:
         """Enact and clean everything left, in this process, if no other enactor is at work."""

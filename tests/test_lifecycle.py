@@ -501,7 +501,7 @@ def test_handoff_is_whole_logs_only(db, monkeypatch):
     with mpwal.Writer(db, TABLES, log_size=1 << 20, log_age=1000) as w:
         commit_workload(w, 1, 20, 100, 5)
         started.set()
-        wait_for(lambda: w._enactor_obj.holding)
+        wait_for(lambda: w._supervisor.holding)
         commit_workload(w, 21, 40, 100, 5)  # same log, now with the lock held
         w._rotate()
         commit_workload(w, 41, 60, 100, 5)  # a new log, handed over whole
