@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Protocol
 
 from .errors import ArgumentRangeError, ArgumentTypeError, ClosedError, ValueTooLargeError
-from .format import CHUNK_ENTRIES
+from .format import CHUNK_ENTRIES, encode_record
 from .overlay import MAX_DROPS
 from .tables import Table, check_key
 
@@ -32,17 +32,18 @@ class Committer(Protocol):
     def _commit(self, rec: Record) -> int: ...
 
 
-class Record:
-    """Changes of one atomic record; get one from ``Writer.record()``."""
+class ChangeSet:
+    """The changes of one record, validated against a table catalog as they are made, and its
+    encoding. It needs no Writer: any process that reads the catalog can build one (``Record``
+    is the Writer's, and adds reading through to committed data and the commit itself)."""
 
-    __slots__ = ("_w", "_values", "_chunks", "_drops", "record_id", "_state")
+    __slots__ = ("_catalog", "_values", "_chunks", "_drops", "_state")
 
-    def __init__(self, writer: Committer) -> None:
-        self._w = writer
+    def __init__(self, catalog: dict[int, Table]) -> None:
+        self._catalog = catalog
         self._values: dict[tuple[int, int], bytes | None] = {}
         self._chunks: dict[tuple[int, int], list] = {}  # (table, chunk) -> [mask, {entry: value}]
         self._drops: list[int] = []
-        self.record_id: int | None = None  # set when the record commits
         self._state = "open"
 
     # -- building ----------------------------------------------------------------------------
@@ -53,7 +54,7 @@ class Record:
     def insert_value(self, table: int, index: int, data: bytes | None) -> None:
         """Set slot ``index`` of value table ``table`` to ``data``; None removes the value."""
         self._check()
-        t = check_key(self._w._catalog, table, index, "value")
+        t = check_key(self._catalog, table, index, "value")
         if data is not None:
             if type(data) is not bytes:
                 data = _as_bytes(data)
@@ -66,7 +67,7 @@ class Record:
     def insert_values(self, table: int, items: Iterable[tuple[int, bytes | None]]) -> None:
         """``insert_value`` for many (index, data) pairs of one table, with less overhead."""
         self._check()
-        t = check_key(self._w._catalog, table, 0, "value")
+        t = check_key(self._catalog, table, 0, "value")
         size = t.slot_size
         limit = t.max_key
         values = {}  # all or nothing: merged into the record once every pair checked out
@@ -81,7 +82,7 @@ class Record:
             except (TypeError, ValueError):
                 raise ArgumentTypeError(f"items must be (index, data) pairs, got {pair!r}") from None
             if type(index) is not int or not 0 <= index < limit:
-                check_key(self._w._catalog, table, index, "value")
+                check_key(self._catalog, table, index, "value")
             if data is not None:
                 if type(data) is not bytes:
                     data = _as_bytes(data)
@@ -95,7 +96,7 @@ class Record:
     def insert_index(self, table: int, chunk: int, entry: int, value: int) -> None:
         """Set entry ``entry`` (0..63) of chunk ``chunk`` of index table ``table`` to a u64."""
         self._check()
-        check_key(self._w._catalog, table, chunk, "index")
+        check_key(self._catalog, table, chunk, "index")
         if type(entry) is not int or not 0 <= entry < CHUNK_ENTRIES:
             if not isinstance(entry, int) or isinstance(entry, bool):
                 raise ArgumentTypeError(f"entry must be an int, not {type(entry).__name__}")
@@ -114,8 +115,8 @@ class Record:
         """Empty ``table`` for every reader once this record commits; earlier changes to it in
         this record are discarded, later ones apply to the emptied table."""
         self._check()
-        if table not in self._w._catalog:
-            check_key(self._w._catalog, table, 0, "value")  # raises the right error
+        if table not in self._catalog:
+            check_key(self._catalog, table, 0, "value")  # raises the right error
         if table not in self._drops:
             if len(self._drops) >= MAX_DROPS:
                 raise ArgumentRangeError(
@@ -127,11 +128,31 @@ class Record:
         for key in [k for k in self._chunks if k[0] == table]:
             del self._chunks[key]
 
+    @property
+    def empty(self) -> bool:
+        """Whether no change was made yet."""
+        return not (self._values or self._chunks or self._drops)
+
+    def encode(self, record_id: int) -> bytes:
+        """The log record of these changes under ``record_id`` (``format.py``)."""
+        return encode_record(record_id, self._drops, self._chunks, self._values)
+
+
+class Record(ChangeSet):
+    """Changes of one atomic record; get one from ``Writer.record()``."""
+
+    __slots__ = ("_w", "record_id")
+
+    def __init__(self, writer: Committer) -> None:
+        super().__init__(writer._catalog)
+        self._w = writer
+        self.record_id: int | None = None  # set when the record commits
+
     # -- reading your own changes -----------------------------------------------------------
     def value(self, table: int, index: int) -> bytes | None:
         """The value as this record would leave it: its own change, else the committed one."""
         self._check()
-        check_key(self._w._catalog, table, index, "value")
+        check_key(self._catalog, table, index, "value")
         key = (table, index)
         if key in self._values:
             return self._values[key]
@@ -142,18 +163,13 @@ class Record:
     def index_entry(self, table: int, chunk: int, entry: int) -> int:
         """The entry as this record would leave it: its own change, else the committed one."""
         self._check()
-        check_key(self._w._catalog, table, chunk, "index")
+        check_key(self._catalog, table, chunk, "index")
         c = self._chunks.get((table, chunk))
         if c is not None and entry in c[1]:
             return c[1][entry]
         if table in self._drops:
             return 0
         return self._w.index_entry(table, chunk, entry)
-
-    @property
-    def empty(self) -> bool:
-        """Whether the record holds no change yet."""
-        return not (self._values or self._chunks or self._drops)
 
     # -- committing --------------------------------------------------------------------------
     def commit(self) -> int:

@@ -40,7 +40,7 @@ from .enactor import Enactor, Handoff
 from .supervisor import EnactorSupervisor
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
-from .format import CHUNK_BYTES, encode_record
+from .format import CHUNK_BYTES
 from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSED,
                       SUPERSEDED_STATE, OverlayWriter)
 from .platform import check_machine
@@ -348,7 +348,7 @@ class Writer:
         with self._lock:
             self._check_usable()
             rid = self._next_id
-            data = encode_record(rid, drops, chunks, values)
+            data = rec.encode(rid)
             # everything that can fail on its own comes before the append
             images = self._images(drops, chunks)
             blob = b"".join([v for v in values.values() if v])  # the overlay's copy, in order

@@ -6,6 +6,7 @@ CRC is checked against crcmod's CRC-32, an implementation independent of zlib.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import crcmod.predefined
@@ -421,3 +422,35 @@ def test_records_iterator_is_lazy_and_stops_for_good():
     with pytest.raises(StopIteration):
         next(it)
     assert scan.problem == "torn" and scan.end == len(buf) - 2
+
+
+def test_a_change_set_needs_no_writer_and_encodes_what_the_writer_logs(tmp_path):
+    """A ChangeSet built from the catalog alone (as a producer process would) validates like a
+    Record and encodes the very bytes the writer appends for the same changes."""
+    import mpwal
+    from mpwal.logs import read_logs
+    from mpwal.record import ChangeSet
+    from mpwal.tables import load_catalog
+
+    path = str(tmp_path / "db")
+    tables = [mpwal.IndexTable(1), mpwal.ValueTable(3, slot_size=8)]
+    mpwal.Writer(path, tables, enactor="none").close()
+    cs = ChangeSet(load_catalog(path))
+    cs.insert_value(3, 4, b"four")
+    cs.insert_index(1, 2, 7, 0xABC)
+    cs.drop_table(3)
+    cs.insert_value(3, 5, None)
+    with pytest.raises(mpwal.ValueTooLargeError):
+        cs.insert_value(3, 1, b"too long!")
+    with pytest.raises(mpwal.TableError):
+        cs.insert_index(3, 0, 0, 1)
+    with mpwal.Writer(path, tables, enactor="none", log_age=1000) as w:
+        with w.record() as rec:
+            rec.insert_value(3, 4, b"four")
+            rec.insert_index(1, 2, 7, 0xABC)
+            rec.drop_table(3)
+            rec.insert_value(3, 5, None)
+        logged = [r for r in read_logs(path).records() if r.record_id == rec.record_id][0]
+        with open(os.path.join(path, f"log{read_logs(path).valid[-1].log_id}"), "rb") as f:
+            raw = f.read()[logged.start:logged.end]
+    assert cs.encode(rec.record_id) == raw
