@@ -1,6 +1,6 @@
 """The ``mpwal`` command line: --version, the commands' help and --json, a closed stdout pipe,
 and ``mpwal cleanup`` of the segment a SIGKILLed writer left behind (the messages themselves are
-tested on mpwal.inspect in test_inspect.py)."""
+tested on mpwal.tools.inspect in test_inspect.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from procs import TABLES, writer_process
 
 import mpwal
-from mpwal import cli
-from mpwal import inspect as mi
+from mpwal.tools import cli
+from mpwal.tools import inspect as mi
 from mpwal.format import encode_record
 from mpwal.overlay import segment_prefix, stale_segments
 from mpwal.queues import QueueState, save_queues

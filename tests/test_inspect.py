@@ -1,4 +1,4 @@
-"""mpwal.inspect: verify, dump and inspect on databases built by hand (no Writer), and that none
+"""mpwal.tools.inspect: verify, dump and inspect on databases built by hand (no Writer), and that none
 of them changes a byte on disk or in shared memory (invariant 8)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from mpwal import inspect as mi
+from mpwal.tools import inspect as mi
 from mpwal import overlay as ov
 from mpwal.format import BEGIN_SIZE, encode_record
 from mpwal.queues import QueueState, WriterLock, save_queues

@@ -11,9 +11,9 @@ import tempfile
 
 import pytest
 
-from mpwal import stress
+from mpwal.tools import stress
 from mpwal.overlay import stale_segments
-from mpwal.stress import (HEADER, SLOT_BITS, Plan, Workload, check_chunk, check_snapshot,
+from mpwal.tools.stress import (HEADER, SLOT_BITS, Plan, Workload, check_chunk, check_snapshot,
                           last_writer, make_value, verify_value, writer_interval)
 
 WL = Workload(seed=5, keys=1000, batch=10, value_size=40)

@@ -286,7 +286,7 @@ def check_chunk(plan: Plan, chunk: int, data: bytes, l1: int, l2: int,
 def verify_state(path: str, plan: Plan, expect_last: int | None) -> tuple[int, list[str], int]:
     """Read every key and index entry: the state must be exactly records 1..last. Returns
     (last_record_id seen, errors, error count). Meant for when no record is being committed."""
-    from .reader import Reader
+    from ..reader import Reader
     errs: list[str] = []
     count = 0
 
@@ -375,7 +375,7 @@ def _reader_main(idx: int, path: str, wl: dict, stop, counts, results) -> None:
 def _reader_loop(idx: int, path: str, wl: Workload, stop, counts, out: dict, results) -> None:
     """Read and check until ``stop``; error descriptions go to the parent as they happen (the
     first MAX_MESSAGES), the counts and latency samples at the end in ``out``."""
-    from .reader import Reader
+    from ..reader import Reader
     plan = Plan(wl)
     rng = random.Random((wl.seed << 8) + idx + 1)
     seen = [0] * wl.keys
@@ -536,7 +536,7 @@ def _writer_main(conn, path: str, wl: dict, cfg: dict) -> None:
 
 
 def _writer_loop(conn, path: str, wl: Workload, cfg: dict) -> None:
-    from . import IndexTable, ValueTable, Writer
+    from .. import IndexTable, ValueTable, Writer
     logs = _LogToParent()
     plan = Plan(wl)
     conn.send(("ready",))  # a warm standby: imported and planned; open only when told
@@ -758,7 +758,7 @@ class Stress:
         return True
 
     def _prepare_dir(self) -> bool:
-        from .tables import META_FILE
+        from ..tables import META_FILE
         if not self._make_dir():
             return False
         names = set(os.listdir(self.path))
@@ -1063,7 +1063,7 @@ class Stress:
         return seen
 
     def _write_params(self) -> None:
-        from .fileio import write_file_atomic
+        from ..fileio import write_file_atomic
         p = os.path.join(self.path, PARAMS_FILE)
         if not os.path.exists(p):
             write_file_atomic(p, json.dumps(asdict(self.wl)).encode())  # mode 0600
@@ -1155,8 +1155,8 @@ class Stress:
                 self.error(f"enactor process {pid} still runs after its writer closed")
 
     def _check_segments(self) -> None:
-        from .overlay import stale_segments, unlink_segment
-        from .queues import writer_alive
+        from ..overlay import stale_segments, unlink_segment
+        from ..queues import writer_alive
         left = stale_segments(os.path.realpath(self.path))
         if left and not writer_alive(self.path):
             self.error(f"shared-memory segments left in /dev/shm after the run: {left} (removed now)")

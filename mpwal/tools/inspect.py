@@ -44,10 +44,10 @@ from typing import TextIO
 
 import posix_ipc
 
-from . import fileio
-from . import overlay as ov
-from .errors import Error, WriterLockedError
-from .format import (
+from .. import fileio
+from .. import overlay as ov
+from ..errors import Error, WriterLockedError
+from ..format import (
     BEGIN_RECORD,
     DROP_TABLE,
     INSERT_INDEX,
@@ -56,9 +56,9 @@ from .format import (
     entries_of,
     first_record_id,
 )
-from .logs import LogFile, LogSet, Problem, read_logs
-from .queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
-from .tables import META_FILE, Table, is_database, load_catalog, op_problem
+from ..logs import LogFile, LogSet, Problem, read_logs
+from ..queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
+from ..tables import META_FILE, Table, is_database, load_catalog, op_problem
 
 PREVIEW_BYTES = 16  # bytes of a value shown by the text dump
 MAX_LISTED = 10  # table mismatches listed by verify before it only counts them
