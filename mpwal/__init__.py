@@ -12,10 +12,10 @@ from .platform import check_platform
 check_platform()  # a clear ImportError off Linux, before the modules that need it
 
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
-                     CorruptionError, DatabaseError, Error, ForkedError, StorageError, TableError,
-                     UnsupportedPlatformError, ValueTooLargeError, WriterFailedError,
-                     WriterLockedError)
-from .reader import Reader
+                     CorruptionError, DatabaseError, Error, ForkedError, SnapshotExpiredError,
+                     StorageError, TableError, UnsupportedPlatformError, ValueTooLargeError,
+                     WriterFailedError, WriterLockedError)
+from .reader import Reader, Snapshot
 from .record import Record
 from .tables import IndexTable, ValueTable
 from .writer import Writer
@@ -26,8 +26,9 @@ logging.getLogger("mpwal").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
-    "Writer", "Reader", "Record", "IndexTable", "ValueTable",
+    "Writer", "Reader", "Snapshot", "Record", "IndexTable", "ValueTable",
     "Error", "ArgumentTypeError", "ArgumentRangeError", "ValueTooLargeError", "TableError",
     "ClosedError", "ForkedError", "WriterLockedError", "DatabaseError", "CorruptionError",
     "StorageError", "WriterFailedError", "BackpressureError", "UnsupportedPlatformError",
+    "SnapshotExpiredError",
 ]

@@ -12,8 +12,10 @@ Each step (parity-db's ``read_next``/``end_read``/``clean_logs``):
 1. read the head of the read queue (a rotated log never changes again), apply its records in
    batches: values of consecutive slots are written with one ``pwrite``, each index chunk is read
    and written once per batch; a record that drops a table starts a new batch (``applier.py``);
-2. publish ``enacted`` after each batch, only once its bytes are in the table files (invariant 2:
-   the writer then drops those overlay entries by the record-id rule);
+2. before each batch, honour the snapshots' pins (``pins.py``): apply nothing past the oldest
+   live pin younger than ``max_snapshot_age``, and announce the batch's last id in
+   ``enacting`` (the barrier protocol of ``pins.py``); publish ``enacted`` after the batch, only
+   once its bytes are in the table files (invariant 2: the writer then frees those versions);
 3. at the end of a log: fsync the tables when ``sync_data``, move the log to the cleanup queue,
    truncate cleanup logs in order and return them to the pool, keeping at most 16 and deleting
    the rest (invariant 3). Truncation happens under ``queue.lock``.
@@ -33,7 +35,8 @@ from . import fileio
 from .applier import BATCH_RECORDS, Applier, batches
 from .errors import CorruptionError, StorageError, storage_error
 from .format import BEGIN_SIZE, LogScan, first_record_id
-from .overlay import ENACTED, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
+from .overlay import ENACTED, ENACTING, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
+from .pins import ReaderTable
 from .queues import ENACTOR_LOCK, QueueStore, file_lock, log_path
 
 log = logging.getLogger("mpwal")
@@ -110,6 +113,7 @@ class Enactor:
         self.files = self.applier.files
         self.queues = QueueStore(self.path)
         self.progress: _Progress | None = None
+        self.pins: ReaderTable | None = None
         self.generation = -1
         self.epoch = -1
         self.enacted = 0  # newest record applied by this enactor in this epoch
@@ -159,6 +163,9 @@ class Enactor:
     def close(self) -> None:
         """Close the table files and the progress mapping."""
         self.applier.close()
+        if self.pins is not None:
+            self.pins.close()
+            self.pins = None
         if self.progress:
             self.progress.close()
             self.progress = None
@@ -208,6 +215,10 @@ class Enactor:
         fresh = (rec for rec in scan.records() if rec.record_id > self.enacted)
         batch = next(batches(fresh), None)  # the rest of the log is scanned again next step
         if batch:
+            limit = self._announce(batch[-1].record_id, st)
+            batch = [rec for rec in batch if rec.record_id <= limit]
+            if not batch:
+                return False  # a snapshot holds the next record back
             for rec in batch:
                 why = self.applier.problem(rec)
                 if why is not None:
@@ -252,6 +263,11 @@ class Enactor:
         if not mem[self.pos][3]:  # a record with drops is applied alone
             while end < len(mem) and end - self.pos < BATCH_RECORDS and not mem[end][3]:
                 end += 1
+        limit = self._announce(mem[end - 1][0], None)
+        while end > self.pos and mem[end - 1][0] > limit:
+            end -= 1
+        if end == self.pos:
+            return False  # a snapshot holds the next record back
         self.applier.apply_handed(mem[self.pos:end])
         self.pos = end
         self.enacted = mem[end - 1][0]
@@ -287,10 +303,46 @@ class Enactor:
         except (posix_ipc.ExistentialError, FileNotFoundError):
             self.progress = None
 
+    def _announce(self, target: int, st) -> int:
+        """The newest record id this batch may apply (at most ``target``, not past the oldest
+        pin), announced in ``enacting`` by the protocol of ``pins.py``: store, barrier, look at
+        the pins again, lower and repeat if a new pin appeared below; and look again whether
+        the overlay generation was replaced meanwhile (the writer grew it), announcing in the
+        new one too."""
+        if self.pins is None:
+            try:
+                self.pins = ReaderTable(self.path)
+            except FileNotFoundError:
+                self.pins = None  # no writer of this version opened here: nobody can pin
+        limit = target
+        for _ in range(1000):
+            if self.pins is not None:
+                oldest = self.pins.oldest()
+                if oldest is not None and oldest < limit:
+                    limit = max(oldest, self.enacted)
+            p = self.progress
+            if p is not None and p.q[ENACTING] != limit:
+                p.q[ENACTING] = limit
+            if self.pins is None:
+                return limit
+            self.pins.barrier()
+            oldest = self.pins.oldest()
+            if oldest is not None and oldest < limit:
+                continue
+            if p is not None and not p.live:
+                st = self.queues.read()
+                if st is not None and st.generation != self.generation:
+                    self._follow(st)
+                    continue
+            return limit
+        return self.enacted  # pins kept appearing below: apply nothing this step
+
     def _publish(self, rid: int) -> None:
         p = self.progress
         if p is not None and p.q[ENACTED] < rid:
             p.q[ENACTED] = rid
+        if p is not None and p.q[ENACTING] < rid:
+            p.q[ENACTING] = rid
 
     # -- applying ----------------------------------------------------------------------------
     # -- the end of a log, cleaning ----------------------------------------------------------

@@ -84,3 +84,8 @@ def storage_error(exc: OSError, doing: str) -> StorageError:
     err = StorageError(exc.errno, f"{doing} failed: {exc.strerror or exc} ({hint})")
     err.__cause__ = exc
     return err
+
+
+class SnapshotExpiredError(Error):
+    """A snapshot can no longer answer at its record id: it was held past the writer's
+    ``max_snapshot_age``, or a new writer replayed the logs past it. Take a new snapshot."""

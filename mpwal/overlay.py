@@ -1,50 +1,85 @@
-"""The overlays in POSIX shared memory: the newest committed, not yet enacted data of each key.
+"""The overlay in POSIX shared memory: every committed, not yet enacted version of each key.
 
 One segment per *generation*, created only by the writer (mode 0600) and named
 ``/mpwal-<12 hex of the directory's real path>-<generation>`` (at most 31 characters, as macOS
-allows). Readers map it read-only. Layout, in little-endian u64 words::
+allows). Readers map it read-only; the enactor maps the header to write ``enacting`` and
+``enacted``. Layout 2, in little-endian u64 words::
 
     header, 512 words (4096 bytes)
-      0  seq           even when stable, odd while the writer changes anything below;
-                       SUPERSEDED (2**64-1) forever once this generation is dead
+      0  struct        even when stable, odd while the writer makes a structural change
+                       (freeing versions, removing drops); SUPERSEDED (2**64-1) forever once
+                       this generation is dead
       1  magic         MAGIC
       2  layout        LAYOUT_VERSION
       3  generation
       4  state         LIVE, SUPERSEDED (see next_gen) or CLOSED
       5  next_gen      generation that replaced this one
       6  writer_pid
-      7  committed     newest record id published
+      7  committed     the watermark: newest record id published; readers see ids <= it
       8  durable       newest record id known to be on disk
-      9  enacted       newest record id applied to the table files (written by the enactor)
+      9  enacted       newest record id whose data is in the table files (written by the enactor)
      10  enactor_pid   (written by the enactor)
      11  nslots        hash slots, a power of two
      12  heap_bytes
-     13  entries       live hash entries
-     14  heap_used     bytes of live record data in the heap
-     15  ndrops        pending table drops, pairs at word 64: (table, record id)
+     13  entries       keys in the hash
+     14  heap_used     bytes of live record blobs in the heap
+     15  ndrops        pending table drops, pairs at word 64: (table, record id); several may
+                       name one table
+     16  enacting      newest record id the enactor may be writing into the table files now
+                       (written by the enactor; enacted <= enacting <= committed)
     slots, nslots × 4 words, open addressing with linear probing, no tombstones (deletion
     shifts later entries back):
       index        the value index, or the index chunk number
       tag          table id + 1; 0 marks an empty slot
-      record_id    record that wrote this data
-      loc          byte offset in the segment << 32 | stored;  stored = length + 1, 0 = removed
-    heap, heap_bytes: a ring of record blobs. Publishing a record copies all its data (its
-    values, then the whole 512-byte after-image of each index chunk it changed) into the heap
-    with one copy, at the ring's tail; its entries point into that blob. Records are enacted in
-    id order, and an entry leaves when its own record is enacted (the record-id rule), so once
-    record r is enacted nothing points into r's blob: blobs are freed from the ring's head in
-    allocation order, and the pages they used are given back to the system (MADV_REMOVE) as the
-    head passes them. (parity-db reclaims its overlay below 1/10 use; a ring needs no
-    compaction.) Segments stay below 4 GiB so an offset fits in 32 bits.
+      head         byte offset of the key's newest version node
+      (reserved)
+    version node, 3 words, in its record's blob:
+      record_id    record that wrote this version
+      loc          byte offset of the data << 32 | stored;  stored = length + 1, 0 = removed
+      older        byte offset of the next older version node, 0 if none (the table file is
+                   below it); record ids fall strictly along a chain
+    heap, heap_bytes: a ring of record blobs. A record's blob is its version nodes, then its
+    data (values, then the whole 512-byte after-image of each index chunk it changed), copied
+    with one store at the ring's tail. Versions are freed in record order once their record is
+    enacted, so blobs leave from the ring's head, and the pages they used are given back to the
+    system (MADV_REMOVE) as the head passes them. Segments stay below 4 GiB so an offset fits
+    in 32 bits.
 
-Consistency is one sequence lock over the whole segment (the words and the heap): the writer
-makes ``seq`` odd, changes entries, makes it even again; a reader reads ``seq``, looks up, copies
-the bytes and re-reads ``seq``, retrying when it moved. A whole record is published inside one
-odd window, so a lookup sees all of a record or none of it. Counters are written as single
-aligned 8-byte stores through ``memoryview.cast('Q')`` (``struct.pack_into`` would zero its
-target first, and a reader could take the transient 0 for an even, stable counter). The
-protocol relies on stores and loads not being reordered between processes, which holds on
-x86-64 (TSO); other architectures would need fences that pure Python cannot emit.
+Publishing record r (the writer; never makes a reader wait or retry):
+
+1. copy r's blob into free ring space, where no pointer leads yet; each node's ``older`` is the
+   key's current head;
+2. link each node: for a key already in the hash, one 8-byte store of ``head``; for a new key,
+   an empty slot of its probe run gets ``index`` and ``head``, then ``tag`` last;
+3. append r's drops (pair, then ``ndrops``);
+4. store ``committed = r``: the release that makes all of r visible at once.
+
+A reader at watermark W (one ``committed`` load per call, or the snapshot's pin) probes the
+key's slot and walks its chain to the first version with record id <= W; none, or no slot: the
+table file, unless a drop of the table at a record id <= W is newer than that version. A
+reader meeting a node of r > W in step 2 just walks past it.
+
+Structural changes (the writer, rare and short): ``struct`` is made odd, versions of records
+<= ``enacted`` are unlinked (a key's chain is cut below its newest surviving version, or its
+slot removed by backward shift when none survives), drops <= ``enacted`` removed, and
+``struct`` made even again; the freed ring space is reused only after that. A reader loads
+``struct`` (acquire) before its lookups and again after (acquire): an odd or changed value
+means retry. A structural window held open for long (a stopped or dead writer) makes the
+reader answer from the logs and tables instead (``reader.py``). A reader may read freed, reused
+bytes before it notices; it never trusts them: chains must fall strictly, offsets are bounded,
+and the ``struct`` check rejects the answer.
+
+Table files (``enacting``): the enactor stores ``enacting`` (release) before it writes a batch
+and ``enacted`` (release) after. A reader that read a table file loads ``enacting`` (acquire)
+after that read: above W, the file may hold data newer than W, and the read is retried (or, in
+a snapshot whose pin the enactor no longer honours, refused).
+
+Memory ordering: the writer's and enactor's stores above are releases, and the reader's loads
+of ``struct``, ``committed``, ``head``, node words and ``enacting`` acquires, in that program
+order. Words are written as single aligned 8-byte stores through ``memoryview.cast('Q')``
+(``struct.pack_into`` would zero its target first). x86-64 (TSO) keeps stores in order and
+loads in order, which is all this needs; other architectures need the fences that the native
+backend emits with C11 atomics and pure Python cannot.
 
 The hash is Fibonacci hashing of ``index ^ (table << 47)``: the top ``log2(nslots)`` bits of the
 64-bit product with 0x9E3779B97F4A7C15, so strided indices spread.
@@ -56,7 +91,10 @@ import collections
 import hashlib
 import mmap
 import os
+import struct
+from collections.abc import Iterable, Iterator
 from types import TracebackType
+from typing import Any
 
 import posix_ipc
 
@@ -64,22 +102,36 @@ from . import fileio
 from .errors import StorageError
 
 MAGIC = 0x4C41_5750_4D00_0001  # "\x01\0MPWAL" little-endian
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_WORDS = 512
 HEADER_BYTES = HEADER_WORDS * 8
 SLOT_WORDS = 4
+NODE_BYTES = 24
 SUPERSEDED = (1 << 64) - 1
 M64 = (1 << 64) - 1
 K = 0x9E3779B97F4A7C15
 
-SEQ, MAGIC_W, LAYOUT, GENERATION, STATE, NEXT_GEN, WRITER_PID, COMMITTED, DURABLE, ENACTED, \
-    ENACTOR_PID, NSLOTS, HEAP_BYTES, ENTRIES, HEAP_USED, NDROPS = range(16)
+STRUCT, MAGIC_W, LAYOUT, GENERATION, STATE, NEXT_GEN, WRITER_PID, COMMITTED, DURABLE, ENACTED, \
+    ENACTOR_PID, NSLOTS, HEAP_BYTES, ENTRIES, HEAP_USED, NDROPS, ENACTING = range(17)
 DROP_BASE = 64
 MAX_DROPS = 128
 LIVE, SUPERSEDED_STATE, CLOSED = 1, 2, 3
-MAX_LOAD = 0.5  # entries per slot before the writer wants a bigger generation
+MAX_LOAD = 0.5  # keys per slot before the writer wants a bigger generation
 MAX_SEGMENT = (1 << 32) - 1  # offsets in ``loc`` are 32 bits
 RELEASE_BYTES = 1 << 20  # give freed heap pages back once this many have accumulated
+
+
+class _Miss:
+    """``find``'s answer when the overlay holds nothing for a key at a watermark: read the
+    table file."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+MISS: Any = _Miss()
 
 
 def segment_prefix(realpath: str) -> str:
@@ -121,12 +173,17 @@ def supersede_segment(name: str, next_gen: int) -> None:
             if q[MAGIC_W] == MAGIC:
                 q[NEXT_GEN] = next_gen
                 q[STATE] = SUPERSEDED_STATE
-                q[SEQ] = SUPERSEDED
+                q[STRUCT] = SUPERSEDED
             q.release()
             m.close()
     finally:
         shm.close_fd()
         unlink_segment(name)
+
+
+class Torn(Exception):
+    """A lookup met bytes a structural change freed under it; the ``struct`` check rejects the
+    answer anyway, this only stops the walk early."""
 
 
 class _Segment:
@@ -146,9 +203,108 @@ class _Segment:
         """Word offset of the slot where (table, index) would sit with no collision."""
         return ((((index ^ (table << 47)) * K) & M64) >> self.shift) * SLOT_WORDS + HEADER_WORDS
 
-    def drops(self) -> dict[int, int]:
+    def find(self, table: int, index: int, w_mark: int) -> Any:
+        """The one overlay lookup: the data (bytes, or None for removed or dropped) of
+        (table, index) at watermark ``w_mark``, or MISS when the table file holds it. Readers
+        call it between two ``struct`` loads and check them; the writer calls it as it is."""
         q = self.q
-        return {q[DROP_BASE + 2 * i]: q[DROP_BASE + 2 * i + 1] for i in range(q[NDROPS])}
+        w = ((((index ^ (table << 47)) * K) & M64) >> self.shift) * SLOT_WORDS + HEADER_WORDS
+        tag = table + 1
+        end = self.slots_end
+        while True:
+            t = q[w + 1]
+            if t == tag and q[w] == index:
+                n = q[w + 2]
+                below = M64
+                while n:
+                    nw = n >> 3
+                    rid = q[nw]
+                    if rid <= w_mark:
+                        if q[NDROPS] and self.dropped_at(table, w_mark) > rid:
+                            return None
+                        loc = q[nw + 1]
+                        stored = loc & 0xFFFFFFFF
+                        if not stored:
+                            return None
+                        off = loc >> 32
+                        return self.m[off:off + stored - 1]
+                    if rid >= below:
+                        raise Torn()
+                    below = rid
+                    n = q[nw + 2]
+                break
+            if not t:
+                break
+            w += SLOT_WORDS
+            if w == end:
+                w = HEADER_WORDS
+        if q[NDROPS] and self.dropped_at(table, w_mark):
+            return None
+        return MISS
+
+    def dropped_at(self, table: int, w_mark: int) -> int:
+        """The newest record id <= ``w_mark`` that dropped ``table`` and is not enacted, or 0."""
+        q = self.q
+        best = 0
+        for i in range(min(q[NDROPS], MAX_DROPS)):
+            w = DROP_BASE + 2 * i
+            if q[w] == table:
+                r = q[w + 1]
+                if best < r <= w_mark:
+                    best = r
+        return best
+
+    def drops_at(self, w_mark: int) -> dict[int, int]:
+        """{table: newest dropping record id <= w_mark} of the pending drops."""
+        q = self.q
+        out: dict[int, int] = {}
+        for i in range(min(q[NDROPS], MAX_DROPS)):
+            t, r = q[DROP_BASE + 2 * i], q[DROP_BASE + 2 * i + 1]
+            if r <= w_mark and r > out.get(t, 0):
+                out[t] = r
+        return out
+
+    def entries(self, w_mark: int) -> Iterator[tuple[int, int, int, bytes | None]]:
+        """Every key's (table, index, record_id, data) at ``w_mark``; keys with only newer
+        versions are left out. Check ``struct`` around it, as around ``find``."""
+        q = self.q
+        for w in range(HEADER_WORDS, self.slots_end, SLOT_WORDS):
+            t = q[w + 1]
+            if not t:
+                continue
+            n = q[w + 2]
+            steps = 0
+            while n and steps < 1 << 20:
+                nw = n >> 3
+                if q[nw] <= w_mark:
+                    loc = q[nw + 1]
+                    stored = loc & 0xFFFFFFFF
+                    off = loc >> 32
+                    yield t - 1, q[w], q[nw], (self.m[off:off + stored - 1] if stored else None)
+                    break
+                n = q[nw + 2]
+                steps += 1
+
+    def versions(self, table: int, index: int) -> list[tuple[int, bytes | None]]:
+        """Every version of a key, newest first (for the writer and for tests)."""
+        out: list[tuple[int, bytes | None]] = []
+        q = self.q
+        w = self.home(table, index)
+        while q[w + 1]:
+            if q[w + 1] == table + 1 and q[w] == index:
+                n = q[w + 2]
+                while n:
+                    nw = n >> 3
+                    loc = q[nw + 1]
+                    stored = loc & 0xFFFFFFFF
+                    off = loc >> 32
+                    out.append((q[nw], self.m[off:off + stored - 1] if stored else None))
+                    n = q[nw + 2]
+                break
+            w += SLOT_WORDS
+            if w == self.slots_end:
+                w = HEADER_WORDS
+        return out
 
     def release(self) -> None:
         try:
@@ -178,42 +334,10 @@ class OverlayReader(_Segment):
             raise FileNotFoundError(f"{name} is not an mpwal overlay of layout {LAYOUT_VERSION}")
         super().__init__(name, m)
 
-    def find(self, table: int, index: int):
-        """(record_id, data) of an entry, or None; call inside a seq window and re-check."""
-        q = self.q
-        w = self.home(table, index)
-        tag = table + 1
-        end = self.slots_end
-        while True:
-            t = q[w + 1]
-            if t == tag and q[w] == index:
-                loc = q[w + 3]
-                stored = loc & 0xFFFFFFFF
-                if not stored:
-                    return q[w + 2], None
-                off = loc >> 32
-                return q[w + 2], self.m[off:off + stored - 1]
-            if not t:
-                return None
-            w += SLOT_WORDS
-            if w == end:
-                w = HEADER_WORDS
-
-    def entries(self):
-        """Every (table, index, record_id, data) entry; call inside a seq window and re-check."""
-        q = self.q
-        for w in range(HEADER_WORDS, self.slots_end, SLOT_WORDS):
-            t = q[w + 1]
-            if t:
-                loc = q[w + 3]
-                stored = loc & 0xFFFFFFFF
-                off = loc >> 32
-                yield t - 1, q[w], q[w + 2], (self.m[off:off + stored - 1] if stored else None)
-
 
 class _Window:
-    """``OverlayWriter.window()``'s context manager: a class, not a generator, because it runs
-    once or twice per commit (a third of the cost of ``contextlib.contextmanager``)."""
+    """``OverlayWriter.window()``'s context manager: a class, not a generator, because it is
+    entered on the commit path (a third of the cost of ``contextlib.contextmanager``)."""
 
     __slots__ = ("ov",)
 
@@ -221,23 +345,26 @@ class _Window:
         self.ov = ov
 
     def __enter__(self) -> OverlayWriter:
-        self.ov.begin()
+        self.ov.q[STRUCT] += 1
         return self.ov
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        ov = self.ov
         if exc_type is None:
-            self.ov.end()
+            q = ov.q
+            q[ENTRIES] = len(ov.where)
+            q[HEAP_USED] = ov.used
+            q[STRUCT] += 1
         else:
-            self.ov.retire(CLOSED)
+            ov.retire(CLOSED)
 
 
 class OverlayWriter(_Segment):
     """The writer's read-write mapping of a generation it created, and its private bookkeeping.
 
-    The writer keeps, in its own memory, where each key's slot is (``where``) and the ring's
-    blobs, so publishing never probes or scans shared memory. Every mutating method must be
-    called between ``begin()`` and ``end()``.
+    The writer keeps, in its own memory, where each key's slot is (``where``), the pending drops
+    and the ring's blobs, so publishing never probes or scans shared memory.
     """
 
     def __init__(self, realpath: str, generation: int, nslots: int, heap_bytes: int):
@@ -274,6 +401,7 @@ class OverlayWriter(_Segment):
         super().__init__(name, m)
         self.generation = generation
         self.where: dict[tuple[int, int], int] = {}  # (table, index) -> slot word offset
+        self.pending_drops: list[tuple[int, int]] = []  # (table, record id), as in the header
         self._window = _Window(self)
         self.heap_end = self.heap_start + heap_bytes
         # the ring: live blobs are [head, tail), or when wrapped [head, wrap) + [heap_start, tail)
@@ -284,32 +412,28 @@ class OverlayWriter(_Segment):
         self.released = self.heap_start  # pages in [released, head) are freed, not yet given back
         self.hwm = self.heap_start  # the ring never went past this since it was last emptied
 
-    # -- the sequence lock -------------------------------------------------------------------
-    def begin(self) -> None:
-        self.q[SEQ] += 1
-
-    def end(self) -> None:
-        q = self.q
-        q[ENTRIES] = len(self.where)
-        q[HEAP_USED] = self.used
-        q[SEQ] += 1
-
     def window(self) -> _Window:
-        """One sequence-lock window, all or nothing: an exception inside it (a failure, or a
-        KeyboardInterrupt at any point) leaves the counter odd and retires the generation, so
-        no reader ever sees a window half done; readers then read the logs and tables."""
+        """One structural window, all or nothing: an exception inside it (a failure, or a
+        KeyboardInterrupt at any point) leaves ``struct`` odd and retires the generation, so no
+        reader ever trusts a change half done; readers then read the logs and tables."""
         return self._window
 
     # -- the ring ----------------------------------------------------------------------------
-    def room_for(self, new_entries: int, nbytes: int) -> bool:
-        """Whether ``new_entries`` more keys and a blob of ``nbytes`` fit now."""
-        if len(self.where) + new_entries > self.nslots * MAX_LOAD:
+    def room_for(self, new_keys: int, nbytes: int) -> bool:
+        """Whether ``new_keys`` more keys and a record blob of ``nbytes`` (see ``blob_size``)
+        fit now."""
+        if len(self.where) + new_keys > self.nslots * MAX_LOAD:
             return False
-        if not nbytes or not self.blobs:
+        if not self.blobs:
             return nbytes <= self.heap_end - self.heap_start
         if self.wrap:
             return self.tail + nbytes < self.head
         return self.tail + nbytes <= self.heap_end or self.heap_start + nbytes < self.head
+
+    @staticmethod
+    def blob_size(versions: int, data_bytes: int) -> int:
+        """Ring bytes of a record with ``versions`` keys and ``data_bytes`` of data."""
+        return (versions * NODE_BYTES + data_bytes + 7) & ~7
 
     def _alloc(self, n: int) -> int:
         if not self.blobs:
@@ -336,8 +460,8 @@ class OverlayWriter(_Segment):
         self.head = self.tail = self.released = self.hwm = self.heap_start
         self.wrap = 0
 
-    def release_through(self, record_id: int) -> None:
-        """Free the blobs of records up to ``record_id`` (all enacted: nothing points there)."""
+    def _free_blobs_through(self, record_id: int) -> None:
+        """Free the blobs of records up to ``record_id`` (their versions are unlinked)."""
         blobs = self.blobs
         if not blobs or blobs[0][0] > record_id:
             return
@@ -372,143 +496,187 @@ class OverlayWriter(_Segment):
             except OSError:
                 pass
 
-    # -- entries -----------------------------------------------------------------------------
-    def put(self, table: int, index: int, record_id: int, data) -> None:
-        """Make (table, index) hold ``data`` (bytes, or None for a removal) from ``record_id``."""
-        self.put_record(record_id, (((table, index), data),), self.stage(record_id, data or b""))
+    # -- publishing --------------------------------------------------------------------------
+    def publish(self, record_id: int, items: Iterable[tuple[tuple[int, int], bytes | None]],
+                data: bytes, more: Iterable[tuple[tuple[int, int], bytes | None]] = (),
+                drops: Iterable[int] = ()) -> None:
+        """Publish record ``record_id``: a version of each (key, data) of ``items`` then
+        ``more`` (data None: removed), whose non-empty datas concatenated in order are
+        ``data``, and its table drops; then raise the watermark. The publish hot path."""
+        self._link(record_id, items, data, more, drops)
+        self.q[COMMITTED] = record_id  # the release: every store of _link is visible before it
 
-    def stage(self, record_id: int, blob: bytes) -> int:
-        """Copy a record's data into free ring space; returns its offset. This needs no seq
-        window (nothing points there yet), which keeps the window short for readers."""
-        n = len(blob)
-        if not n:
-            return self.tail
-        off = self._alloc(n)
-        self.m[off:off + n] = blob
-        self.blobs.append((record_id, off, off + n))
-        self.used += n
-        return off
-
-    def put_record(self, record_id: int, items, off: int, more=()) -> None:
-        """Publish a record whose data was staged at ``off`` (the concatenation, in order, of
-        every non-empty data of ``items`` and then of ``more``): point each (key, data) at its
-        part (None: removed). The publish hot path, run inside the seq window."""
+    def _link(self, record_id: int, items: Iterable[tuple[tuple[int, int], bytes | None]],
+              data: bytes, more: Iterable[tuple[tuple[int, int], bytes | None]],
+              drops: Iterable[int]) -> None:
+        """Steps 1-3 of publishing: everything but raising the watermark."""
+        keyed = list(items)
+        if more:
+            keyed.extend(more)
+        n = len(keyed)
+        size = (n * NODE_BYTES + len(data) + 7) & ~7
+        off = self._alloc(size) if size else self.tail
         q = self.q
         where = self.where
+        nodes = [0] * (3 * n)
+        doff = off + n * NODE_BYTES
+        i = 0
+        for key, d in keyed:
+            nodes[i] = record_id
+            if d is not None:
+                k = len(d)
+                nodes[i + 1] = (doff << 32) | (k + 1)
+                doff += k
+            w = where.get(key)
+            if w is not None:
+                nodes[i + 2] = q[w + 2]
+            i += 3
+        m = self.m
+        if n:
+            m[off:off + n * NODE_BYTES] = struct.pack(f"<{3 * n}Q", *nodes)
+        if data:
+            m[off + n * NODE_BYTES:off + n * NODE_BYTES + len(data)] = data
+        if size:
+            self.blobs.append((record_id, off, off + size))
+            self.used += size
+        # link: one store per known key; a new key's slot gets its tag last
+        node = off
         shift = self.shift
         end = self.slots_end
-        for part in (items, more):
-            for key, data in part:
-                w = where.get(key)
-                if w is None:
-                    if len(where) >= self.nslots - 1:
-                        raise MemoryError("overlay slots full")  # callers check room_for() first
-                    table, index = key
-                    w = ((((index ^ (table << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
-                    while q[w + 1]:
-                        w += SLOT_WORDS
-                        if w == end:
-                            w = HEADER_WORDS
-                    where[key] = w
-                    q[w] = index
-                    q[w + 1] = table + 1
-                q[w + 2] = record_id
-                if data is None:
-                    q[w + 3] = 0
-                else:
-                    k = len(data)
-                    q[w + 3] = (off << 32) | (k + 1)
-                    off += k
+        for key, _d in keyed:
+            w = where.get(key)
+            if w is None:
+                if len(where) >= self.nslots - 1:
+                    raise MemoryError("overlay slots full")  # callers check room_for() first
+                table, index = key
+                w = ((((index ^ (table << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
+                while q[w + 1]:
+                    w += SLOT_WORDS
+                    if w == end:
+                        w = HEADER_WORDS
+                where[key] = w
+                q[w] = index
+                q[w + 2] = node
+                q[w + 1] = table + 1
+            else:
+                q[w + 2] = node
+            node += NODE_BYTES
+        for t in drops:
+            if len(self.pending_drops) >= MAX_DROPS:
+                raise MemoryError(f"more than {MAX_DROPS} pending drops")  # the writer waits
+            i = DROP_BASE + 2 * len(self.pending_drops)
+            q[i] = t
+            q[i + 1] = record_id
+            self.pending_drops.append((t, record_id))
+            q[NDROPS] = len(self.pending_drops)
+        q[ENTRIES] = len(where)
+        q[HEAP_USED] = self.used
 
-    def get(self, table: int, index: int):
-        """(record_id, data) of an entry, or None. Writer-side, no seq check needed."""
+    def get(self, table: int, index: int) -> Any:
+        """The newest version's data of (table, index) (None: removed or dropped), or MISS.
+        Writer-side."""
         w = self.where.get((table, index))
         if w is None:
-            return None
-        q = self.q
-        loc = q[w + 3]
-        stored = loc & 0xFFFFFFFF
-        if not stored:
-            return q[w + 2], None
-        off = loc >> 32
-        return q[w + 2], self.m[off:off + stored - 1]
+            return None if self.dropped_now(table) else MISS
+        return self.find(table, index, M64)
 
-    def remove_if(self, table: int, index: int, record_id: int) -> bool:
-        """Remove the entry if it still holds ``record_id``'s data (the record-id rule)."""
-        return self.remove_record(((table, index),), record_id) == 1
+    def dropped_now(self, table: int) -> int:
+        """The newest pending drop of ``table`` (writer-side), or 0."""
+        best = 0
+        for t, r in self.pending_drops:
+            if t == table and r > best:
+                best = r
+        return best
 
-    def remove_record(self, keys, record_id: int) -> int:
-        """``remove_if`` for every key a record wrote: the enactment hot path. Returns how many
-        entries went (a key rewritten by a newer record stays). The record's blob is freed
-        separately, by ``release_through``."""
+    # -- structural changes ------------------------------------------------------------------
+    def free_enacted(self, enacted: int, records: Iterable[tuple[int, Iterable[tuple[int, int]]]]) -> None:
+        """Unlink the versions of ``records`` ((record id, keys), every id <= ``enacted``,
+        in order), drop their pending drops and free their blobs, in one structural window."""
+        with self._window:
+            q = self.q
+            where = self.where
+            last = 0
+            for rid, keys in records:
+                last = rid
+                for key in keys:
+                    w = where.get(key)
+                    if w is None:
+                        continue
+                    n = q[w + 2]
+                    if q[n >> 3] <= enacted:  # the newest version is enacted: the key goes
+                        self._remove_slot(key, w)
+                        continue
+                    nw = n >> 3
+                    older = q[nw + 2]
+                    while older and q[older >> 3] > enacted:
+                        nw = older >> 3
+                        older = q[nw + 2]
+                    if older:
+                        q[nw + 2] = 0  # the table file is below this version now
+            if self.pending_drops and any(r <= enacted for _, r in self.pending_drops):
+                self._set_drops([(t, r) for t, r in self.pending_drops if r > enacted])
+            if last:
+                self._free_blobs_through(last)
+
+    def _remove_slot(self, key: tuple[int, int], w: int) -> None:
+        """Remove a slot and backward-shift its probe run (inside a structural window): pull
+        later entries into the hole when their home does not lie cyclically in (hole, j]; no
+        tombstones, so lookups stay short."""
         q = self.q
         where = self.where
         end = self.slots_end
         shift = self.shift
-        removed = 0
-        for key in keys:
-            w = where.get(key)
-            if w is None or q[w + 2] != record_id:
+        del where[key]
+        hole = j = w
+        while True:
+            j += SLOT_WORDS
+            if j == end:
+                j = HEADER_WORDS
+            t = q[j + 1]
+            if not t:
+                break
+            idx = q[j]
+            h = ((((idx ^ ((t - 1) << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
+            if (hole < j and hole < h <= j) or (hole > j and (h > hole or h <= j)):
                 continue
-            removed += 1
-            del where[key]
-            # backward shift: pull later entries of the probe run into the hole when their home
-            # does not lie cyclically in (hole, j]; no tombstones, so lookups stay short
-            hole = j = w
-            while True:
-                j += SLOT_WORDS
-                if j == end:
-                    j = HEADER_WORDS
-                t = q[j + 1]
-                if not t:
-                    break
-                idx = q[j]
-                h = ((((idx ^ ((t - 1) << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
-                if (hole < j and hole < h <= j) or (hole > j and (h > hole or h <= j)):
-                    continue
-                q[hole] = idx
-                q[hole + 2] = q[j + 2]
-                q[hole + 3] = q[j + 3]
-                q[hole + 1] = t
-                where[(t - 1, idx)] = hole
-                hole = j
-            q[hole + 1] = 0  # an empty slot is one whose tag is 0
-        return removed
+            q[hole] = idx
+            q[hole + 2] = q[j + 2]
+            q[hole + 1] = t
+            where[(t - 1, idx)] = hole
+            hole = j
+        q[hole + 1] = 0  # an empty slot is one whose tag is 0
 
-    def remove_table(self, table: int) -> None:
-        for key in [k for k in self.where if k[0] == table]:
-            self.remove_record((key,), self.q[self.where[key] + 2])
-
-    # -- drops -------------------------------------------------------------------------------
-    def set_drops(self, drops: dict[int, int]) -> None:
+    def _set_drops(self, drops: list[tuple[int, int]]) -> None:
         q = self.q
-        items = sorted(drops.items())
-        if len(items) > MAX_DROPS:
-            raise MemoryError(f"more than {MAX_DROPS} pending drops")  # the writer waits first
-        for i, (t, r) in enumerate(items):
+        for i, (t, r) in enumerate(drops):
             q[DROP_BASE + 2 * i] = t
             q[DROP_BASE + 2 * i + 1] = r
-        q[NDROPS] = len(items)
+        q[NDROPS] = len(drops)
+        self.pending_drops = list(drops)
 
     # -- growth ------------------------------------------------------------------------------
     def copy_from(self, other: OverlayWriter) -> None:
-        """Fill this (new, bigger) generation with every entry and counter of ``other``: each
-        record's surviving entries become one blob here, in record order."""
+        """Fill this (new, bigger) generation, before any reader knows it, with every version,
+        drop and counter of ``other``: each record's surviving versions become one blob here,
+        published in record order so chains keep their order."""
         by_record: dict[int, list] = {}
-        for (table, index), _w in other.where.items():
-            rid, data = other.get(table, index)
-            by_record.setdefault(rid, []).append(((table, index), data))
+        for (table, index) in other.where:
+            for rid, data in other.versions(table, index):
+                by_record.setdefault(rid, []).append(((table, index), data))
+        drops_by: dict[int, list[int]] = {}
+        for t, r in other.pending_drops:
+            drops_by.setdefault(r, []).append(t)
+            by_record.setdefault(r, [])
         for rid in sorted(by_record):
             items = by_record[rid]
-            self.put_record(rid, items, self.stage(rid, b"".join(d for _, d in items if d)))
-        for word in (COMMITTED, DURABLE, ENACTED, ENACTOR_PID):
+            self.publish(rid, items, b"".join(d for _, d in items if d), drops=drops_by.get(rid, ()))
+        for word in (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, ENACTING):
             self.q[word] = other.q[word]
-        self.set_drops(other.drops())
 
     def retire(self, state: int, next_gen: int = 0) -> None:
         """Mark this generation dead for readers and remove its name; the mapping stays valid."""
         q = self.q
         q[NEXT_GEN] = next_gen
         q[STATE] = state
-        q[SEQ] = SUPERSEDED
+        q[STRUCT] = SUPERSEDED
         unlink_segment(self.name)

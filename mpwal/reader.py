@@ -1,46 +1,55 @@
 """Readers: any number, in any process, that see every committed record without asking anyone.
 
-A reader never writes: not to disk, not to shared memory (it maps the overlay read-only), and
-it takes no lock, so it can never make the writer wait (invariant 6). Lookup order is the
-overlay, then the table's pending drop, then the table file, all inside one sequence-lock
-window (see ``overlay.py``): when the window's counter moved, the reader looks again. The table
-file is read inside the window too, so a slot that the enactor applies and the writer drops from
-the overlay meanwhile is simply looked up again, never read half-written.
+A reader never waits for the writer and never makes it wait (invariant 6): it maps the overlay
+read-only and takes no lock; it writes only its own slot of the reader table, and only while it
+holds a snapshot. Every read happens at a *watermark* W (invariant 5): a plain call loads the
+overlay's ``committed`` word once, a snapshot uses its pin. The lookup order is the overlay's
+newest version at or below W, then the table's pending drop, then the table file (``overlay.py``
+gives the protocol). A publish never disturbs a read; a structural change (``struct`` odd or
+moved) or the enactor passing W while the call read a table file (``enacting`` > W) makes the
+call look again, at a new watermark for a plain call. A reader's watermark never goes back.
 
 Two modes:
 
 * **shared memory** while a writer is alive: the segment named by the queue file's generation.
   A segment marked superseded names its successor (the overlay grew, or a new writer replaced a
-  killed one). A counter that stays odd for more than ``STUCK_SECONDS`` (a writer stopped or
-  killed inside a window) makes the reader ask whether the writer is alive (its
+  killed one). A structural window that stays open for more than ``STUCK_SECONDS`` (a writer
+  stopped or killed inside one) makes the reader ask whether the writer is alive (its
   ``writer.lock``), and if it is stopped (``SIGSTOP``) or the window stays open past
   ``GIVE_UP_SECONDS``, answer that call from the logs and tables as private mode does, instead
-  of waiting for it: every record the writer is publishing is in the log already
-  (invariant 1), so that answer is at least as new as anything the segment showed.
+  of waiting for it: every record the writer published is in the log already (invariant 1).
 * **private** when there is no live writer: the reader reads the logs' longest valid prefix into
   its own memory (as replay would apply it) over the table files. It checks the queue file's
   identity on each lookup, so it moves to shared memory as soon as a writer publishes one.
+
+Snapshots (``Reader.snapshot()``) pin a watermark in the reader table (``pins.py``) so that the
+enactor keeps every version they need; one held past the writer's ``max_snapshot_age`` raises
+``SnapshotExpiredError`` at its next read rather than answer with newer data.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Iterable
+from types import TracebackType
 from typing import Any, TypeVar
 
-from .errors import ArgumentRangeError, ArgumentTypeError, ClosedError, DatabaseError
+from .errors import (ArgumentRangeError, ArgumentTypeError, ClosedError, DatabaseError,
+                     SnapshotExpiredError)
 from .format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, entries_of
 from .logs import LogSet, read_logs
-from .overlay import (COMMITTED, DURABLE, ENACTED, ENTRIES, GENERATION, HEAP_BYTES, HEAP_USED,
-                      HEADER_WORDS, K, LIVE, M64, NDROPS, NEXT_GEN, NSLOTS, SLOT_WORDS, STATE,
-                      SUPERSEDED, WRITER_PID, OverlayReader, segment_name)
+from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTING, ENTRIES, GENERATION, HEAP_BYTES,
+                      HEAP_USED, LIVE, MISS, NEXT_GEN, NSLOTS, STATE, STRUCT, SUPERSEDED,
+                      WRITER_PID, OverlayReader, Torn, segment_name)
+from .pins import DEFAULT_MAX_AGE, ReaderTable
 from .platform import check_machine
 from .queues import QUEUE_FILE, load_queues, writer_alive
 from .tables import TableFiles, check_key, load_catalog, record_problem
 
 ZERO_CHUNK = bytes(CHUNK_BYTES)
-STUCK_SECONDS = 0.02  # a window open this long: is the writer alive, is it stopped?
+STUCK_SECONDS = 0.02  # a structural window open this long: is the writer alive, is it stopped?
 GIVE_UP_SECONDS = 0.5  # a window open this long while the writer runs: answer from the logs
 
 
@@ -52,23 +61,30 @@ def _stopped(pid: int) -> bool:
     except (OSError, IndexError):
         return False
 
+
 Stamp = tuple[int, int, int] | None  # the queue file's (inode, mtime, size), None if it is missing
 _T = TypeVar("_T")
 
 
-class _LogView:
-    """The committed records of the logs' longest valid prefix, as replay would apply them over
-    the table files: private mode's whole state, and a stuck reader's answer."""
+class _Again(Exception):
+    """A read at watermark W met a table file the enactor was writing past W: look again."""
 
-    def __init__(self, files: TableFiles, logs: LogSet, done: int, stamp: Stamp) -> None:
+
+class _LogView:
+    """The committed records of the logs' longest valid prefix (up to ``upto``), as replay
+    would apply them over the table files: private mode's whole state, a stuck reader's answer,
+    and a snapshot's when its structural window stays open."""
+
+    def __init__(self, files: TableFiles, logs: LogSet, done: int, stamp: Stamp,
+                 upto: int | None = None) -> None:
         self.files = files
         self.stamp = stamp  # the queue file's identity when the logs were read
         self.last = done
         data: dict[tuple[int, int], bytes | None] = {}
         drops: set[int] = set()
         for rec in logs.records():
-            if record_problem(files.catalog, rec.ops):
-                break  # replay ends the prefix here too
+            if (upto is not None and rec.record_id > upto) or record_problem(files.catalog, rec.ops):
+                break  # replay ends the prefix at a problem too
             self.last = rec.record_id
             for op in rec.ops:
                 if op.kind == DROP_TABLE:
@@ -124,8 +140,11 @@ class Reader:
         self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
         self._queue_file = os.path.join(self.path, QUEUE_FILE)
         self._seg: OverlayReader | None = None
+        self._fast: OverlayReader | None = None  # _seg, when value() may take its one-try path
         self._private: _LogView | None = None  # in private mode
         self._stuck: tuple[OverlayReader, int, _LogView] | None = None  # of a stuck window
+        self._floor = 0  # the newest watermark this reader answered at: it never goes back
+        self._pins: ReaderTable | None = None
         self._closed = False
         self.recoveries = 0  # times this reader moved segment or mode
         self._attach()
@@ -154,6 +173,7 @@ class Reader:
         if self._seg is not None:
             self._seg.release()
         self._seg = seg
+        self._fast = seg if seg.q[COMMITTED] >= self._floor else None
         self._private = None
         self._refresh_catalog()
 
@@ -177,7 +197,7 @@ class Reader:
         except FileNotFoundError:
             return None
 
-    def _read_view(self, stamp: Stamp) -> _LogView | None:
+    def _read_view(self, stamp: Stamp, upto: int | None = None) -> _LogView | None:
         """The logs' valid prefix over the tables; None if the queues changed meanwhile."""
         self._refresh_catalog()
         st = load_queues(self.path)
@@ -185,7 +205,7 @@ class Reader:
         logs = read_logs(self.path, start=done + 1 if st else None)
         if self._stamp() != stamp:
             return None
-        return _LogView(self._files, logs, done, stamp)
+        return _LogView(self._files, logs, done, stamp, upto)
 
     def _build_private(self, stamp: Stamp) -> bool:
         """Enter private mode; False if the queues changed while the logs were read."""
@@ -194,21 +214,23 @@ class Reader:
             return False
         if self._seg is not None:
             self._seg.release()
-            self._seg = None
+            self._seg = self._fast = None
         self._private = view
         return True
 
-    def _stuck_view(self, seg: OverlayReader, s: int) -> _LogView | None:
-        """The logs and tables, for a call that found ``seg``'s counter odd (``s``) for long
-        while its writer lives. Kept while the counter stays at ``s`` (the writer did not move
-        on, so neither did the logs it publishes); None if the queues kept changing."""
+    def _stuck_view(self, seg: OverlayReader, s: int, at: int | None) -> _LogView | None:
+        """The logs and tables, for a call that found ``seg``'s structural window open (``s``)
+        for long while its writer lives. Kept while ``struct`` stays at ``s`` (the writer did
+        not move on); None if the queues kept changing. A snapshot's view stops at its pin."""
         got = self._stuck
-        if got is not None and got[0] is seg and got[1] == s and got[2].stamp == self._stamp():
+        if (at is None and got is not None and got[0] is seg and got[1] == s
+                and got[2].stamp == self._stamp()):
             return got[2]
         for _ in range(10):
-            view = self._read_view(self._stamp())
+            view = self._read_view(self._stamp(), at)
             if view is not None:
-                self._stuck = (seg, s, view)
+                if at is None:
+                    self._stuck = (seg, s, view)
                 return view
         return None
 
@@ -231,61 +253,21 @@ class Reader:
         if self._private is None or self._stamp() != self._private.stamp:
             self._attach()
 
-    # -- lookups -----------------------------------------------------------------------------
-    def value(self, table: int, index: int) -> bytes | None:
-        """The newest committed value of slot ``index`` of value table ``table``, or None."""
-        limit = self._limits.get(table)
-        if limit is None or type(index) is not int or not 0 <= index < limit:
-            self._check_value_key(table, index)
-        seg = self._seg
-        if seg is not None:  # the hot path: _lookup with find() inlined, one try; else retry
-            q = seg.q
-            s = q[0]
-            if not s & 1:
-                w = ((((index ^ (table << 47)) * K) & M64) >> seg.shift) * SLOT_WORDS + HEADER_WORDS
-                tag = table + 1
-                while True:
-                    t = q[w + 1]
-                    if t == tag and q[w] == index:
-                        loc = q[w + 3]
-                        stored = loc & 0xFFFFFFFF
-                        if stored:
-                            off = loc >> 32
-                            data = seg.m[off:off + stored - 1]
-                        else:
-                            data = None
-                        break
-                    if not t:
-                        if q[NDROPS] and table in seg.drops():
-                            data = None
-                        else:
-                            data = self._files.read_value(table, index)
-                        break
-                    w += SLOT_WORDS
-                    if w == seg.slots_end:
-                        w = HEADER_WORDS
-                if q[0] == s:
-                    return data
-        return self._value_retry(table, index)
-
-    def _lookup(self, seg: OverlayReader, q: memoryview, table: int, index: int) -> bytes | None:
-        """Overlay, then a pending drop, then the table file; call inside a seq window."""
-        got = seg.find(table, index)
-        if got is not None:
-            return got[1]
-        if q[NDROPS] and table in seg.drops():
-            return None
-        return self._files.read_value(table, index)
-
-    def _consistent(self, in_window: Callable[[OverlayReader, memoryview], _T],
-                    from_logs: Callable[[_LogView], _T]) -> _T:
-        """``in_window(seg, q)`` inside one sequence-lock window of the current segment, looked
-        up again until the counter did not move; ``from_logs(view)`` on a ``_LogView`` when
-        there is no live writer (private mode) or the counter stays odd for long (a stopped or
-        killed writer). Every read but ``value()``'s first try comes here: superseded segments
-        are followed, and no call waits for the writer."""
+    # -- the read loop -----------------------------------------------------------------------
+    def _consistent(self, at_mark: Callable[[OverlayReader, int], _T],
+                    from_logs: Callable[[_LogView], _T], snap: Snapshot | None = None) -> _T:
+        """``at_mark(seg, W)`` at one watermark W of the current segment, between two loads of
+        ``struct`` that must agree (even), and with ``enacting`` <= W after it; looked up again
+        otherwise. ``from_logs(view)`` on a ``_LogView`` when there is no live writer (private
+        mode) or a structural window stays open for long (a stopped or killed writer). For a
+        snapshot W is its pin, and what can no longer answer at it raises
+        SnapshotExpiredError. Superseded segments are followed; no call waits for the writer."""
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
         if self._seg is None:
             self._private_fresh()
+        if snap is not None:
+            snap._check_age()
         spins = 0
         odd, since = 0, 0.0  # an odd counter seen after many spins, and since when
         while True:
@@ -293,15 +275,44 @@ class Reader:
             if seg is None:
                 private = self._private
                 assert private is not None  # without a segment, _attach left a private view
+                if snap is not None and private.last != snap.record_id:
+                    raise snap._expired("a writer came and went, and its records may be in "
+                                        "the table files")
+                if private.last < self._floor:  # the logs lost records we showed (power loss)
+                    self._floor = private.last
                 return from_logs(private)
             q = seg.q
-            s = q[0]
+            s = q[STRUCT]
             if s == SUPERSEDED:
                 self._recover()
                 continue
             if not s & 1:
-                out = in_window(seg, q)
-                if q[0] == s:
+                w_mark = q[COMMITTED]
+                if snap is not None:
+                    if w_mark < snap.record_id:
+                        raise snap._expired("a new writer replayed the logs without records "
+                                            "it saw (they never reached the disk)")
+                    w_mark = snap.record_id
+                elif w_mark < self._floor:  # after a stuck view's answer: until it catches up
+                    stuck = self._stuck[2] if self._stuck is not None else None
+                    if stuck is None:
+                        stuck = self._stuck_view(seg, s, None)
+                    if stuck is not None:
+                        return from_logs(stuck)
+                try:
+                    out = at_mark(seg, w_mark)
+                except Torn:
+                    continue
+                if q[ENACTING] > w_mark:
+                    if snap is not None and q[STRUCT] != SUPERSEDED:
+                        raise snap._expired("the enactor passed it")
+                    continue
+                if q[STRUCT] == s:
+                    if snap is None and w_mark >= self._floor and self._fast is not seg:
+                        self._stuck = None
+                        self._fast = seg
+                    if w_mark > self._floor:
+                        self._floor = w_mark
                     return out
                 continue
             spins += 1
@@ -316,19 +327,49 @@ class Reader:
                     spins = odd = 0
                     continue
                 if now - since > GIVE_UP_SECONDS or _stopped(q[WRITER_PID]):
-                    view = self._stuck_view(seg, s)
+                    view = self._stuck_view(seg, s, None if snap is None else snap.record_id)
                     if view is not None:
+                        if snap is None:
+                            self._floor = max(self._floor, view.last)
+                            self._fast = None  # back to the segment once it catches up
+                        elif q[ENACTING] > snap.record_id:
+                            raise snap._expired("the enactor passed it")
                         return from_logs(view)
             time.sleep(0)
 
-    def _value_retry(self, table: int, index: int) -> bytes | None:
-        return self._consistent(lambda seg, q: self._lookup(seg, q, table, index),
+    # -- lookups -----------------------------------------------------------------------------
+    def value(self, table: int, index: int) -> bytes | None:
+        """The newest committed value of slot ``index`` of value table ``table``, or None."""
+        limit = self._limits.get(table)
+        if limit is None or type(index) is not int or not 0 <= index < limit:
+            self._check_value_key(table, index)
+        seg = self._fast
+        if seg is not None:  # the hot path: one try at the current watermark
+            q = seg.q
+            s = q[STRUCT]
+            if not s & 1:
+                w_mark = q[COMMITTED]
+                try:
+                    data = seg.find(table, index, w_mark)
+                except Torn:
+                    data, s = None, -1
+                else:
+                    if data is MISS:
+                        data = self._files.read_value(table, index)
+                        if q[ENACTING] > w_mark:
+                            s = -1
+                if q[STRUCT] == s:
+                    return data
+        return self._consistent(lambda seg, w: self._value_at(seg, w, table, index),
                                 lambda view: view.value(table, index))
 
-    def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
-        """``value`` for many indices of one table, in one consistent snapshot."""
+    def _value_at(self, seg: OverlayReader, w_mark: int, table: int, index: int) -> bytes | None:
+        data = seg.find(table, index, w_mark)
+        return self._files.read_value(table, index) if data is MISS else data
+
+    def _check_indices(self, table: int, indices: Iterable[int]) -> list[int]:
         try:
-            indices = list(indices)
+            out = list(indices)
         except TypeError:
             raise ArgumentTypeError(f"indices must be an iterable of ints, not "
                                     f"{type(indices).__name__}") from None
@@ -336,77 +377,65 @@ class Reader:
         if limit is None:
             self._check_value_key(table, 0)
             limit = self._limits[table]
-        for i in indices:
+        for i in out:
             if type(i) is not int or not 0 <= i < limit:
                 self._check_value_key(table, i)
-        return self._consistent(lambda seg, q: self._lookup_many(seg, q, table, indices),
-                                lambda view: [view.value(table, i) for i in indices])
+        return out
 
-    def _lookup_many(self, seg: OverlayReader, q: memoryview, table: int,
-                     indices: list[int]) -> list[bytes | None]:
-        """``_lookup`` of many indices, with find() inlined: the batch hot path."""
-        tag = table + 1
-        tbits = table << 47
+    def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
+        """``value`` for many indices of one table, all at one watermark."""
+        got = self._check_indices(table, indices)
+        return self._consistent(lambda seg, w: self._values_at(seg, w, table, got),
+                                lambda view: [view.value(table, i) for i in got])
+
+    def _values_at(self, seg: OverlayReader, w_mark: int, table: int,
+                   indices: list[int]) -> list[bytes | None]:
+        find = seg.find
         read_value = self._files.read_value
-        m = seg.m
-        shift = seg.shift
-        end = seg.slots_end
-        dropped = bool(q[NDROPS]) and table in seg.drops()
         out: list[bytes | None] = []
         append = out.append
         for index in indices:
-            w = ((((index ^ tbits) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
-            while True:
-                tg = q[w + 1]
-                if tg == tag and q[w] == index:
-                    loc = q[w + 3]
-                    stored = loc & 0xFFFFFFFF
-                    if stored:
-                        off = loc >> 32
-                        append(m[off:off + stored - 1])
-                    else:
-                        append(None)
-                    break
-                if not tg:
-                    append(None if dropped else read_value(table, index))
-                    break
-                w += SLOT_WORDS
-                if w == end:
-                    w = HEADER_WORDS
+            data = find(table, index, w_mark)
+            append(read_value(table, index) if data is MISS else data)
         return out
 
     def index_chunk(self, table: int, chunk: int) -> bytes:
         """The 512 bytes of an index chunk (zeros where never written)."""
-        if self._closed:
-            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
-        check_key(self._catalog, table, chunk, "index")
-        return self._consistent(lambda seg, q: self._chunk_in(seg, q, table, chunk),
+        self._check_chunk(table, chunk)
+        return self._consistent(lambda seg, w: self._chunk_at(seg, w, table, chunk),
                                 lambda view: view.chunk(table, chunk))
 
-    def _chunk_in(self, seg: OverlayReader, q: memoryview, table: int, chunk: int) -> bytes:
-        got = seg.find(table, chunk)
-        if got is not None:
-            return got[1] or ZERO_CHUNK
-        if q[NDROPS] and table in seg.drops():
-            return ZERO_CHUNK
-        return self._files.read_chunk(table, chunk)
+    def _check_chunk(self, table: int, chunk: int) -> None:
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
+        if table not in self._catalog and isinstance(table, int):
+            self._refresh_catalog()
+        check_key(self._catalog, table, chunk, "index")
+
+    def _chunk_at(self, seg: OverlayReader, w_mark: int, table: int, chunk: int) -> bytes:
+        data = seg.find(table, chunk, w_mark)
+        if data is MISS:
+            return self._files.read_chunk(table, chunk)
+        return data or ZERO_CHUNK
 
     def index_entry(self, table: int, chunk: int, entry: int) -> int:
         """One u64 entry (0..63) of an index chunk."""
-        if type(entry) is not int or not 0 <= entry < 64:
-            if not isinstance(entry, int) or isinstance(entry, bool):
-                raise ArgumentTypeError(f"entry must be an int, not {type(entry).__name__}")
-            raise ArgumentRangeError(f"entry {entry} is outside 0..63")
+        _check_entry(entry)
         data = self.index_chunk(table, chunk)
         return int.from_bytes(data[entry * 8:entry * 8 + 8], "little")
+
+    def snapshot(self) -> Snapshot:
+        """A pinned watermark: ``with reader.snapshot() as s:`` then ``s.value``, ``s.values``,
+        ``s.index_chunk``, ``s.index_entry`` all read at ``s.record_id``, across calls."""
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
+        return Snapshot(self)
 
     # -- state -------------------------------------------------------------------------------
     @property
     def last_record_id(self) -> int:
-        """The newest record id this reader can see."""
-        if self._closed:
-            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
-        return self._consistent(lambda seg, q: q[COMMITTED], lambda view: view.last)
+        """The watermark a read would use now: the newest record id this reader can see."""
+        return self._consistent(lambda seg, w: w, lambda view: view.last)
 
     @property
     def mode(self) -> str:
@@ -441,9 +470,13 @@ class Reader:
             return
         self._closed = True
         self._limits = {}  # every lookup now takes the slow path, which raises ClosedError
+        self._fast = None
         if self._seg is not None:
             self._seg.release()
             self._seg = None
+        if self._pins is not None:
+            self._pins.close()
+            self._pins = None
         self._files.close()
 
     def __enter__(self) -> Reader:
@@ -454,3 +487,119 @@ class Reader:
 
     def __repr__(self) -> str:
         return f"<mpwal.Reader {self.path} {'closed' if self._closed else self.mode}>"
+
+
+def _check_entry(entry: int) -> None:
+    if type(entry) is not int or not 0 <= entry < 64:
+        if not isinstance(entry, int) or isinstance(entry, bool):
+            raise ArgumentTypeError(f"entry must be an int, not {type(entry).__name__}")
+        raise ArgumentRangeError(f"entry {entry} is outside 0..63")
+
+
+class Snapshot:
+    """Reads at one pinned record id (``Reader.snapshot()``); a context manager.
+
+    The pin sits in the reader table (``pins.py``) from the first line of ``__init__`` to
+    ``close``; the enactor keeps every version the snapshot needs meanwhile, for at most the
+    writer's ``max_snapshot_age``, after which every read raises ``SnapshotExpiredError``.
+    """
+
+    def __init__(self, reader: Reader) -> None:
+        self._reader = reader
+        self._slot = -1
+        self._fd = -1
+        self._pinned_at = time.monotonic_ns()
+        self._max_age = DEFAULT_MAX_AGE
+        pins = reader._pins
+        if pins is None:
+            try:
+                pins = reader._pins = ReaderTable(reader.path)
+            except FileNotFoundError:
+                pins = None  # no writer of this version opened the directory yet: no enactor
+            except OSError as e:
+                raise DatabaseError(f"cannot open the reader table of {reader.path} ({e}); "
+                                    "snapshots need read-write access to it") from None
+        self._pins = pins
+        if pins is not None:
+            try:
+                self._slot, self._fd = pins.claim()
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    raise DatabaseError(f"{e}: close snapshots you no longer need") from None
+                raise
+            self._max_age = pins.max_age
+        try:
+            self.record_id = self._pin()
+        except BaseException:
+            self.close()
+            raise
+        self._closed = False
+
+    def _pin(self) -> int:
+        """Pin the reader's current watermark: store it, pass the barrier, and check that the
+        enactor has not gone past it (else pin again, higher)."""
+        r = self._reader
+        for _ in range(1000):
+            w_mark = r.last_record_id
+            if self._pins is not None:
+                self._pinned_at = self._pins.pin(self._slot, self._fd, w_mark)
+            seg = r._seg
+            if seg is None or seg.q[ENACTING] <= w_mark:
+                return w_mark
+        raise DatabaseError("the enactor kept passing every watermark this snapshot tried; "
+                            "try again")
+
+    def _check_age(self) -> None:
+        if self._closed:
+            raise ClosedError("this snapshot is closed; take a new one with reader.snapshot()")
+        if time.monotonic_ns() - self._pinned_at > self._max_age * 1e9:
+            raise self._expired(f"it is older than max_snapshot_age ({self._max_age:g} s)")
+
+    def _expired(self, why: str) -> SnapshotExpiredError:
+        return SnapshotExpiredError(f"the snapshot at record {self.record_id} expired: {why}; "
+                                    "take a new snapshot (and hold it for less time)")
+
+    def value(self, table: int, index: int) -> bytes | None:
+        """The value of a slot as of ``record_id``."""
+        r = self._reader
+        r._check_indices(table, (index,))
+        return r._consistent(lambda seg, w: r._value_at(seg, w, table, index),
+                             lambda view: view.value(table, index), self)
+
+    def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
+        r = self._reader
+        got = r._check_indices(table, indices)
+        return r._consistent(lambda seg, w: r._values_at(seg, w, table, got),
+                             lambda view: [view.value(table, i) for i in got], self)
+
+    def index_chunk(self, table: int, chunk: int) -> bytes:
+        r = self._reader
+        r._check_chunk(table, chunk)
+        return r._consistent(lambda seg, w: r._chunk_at(seg, w, table, chunk),
+                             lambda view: view.chunk(table, chunk), self)
+
+    def index_entry(self, table: int, chunk: int, entry: int) -> int:
+        _check_entry(entry)
+        data = self.index_chunk(table, chunk)
+        return int.from_bytes(data[entry * 8:entry * 8 + 8], "little")
+
+    def close(self) -> None:
+        """Release the pin. Idempotent."""
+        self._closed = True
+        if self._fd >= 0 and self._pins is not None:
+            self._pins.unpin(self._slot, self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<mpwal.Snapshot at record {getattr(self, 'record_id', '?')}>"

@@ -2,11 +2,11 @@
 
 A commit (``Writer.record()`` block) goes, under one lock of the writer process:
 
-1. make room: absorb what the enactor has applied (drop those overlay entries by the record-id
-   rule), and if the overlay or the un-enacted log bytes are over their limits, grow the overlay
+1. make room: absorb what the enactor has applied (free those overlay versions), and if the overlay or the un-enacted log bytes are over their limits, grow the overlay
    into a new shared-memory generation or wait for enactment (backpressure);
 2. encode the record and append it to the appending log (invariant 1: bytes in the log first);
-3. publish it into the overlay inside one sequence-lock window, so readers see all of it or none;
+3. publish it into the overlay: its versions first, then the watermark, so readers see all of
+   it or none and never wait for it (``overlay.py``);
 4. rotate the appending log into the read queue once it passes ``log_size`` bytes.
 
 Durability: ``durability="commit"`` then waits until an fsync covers the record; one thread
@@ -34,14 +34,14 @@ from typing import Any
 
 import filelock
 
-from . import fileio
+from . import fileio, pins
 from .durability import GroupCommit
 from .enactor import Enactor, Handoff
 from .supervisor import EnactorSupervisor
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
 from .format import CHUNK_BYTES
-from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, MAX_DROPS, CLOSED,
+from .overlay import (CLOSED, COMMITTED, DURABLE, ENACTED, ENACTING, ENACTOR_PID, MAX_DROPS, MISS,
                       SUPERSEDED_STATE, OverlayWriter)
 from .platform import check_machine
 from .queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock, log_path
@@ -53,7 +53,7 @@ from .tables import IndexTable, ValueTable
 log = logging.getLogger("mpwal")
 
 _live_writers: weakref.WeakSet[Writer] = weakref.WeakSet()
-_LEFT_BY_FAILED_OPEN = re.compile(r"(writer|queue|enactor)\.lock|(index|value)\d+\.tbl|"
+_LEFT_BY_FAILED_OPEN = re.compile(r"(writer|queue|enactor)\.lock|readers|(index|value)\d+\.tbl|"
                                   r"(mpwal\.meta|queues)\.tmp\d+")
 MAX_UNSYNCED_LOGS = 64
 ZERO_CHUNK = bytes(CHUNK_BYTES)
@@ -80,6 +80,8 @@ class Writer:
     * ``max_pending_bytes`` (1 GiB): un-enacted log bytes allowed before commits wait.
     * ``backpressure_timeout`` (30 s): how long a commit waits for room before
       ``BackpressureError``.
+    * ``max_snapshot_age`` (60 s): a reader's snapshot holds enactment back for at most this
+      long; after it, its reads raise ``SnapshotExpiredError``.
     """
 
     # set while __init__ opens; a Writer that __init__ returned has all three
@@ -92,7 +94,7 @@ class Writer:
                  log_size: int = 64 << 20, log_age: float = 1.0, enactor: str = "thread",
                  overlay_slots: int = 1 << 20, overlay_bytes: int = 256 << 20,
                  max_overlay_bytes: int = 1 << 30, max_pending_bytes: int = 1 << 30,
-                 backpressure_timeout: float = 30.0) -> None:
+                 backpressure_timeout: float = 30.0, max_snapshot_age: float = 60.0) -> None:
         check_machine()
         if not isinstance(path, (str, os.PathLike)):
             raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
@@ -110,7 +112,8 @@ class Writer:
                 raise ArgumentRangeError(f"{name} must be at least {lo}, got {v}")
         if overlay_slots & (overlay_slots - 1):
             raise ArgumentRangeError(f"overlay_slots must be a power of two, got {overlay_slots}")
-        for name, secs in (("log_age", log_age), ("backpressure_timeout", backpressure_timeout)):
+        for name, secs in (("log_age", log_age), ("backpressure_timeout", backpressure_timeout),
+                           ("max_snapshot_age", max_snapshot_age)):
             if not isinstance(secs, (int, float)) or isinstance(secs, bool) or not secs >= 0:
                 raise ArgumentRangeError(f"{name} must be a number of seconds >= 0, got {secs!r}")
         self.path = os.path.realpath(os.fspath(path))
@@ -123,6 +126,7 @@ class Writer:
         self.max_overlay_bytes = max(max_overlay_bytes, overlay_bytes)
         self.max_pending_bytes = max_pending_bytes
         self.backpressure_timeout = float(backpressure_timeout)
+        self.max_snapshot_age = float(max_snapshot_age)
         self._pid = os.getpid()
         self._closed = False
         self._forked = False
@@ -150,6 +154,7 @@ class Writer:
             self._catalog = merge_catalog(self.path, tables)
             self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
             self._queues = QueueStore(self.path)
+            pins.create(self.path, self.max_snapshot_age)
             self._replay(overlay_slots, overlay_bytes)
             self._supervisor = EnactorSupervisor(self.path, enactor, self._handoff)
             self._supervisor.start()
@@ -209,7 +214,7 @@ class Writer:
             self._next_id = last + 1
             self._ov = OverlayWriter(self.path, generation, overlay_slots, overlay_bytes)
             q = self._ov.q
-            q[COMMITTED] = q[DURABLE] = q[ENACTED] = last
+            q[COMMITTED] = q[DURABLE] = q[ENACTED] = q[ENACTING] = last
             self._group.durable = last
 
         replay(self.path, self._queues, self._pid, self.sync_data, start_generation)
@@ -226,11 +231,7 @@ class Writer:
         check_key(self._catalog, table, index, "value")
         with self._lock:
             got = self._ov.get(table, index)
-            if got is not None:
-                return got[1]
-            if table in self._ov.drops():
-                return None
-            return self._files.read_value(table, index)
+            return self._files.read_value(table, index) if got is MISS else got
 
     def index_chunk(self, table: int, chunk: int) -> bytes:
         """The newest committed 512 bytes of an index chunk."""
@@ -354,7 +355,9 @@ class Writer:
             blob = b"".join([v for v in values.values() if v])  # the overlay's copy, in order
             if images:
                 blob += b"".join([img for _, img in images])
-            self._make_room(len(values) + len(chunks), len(blob), drops, len(data))
+            self._make_room(len(values) + len(chunks),
+                        OverlayWriter.blob_size(len(values) + len(images), len(blob)), drops,
+                        len(data))
             doubt = False
             try:
                 self._append(data, rid)  # raises with the log as it was: nothing committed
@@ -472,29 +475,18 @@ class Writer:
 
     def _chunk_now(self, table: int, chunk: int) -> bytes:
         got = self._ov.get(table, chunk)
-        if got is not None:
-            return got[1]
-        if table in self._ov.drops():
-            return ZERO_CHUNK
-        return self._files.read_chunk(table, chunk)
+        if got is MISS:
+            return self._files.read_chunk(table, chunk)
+        return got or ZERO_CHUNK
 
     def _publish(self, rid: int, drops: list[int], values: dict[tuple[int, int], bytes | None],
                  images: list[Image], blob: bytes, nbytes: int) -> None:
-        """Make the record visible: one sequence-lock window for all of it."""
-        ov = self._ov
-        off = ov.stage(rid, blob)  # before the window: readers wait only for the entries
-        with ov.window():
-            if drops:
-                d = ov.drops()
-                for t in drops:
-                    ov.remove_table(t)
-                    d[t] = rid
-                ov.set_drops(d)
-            ov.put_record(rid, values.items(), off, images)
-            ov.q[COMMITTED] = rid
+        """Make the record visible: its versions are linked where readers skip them, then the
+        watermark rises (``overlay.py``); no reader waits or retries for it."""
+        self._ov.publish(rid, values.items(), blob, images, drops)
         keys = list(values)
         keys.extend(key for key, _ in images)
-        self._pending.append((rid, keys, tuple(drops), nbytes))
+        self._pending.append((rid, keys, nbytes))
         self._pending_bytes += nbytes
 
     def _images(self, drops: list[int], chunks: dict[tuple[int, int], list]) -> list[Image]:
@@ -509,30 +501,23 @@ class Writer:
 
     # -- room: absorbing enactment, growing, waiting ----------------------------------------
     def _absorb(self) -> None:
-        """Drop overlay entries whose records the enactor applied (the record-id rule)."""
+        """Free the overlay versions of records the enactor applied (invariant 2), in short
+        structural windows."""
         ov = self._ov
         enacted = ov.q[ENACTED]
         pend = self._pending
         while pend and pend[0][0] <= enacted:
+            batch = []
+            keys = 0
+            while pend and pend[0][0] <= enacted and keys < 512:  # short windows
+                rid, k, nbytes = pend.popleft()
+                batch.append((rid, k))
+                keys += len(k) + 1
+                self._pending_bytes -= nbytes
             try:
-                with ov.window():
-                    removed = 0
-                    d = None
-                    while pend and pend[0][0] <= enacted and removed < 512:  # short windows
-                        rid, keys, drops, nbytes = pend.popleft()
-                        ov.remove_record(keys, rid)
-                        removed += len(keys) + 1
-                        self._pending_bytes -= nbytes
-                        if drops:
-                            d = d if d is not None else ov.drops()
-                            for t in drops:
-                                if d.get(t) == rid:
-                                    del d[t]
-                    if d is not None:
-                        ov.set_drops(d)
-                    ov.release_through(rid)
+                ov.free_enacted(enacted, batch)
             except BaseException as e:
-                self._in_doubt(e, "absorbing enacted records")
+                self._in_doubt(e, "freeing enacted versions")
                 raise
 
     def _make_room(self, new_keys: int, need: int, drops: list[int], nbytes: int) -> None:
@@ -544,7 +529,7 @@ class Writer:
         def fits() -> bool:
             return (ov.room_for(new_keys, need)
                     and (self._pending_bytes + nbytes <= self.max_pending_bytes or not self._pending)
-                    and len(set(ov.drops()) | set(drops)) <= MAX_DROPS)
+                    and len(ov.pending_drops) + len(drops) <= MAX_DROPS)
 
         if fits():
             return
@@ -594,11 +579,11 @@ class Writer:
         except StorageError as e:
             log.warning("cannot grow the overlay: %s", e)
             return False
-        with new.window():  # no reader knows the new generation yet
-            new.copy_from(old)
+        new.copy_from(old)  # no reader knows the new generation yet
         self._queues.set_generation(gen)
         old.retire(SUPERSEDED_STATE, gen)
         new.q[ENACTED] = max(new.q[ENACTED], old.q[ENACTED])
+        new.q[ENACTING] = max(new.q[ENACTING], old.q[ENACTING])
         self._ov = new
         old.release()
         log.debug("overlay grew to generation %d: %d slots, %d heap bytes", gen, nslots, heap)

@@ -25,7 +25,7 @@ import mpwal
 from mpwal import fileio, tables
 from mpwal.enactor import Enactor, Handoff
 from mpwal.fileio import FaultPlan
-from mpwal.overlay import SEQ, OverlayReader, segment_name, stale_segments
+from mpwal.overlay import STRUCT, OverlayReader, segment_name, stale_segments
 from mpwal.queues import load_queues
 
 from procs import SLOT, TABLES, VALUE_TABLE, check_value, make_value
@@ -191,7 +191,7 @@ def signal_in_a_window(db: str, pid: int, sig: int, rng: random.Random) -> None:
     seg = OverlayReader(segment_name(os.path.realpath(db), load_queues(db).generation))
     q = seg.q
     deadline = time.monotonic() + 5
-    while not q[SEQ] & 1 and time.monotonic() < deadline:
+    while not q[STRUCT] & 1 and time.monotonic() < deadline:
         pass
     os.kill(pid, sig)
     seg.release()
@@ -200,7 +200,7 @@ def signal_in_a_window(db: str, pid: int, sig: int, rng: random.Random) -> None:
 def in_a_window(db: str) -> bool:
     """Whether the live segment's counter is odd now (a window is open)."""
     seg = OverlayReader(segment_name(os.path.realpath(db), load_queues(db).generation))
-    odd = bool(seg.q[SEQ] & 1)
+    odd = bool(seg.q[STRUCT] & 1)
     seg.release()
     return odd
 
@@ -359,7 +359,7 @@ def test_a_publish_failure_after_the_append_commits_and_readers_see_it(db, monke
     def broken(self, *args):
         raise MemoryError("injected")
 
-    monkeypatch.setattr(OverlayWriter, "put_record", broken)
+    monkeypatch.setattr(OverlayWriter, "publish", broken)
     with w.record() as rec:
         rec.insert_value(VALUE_TABLE, 2, b"two")
         rec.insert_value(VALUE_TABLE, 3, b"three")
@@ -542,7 +542,7 @@ def test_a_publish_failure_under_commit_durability_still_fsyncs_before_returning
         with w.record() as rec:
             rec.insert_value(VALUE_TABLE, 1, b"one")
         plan = FaultPlan("fsync", 1 if fail_fsync else 10 ** 9, errno.EIO)
-        monkeypatch.setattr(OverlayWriter, "put_record", broken)
+        monkeypatch.setattr(OverlayWriter, "publish", broken)
         fileio.arm(plan)
         try:
             if fail_fsync:

@@ -425,10 +425,7 @@ def test_inspect_shows_shared_memory_and_live_writer(tmp_path):
     lock = WriterLock(path)
     seg = ov.OverlayWriter(real, 5, 64, 4096)
     try:
-        seg.begin()
-        seg.put(3, 1, 9, b"hello")
-        seg.put(3, 2, 9, None)
-        seg.end()
+        seg.publish(9, [((3, 1), b"hello"), ((3, 2), None)], b"hello")
         for word, v in ((ov.COMMITTED, 9), (ov.DURABLE, 8), (ov.ENACTED, 3)):
             seg.q[word] = v
         before_shm = bytes(seg.m)
@@ -438,7 +435,7 @@ def test_inspect_shows_shared_memory_and_live_writer(tmp_path):
         assert "writer: alive" in text
         assert f"{seg.name}: generation 5, live, writer pid {os.getpid()}" in text
         assert ("committed 9, durable 8, enacted 3; entries 2 of 64 slots, "
-                "heap 5 of 4096 bytes") in text
+                "heap 56 of 4096 bytes") in text
         assert bytes(seg.m) == before_shm  # mapped read-only, nothing written
         assert snapshot(path) == before
         assert "STALE" not in text

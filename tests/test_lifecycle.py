@@ -82,20 +82,20 @@ def test_visible_only_after_log_write(db, monkeypatch):
     r = mpwal.Reader(db)
     seen = []
     real_write = fileio.write_all
-    real_put = OverlayWriter.put_record
+    real_put = OverlayWriter.publish
 
     def write_all(fd, data):
         if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith("log"):
             seen.append(("write", r.last_record_id, r.value(VALUE_TABLE, 5)))
         real_write(fd, data)
 
-    def put_record(self, rid, *args):
+    def publish(self, rid, *args):
         logs = read_logs(db)
         seen.append(("publish", rid, logs.last_record_id))
         real_put(self, rid, *args)
 
     monkeypatch.setattr(fileio, "write_all", write_all)
-    monkeypatch.setattr(OverlayWriter, "put_record", put_record)
+    monkeypatch.setattr(OverlayWriter, "publish", publish)
     try:
         for rid in (1, 2):
             with w.record() as rec:
@@ -128,8 +128,8 @@ def test_record_id_rule_keeps_newer_overlay_entry(db):
         e.step()  # enacts record 1 only: record 2 is still in the appending log
         assert e.enacted == 1
         w._absorb()
-        assert w._ov.get(VALUE_TABLE, 5) == (2, b"two")
-        assert w._ov.get(VALUE_TABLE, 6) is None
+        assert w._ov.versions(VALUE_TABLE, 5) == [(2, b"two")]  # record 1's version is freed
+        assert w._ov.versions(VALUE_TABLE, 6) == []
         assert e.files.read_value(VALUE_TABLE, 6) == b"six"
         with mpwal.Reader(db) as r:
             assert r.value(VALUE_TABLE, 5) == b"two" and r.value(VALUE_TABLE, 6) == b"six"

@@ -18,8 +18,8 @@ import mpwal.platform
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PUBLIC_API = {
-    "Writer", "Reader", "Record", "IndexTable", "ValueTable",
-    "Error", "ArgumentTypeError", "ArgumentRangeError", "ValueTooLargeError", "TableError",
+    "Writer", "Reader", "Snapshot", "Record", "IndexTable", "ValueTable",
+    "SnapshotExpiredError", "Error", "ArgumentTypeError", "ArgumentRangeError", "ValueTooLargeError", "TableError",
     "ClosedError", "ForkedError", "WriterLockedError", "DatabaseError", "CorruptionError",
     "StorageError", "WriterFailedError", "BackpressureError", "UnsupportedPlatformError",
 }

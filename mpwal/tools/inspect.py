@@ -465,7 +465,7 @@ _STATE_NAMES = {0: "new", 1: "live", 2: "superseded", 3: "closed"}
 
 
 def _segment_header(name: str) -> dict | str:
-    """The header words of a segment, read under its sequence lock; a str says why not."""
+    """The header words of a segment, read between two equal loads of its struct word; a str says why not."""
     try:
         r = ov.OverlayReader(name)
     except FileNotFoundError as e:
@@ -478,12 +478,12 @@ def _segment_header(name: str) -> dict | str:
                  "ENACTED", "ENACTOR_PID", "NSLOTS", "HEAP_BYTES", "ENTRIES", "HEAP_USED", "NDROPS")
         snap: dict = {}
         for _attempt in range(200):
-            s1 = q[ov.SEQ]
+            s1 = q[ov.STRUCT]
             if s1 & 1 and s1 != ov.SUPERSEDED:
                 time.sleep(0.0005)
                 continue
             snap = {w.lower(): q[getattr(ov, w)] for w in words}
-            if q[ov.SEQ] == s1:
+            if q[ov.STRUCT] == s1:
                 snap["consistent"] = True
                 break
         else:
