@@ -34,7 +34,7 @@ import posix_ipc
 from . import fileio
 from .applier import BATCH_RECORDS, Applier, batches
 from .errors import CorruptionError, StorageError, storage_error
-from .format import BEGIN_SIZE, LogScan, first_record_id
+from .format import LOG_PREFIX, LogScan, first_record_id
 from .overlay import ENACTED, ENACTING, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
 from .pins import ReaderTable
 from .queues import ENACTOR_LOCK, QueueStore, file_lock, log_path
@@ -246,7 +246,7 @@ class Enactor:
         except FileNotFoundError:
             return None
         try:
-            first = first_record_id(os.pread(fd, BEGIN_SIZE, 0))
+            first = first_record_id(os.pread(fd, LOG_PREFIX, 0))
         finally:
             os.close(fd)
         return None if first is None else self.handoff.take(first)

@@ -1,8 +1,19 @@
 """The log format: how one record is laid out in a log file, and how it is read back.
 
-A log file (``log{N}`` in the database directory) is a sequence of records and nothing else:
-no file header, so an empty file is an empty log (the pool keeps such files for reuse). Every
-integer is little-endian. One record is::
+A log file (``log{N}`` in the database directory) is a log header, then records. An empty
+file is an empty log (the pool keeps such files for reuse, and the writer writes the header
+with a log's first record). Every integer is little-endian. The header is::
+
+    LOG_HEADER    u8 = 6   database_id [16]  epoch u64  crc32 u32
+
+``database_id`` is the random id the database got at creation (``mpwal.meta``), ``epoch`` the
+writer open that wrote the log (the queue state's epoch), and ``crc32`` covers the 25 bytes
+before it. Replay and readers never take a log whose header names another database, or an
+epoch older than the queue state's ``log_epoch_floor`` (every log of an older epoch was
+replayed and truncated; one that reappears, say after a power loss undid a truncation, is
+stale), nor a log without a header in a database that has an id. (Logs of format 1, written
+before databases had ids, have no header; a directory of format 1 is upgraded by its first
+writer open, which replays and empties them.) One record is::
 
     BEGIN_RECORD  u8 = 1   record_id u64
     entries, in this order:
@@ -41,6 +52,7 @@ INSERT_INDEX = 2
 INSERT_VALUE = 3
 END_RECORD = 4
 DROP_TABLE = 5
+LOG_HEADER = 6
 
 REMOVED = 0xFFFFFFFF  # INSERT_VALUE length that marks a removal
 CHUNK_ENTRIES = 64
@@ -57,6 +69,28 @@ _END = b"\x04"
 
 BEGIN_SIZE = _BEGIN.size
 END_SIZE = 1 + 4
+_LOG_HEADER = struct.Struct("<B16sQ")
+LOG_HEADER_SIZE = _LOG_HEADER.size + 4
+LOG_PREFIX = LOG_HEADER_SIZE + BEGIN_SIZE  # bytes that hold a log's header and first record id
+DATABASE_ID_BYTES = 16
+
+
+def encode_log_header(database_id: bytes, epoch: int) -> bytes:
+    """The header a log of ``database_id`` written in ``epoch`` starts with."""
+    body = _LOG_HEADER.pack(LOG_HEADER, database_id, epoch)
+    return body + _U32.pack(zlib.crc32(body))
+
+
+def decode_log_header(buf) -> tuple[bytes, int] | None:
+    """(database_id, epoch) of the header ``buf`` starts with; None if it starts with none that
+    verifies."""
+    if len(buf) < LOG_HEADER_SIZE or buf[0] != LOG_HEADER:
+        return None
+    body = bytes(buf[:_LOG_HEADER.size])
+    if zlib.crc32(body) != _U32.unpack_from(buf, _LOG_HEADER.size)[0]:
+        return None
+    _, database_id, epoch = _LOG_HEADER.unpack(body)
+    return database_id, epoch
 
 
 class Op(NamedTuple):
@@ -107,7 +141,10 @@ def encode_record(record_id: int, drops, chunks: dict, values: dict) -> bytes:
 
 
 def first_record_id(head: bytes) -> int | None:
-    """The id in a log's first BEGIN_RECORD, or None if the log does not start with one."""
+    """The id in a log's first BEGIN_RECORD (after its header, if it has one), or None if the
+    log does not start with one. ``head``: the first LOG_PREFIX bytes, or more."""
+    if head[:1] == bytes((LOG_HEADER,)):
+        head = head[LOG_HEADER_SIZE:]
     if len(head) < BEGIN_SIZE or head[0] != BEGIN_RECORD:
         return None
     return _BEGIN.unpack_from(head)[1]
@@ -118,8 +155,10 @@ class LogScan:
 
     Iterate ``records()``; afterwards ``end`` is the offset just past the last good record and
     ``problem`` is None when the log ended cleanly at a record boundary, or says why it stopped
-    ("torn", "crc", "bad type", "out of sequence"). ``start`` is where to begin in ``buf``;
-    every offset (``end``, a record's ``start`` and ``end``) counts from the start of ``buf``.
+    ("torn", "crc", "bad type", "out of sequence", "bad header"). ``start`` is where to begin
+    in ``buf``; every offset (``end``, a record's ``start`` and ``end``) counts from the start of
+    ``buf``. A scan from 0 reads the log header first, if there is one: ``header`` is then its
+    (database_id, epoch), and a header that does not verify ends the scan before any record.
     """
 
     def __init__(self, buf, expect_id: int | None = None, start: int = 0):
@@ -128,11 +167,22 @@ class LogScan:
         self.end = start
         self.problem: str | None = None
         self.problem_record: int | None = None
+        self.header: tuple[bytes, int] | None = None
+        if start == 0 and self.buf[:1] == bytes((LOG_HEADER,)):
+            self.header = decode_log_header(self.buf)
+            if self.header is None:
+                self.problem = "bad header"
+                self.end = len(self.buf)  # nothing to scan
+            else:
+                self.end = LOG_HEADER_SIZE
 
     def records(self) -> Iterator[Record]:
         buf = self.buf
         n = len(buf)
         pos = self.end
+        if self.problem == "bad header":
+            self.end = 0
+            return
         while pos < n:
             rec = self._one(buf, pos, n)
             if rec is None:

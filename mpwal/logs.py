@@ -5,6 +5,10 @@ Used by replay (the writer, on open), by readers that find no live writer, and b
 not by file name (the pool reuses names). Reading stops for good at the first record that is
 torn, fails its CRC, has a bad type byte, or does not follow the previous record's id (a gap:
 a log went missing); nothing after that point is part of the prefix.
+
+A log whose header (``format.py``) names another database, or an epoch below the queue state's
+``log_epoch_floor``, or that has no header in a database with an id, is not part of the
+database at all: it is listed in ``ignored`` and ends nothing.
 """
 
 from __future__ import annotations
@@ -13,9 +17,30 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from . import fileio
-from .errors import storage_error
+from .errors import DatabaseError, storage_error
 from .format import LogScan, Record, first_record_id
-from .queues import log_ids, log_path
+from .queues import load_queues, log_ids, log_path
+from .tables import database_id, is_database
+
+
+@dataclass
+class LogIdentity:
+    """Which logs belong to a database: its id (None: format 1, whose logs have no header) and
+    the oldest epoch still current."""
+
+    database_id: bytes | None
+    epoch_floor: int = 0
+
+
+def log_identity(path: str) -> LogIdentity:
+    """The identity the directory's metadata and queue state give (a directory whose metadata
+    is missing or damaged has none to check against: its logs are read as format 1)."""
+    st = load_queues(path)
+    try:
+        ident = database_id(path) if is_database(path) else None
+    except DatabaseError:
+        ident = None
+    return LogIdentity(ident, st.log_epoch_floor if st else 0)
 
 
 @dataclass
@@ -46,6 +71,7 @@ class LogSet:
     empty: list[int]  # empty log files (the pool)
     discarded: list[int]  # logs wholly past the first problem, or with no first record
     problem: Problem | None
+    ignored: list[tuple[int, str]] = field(default_factory=list)  # (log id, why not ours)
 
     @property
     def last_record_id(self) -> int | None:
@@ -59,14 +85,19 @@ class LogSet:
             yield from lf.records
 
 
-def read_logs(path: str, keep_records: bool = True, start: int | None = None) -> LogSet:
+def read_logs(path: str, keep_records: bool = True, start: int | None = None,
+              identity: LogIdentity | None = None) -> LogSet:
     """Scan every ``log{N}`` file of ``path``. An I/O error raises StorageError (replay must
     fail and keep the logs); corruption only ends the prefix.
 
     ``start`` is the first record id the prefix must begin with (``last_cleaned_record + 1``
     from the queue state): records below it are already in the tables and are skipped, and a
     prefix that does not reach it is a gap. A log is ordered by its first record only once that
-    record verifies, so a damaged id cannot move a log to the front."""
+    record verifies, so a damaged id cannot move a log to the front. ``identity`` (read from
+    the directory when None) says which logs are the database's."""
+    if identity is None:
+        identity = log_identity(path)
+    ignored: list[tuple[int, str]] = []
     heads = []
     empty = []
     discarded = []
@@ -84,6 +115,10 @@ def read_logs(path: str, keep_records: bool = True, start: int | None = None) ->
             empty.append(lid)
             continue
         head = LogScan(data)
+        why = _not_ours(head, identity)
+        if why is not None:
+            ignored.append((lid, why))
+            continue
         head_rec = next(head.records(), None)
         if head_rec is None:  # torn, crc, bad type: the first record does not verify
             discarded.append(lid)
@@ -128,4 +163,19 @@ def read_logs(path: str, keep_records: bool = True, start: int | None = None) ->
             # (damage among records the tables already hold ends nothing: the next log may
             # still continue the chain at ``expect``)
             problem = Problem(lid, scan.end, scan.problem, scan.problem_record)
-    return LogSet(valid, empty, discarded, problem or head_problem)
+    return LogSet(valid, empty, discarded, problem or head_problem, ignored)
+
+
+def _not_ours(scan: LogScan, identity: LogIdentity) -> str | None:
+    """Why a log is not one of the database's current logs, or None if it is."""
+    if scan.header is None:
+        if scan.problem == "bad header" or identity.database_id is None:
+            return None  # damage ends the prefix as a bad first record does; format 1: no header
+        return "it has no log header (not written by this database's writers)"
+    ident, epoch = scan.header
+    if ident != identity.database_id:
+        return f"its header names database {ident.hex()}, not this one"
+    if epoch < identity.epoch_floor:
+        return (f"it is stale: epoch {epoch}, older than {identity.epoch_floor}, whose logs "
+                "were all replayed")
+    return None

@@ -124,6 +124,7 @@ class QueueState:
     last_cleaned_record: int = 0  # newest record id whose log was cleaned
     sync_data: bool = True  # the writer's option, for enactors in other processes
     writer_pid: int = 0  # the live writer, so an enactor can tell a new writer from the old one
+    log_epoch_floor: int = 0  # logs of an older epoch were replayed and emptied: stale if seen
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -167,7 +168,8 @@ class QueueStore:
     ==================  ========  ===============================================================
     ``new_epoch``       writer    epoch + 1, writer pid, sync_data (every open, before replay)
     ``replayed``        writer    last_cleaned_record: the replayed prefix is in the tables
-    ``reset``           writer    every log truncated and pooled, a new generation
+    ``reset``           writer    every log truncated and pooled, a new generation, and the
+                                  epoch floor (logs of older epochs are stale from now on)
     ``start_log``       writer    a pool log (or a new id) becomes the appending log
     ``rotate``          writer    the appending log joins the read queue
     ``set_generation``  writer    the overlay grew into a new generation
@@ -180,6 +182,11 @@ class QueueStore:
         self.path = path
         self.lock = file_lock(path, QUEUE_LOCK)  # reentrant: replay nests transitions in it
         self.last: QueueState | None = None
+
+    def epoch(self) -> int:
+        """The epoch of the last state this process wrote (the writer's own, after replay)."""
+        assert self.last is not None
+        return self.last.epoch
 
     def read(self) -> QueueState | None:
         """The state now, without the lock (the file is replaced atomically)."""
@@ -224,6 +231,7 @@ class QueueStore:
             st.read, st.cleanup, st.appending = [], [], None
             st.next_log = (max(ids) + 1) if ids else st.next_log
             st.generation = generation
+            st.log_epoch_floor = st.epoch
         return st
 
     def start_log(self) -> tuple[int, bool]:

@@ -567,18 +567,21 @@ class Snapshot:
                              lambda view: view.value(table, index), self)
 
     def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
+        """``value`` for many indices of one table, as of ``record_id``."""
         r = self._reader
         got = r._check_indices(table, indices)
         return r._consistent(lambda seg, w: r._values_at(seg, w, table, got),
                              lambda view: [view.value(table, i) for i in got], self)
 
     def index_chunk(self, table: int, chunk: int) -> bytes:
+        """The 512 bytes of an index chunk as of ``record_id``."""
         r = self._reader
         r._check_chunk(table, chunk)
         return r._consistent(lambda seg, w: r._chunk_at(seg, w, table, chunk),
                              lambda view: view.chunk(table, chunk), self)
 
     def index_entry(self, table: int, chunk: int, entry: int) -> int:
+        """One u64 entry (0..63) of an index chunk as of ``record_id``."""
         _check_entry(entry)
         data = self.index_chunk(table, chunk)
         return int.from_bytes(data[entry * 8:entry * 8 + 8], "little")

@@ -60,6 +60,9 @@ def replay(path: str, queues: QueueStore, writer_pid: int, sync_data: bool,
         done = st.last_cleaned_record
         # (without a queue file, the logs alone say where the prefix starts)
         logs = read_logs(path, start=done + 1 if loaded else None)  # I/O error: raises
+        for lid, why in logs.ignored:
+            log.warning("replay of %s ignores log%d: %s; it is emptied with the others", path,
+                        lid, why)
         if logs.problem:
             log.warning("replay of %s stops at %s; later records are dropped", path, logs.problem)
         applier = Applier(path)

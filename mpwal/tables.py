@@ -2,10 +2,14 @@
 
 Metadata: ``mpwal.meta`` in the database directory, JSON::
 
-    {"mpwal": 1, "tables": [{"id": 1, "kind": "index"}, {"id": 3, "kind": "value", "slot_size": 256}]}
+    {"mpwal": 2, "database_id": "<32 hex digits>",
+     "tables": [{"id": 1, "kind": "index"}, {"id": 3, "kind": "value", "slot_size": 256}]}
 
-``mpwal`` is the on-disk format version; a newer one is refused. Table ids are one u16
-namespace shared by both kinds.
+``mpwal`` is the on-disk format version; a newer one is refused. ``database_id`` is random,
+made when the database is created; every log file names it in its header (``format.py``).
+Format 1 (mpwal 0.1) had no id and no log headers: the first writer open upgrades it, once
+replay has emptied its logs (``upgrade_meta``). Table ids are one u16 namespace shared by both
+kinds.
 
 Table files, created empty when the table is defined so readers can open them at once:
 
@@ -45,7 +49,7 @@ from .errors import (ArgumentRangeError, ArgumentTypeError, DatabaseError, Stora
                      storage_error)
 from .format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, Op
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "mpwal.meta"
 MAX_TABLE_ID = 0xFFFF
 MAX_TABLE_BYTES = 1 << 40  # the largest a table file may grow: see the module comment
@@ -146,6 +150,15 @@ def is_database(path: str) -> bool:
 
 def load_catalog(path: str) -> dict[int, Table]:
     """The tables recorded in ``path``'s metadata; DatabaseError if it is not an mpwal database."""
+    return _load_meta(path)[0]
+
+
+def database_id(path: str) -> bytes | None:
+    """The database's id, or None in a directory of format 1 (not upgraded yet)."""
+    return _load_meta(path)[1]
+
+
+def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None]:
     meta = os.path.join(path, META_FILE)
     try:
         raw = fileio.read_file(meta)
@@ -161,13 +174,38 @@ def load_catalog(path: str) -> dict[int, Table]:
             raise ValueError("not an object with a list of table objects")
         version = doc["mpwal"]
         tables = [table_from(d) for d in doc["tables"]]
+        dbid = doc.get("database_id")
+        if version == FORMAT_VERSION and (not isinstance(dbid, str) or len(dbid) != 32):
+            raise ValueError("no database_id of 32 hex digits")
+        ident = bytes.fromhex(dbid) if isinstance(dbid, str) and version >= 2 else None
     except (ValueError, KeyError, TypeError, TableError) as e:
         raise DatabaseError(f"{meta} is damaged ({e}); restore it from a backup") from None
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise DatabaseError(
             f"{path} has on-disk format {version}, newer than this mpwal's {FORMAT_VERSION}: "
             "upgrade mpwal to open it")
-    return {t.id: t for t in tables}
+    return {t.id: t for t in tables}, ident
+
+
+def _write_meta(path: str, catalog: dict[int, Table], ident: bytes | None) -> None:
+    doc: dict = {"mpwal": FORMAT_VERSION if ident is not None else 1}
+    if ident is not None:
+        doc["database_id"] = ident.hex()
+    doc["tables"] = [t.describe() for t in sorted(catalog.values(), key=lambda t: t.id)]
+    try:
+        fileio.write_file_atomic(os.path.join(path, META_FILE), json.dumps(doc).encode(), sync=True)
+    except OSError as e:
+        raise storage_error(e, f"writing {META_FILE}") from None
+
+
+def upgrade_meta(path: str) -> bytes:
+    """Give a directory of format 1 its database id (format 2); its id. Call only when no log
+    holds records (after replay), as logs of format 1 have no header."""
+    catalog, ident = _load_meta(path)
+    if ident is None:
+        ident = os.urandom(16)
+        _write_meta(path, catalog, ident)
+    return ident
 
 
 def merge_catalog(path: str, wanted: Iterable[Table]) -> dict[int, Table]:
@@ -180,7 +218,7 @@ def merge_catalog(path: str, wanted: Iterable[Table]) -> dict[int, Table]:
     for t in wanted:
         if not isinstance(t, (IndexTable, ValueTable)):
             raise TableError(f"tables must be IndexTable or ValueTable, not {type(t).__name__}")
-    existing = load_catalog(path) if is_database(path) else {}
+    existing, ident = _load_meta(path) if is_database(path) else ({}, os.urandom(16))
     merged = dict(existing)
     for t in wanted:
         old = merged.get(t.id)
@@ -196,11 +234,7 @@ def merge_catalog(path: str, wanted: Iterable[Table]) -> dict[int, Table]:
                 os.close(fileio.create(fp))
             except OSError as e:
                 raise storage_error(e, f"creating {fp}") from None
-        doc = {"mpwal": FORMAT_VERSION, "tables": [t.describe() for t in sorted(merged.values(), key=lambda t: t.id)]}
-        try:
-            fileio.write_file_atomic(os.path.join(path, META_FILE), json.dumps(doc).encode(), sync=True)
-        except OSError as e:
-            raise storage_error(e, f"writing {META_FILE}") from None
+        _write_meta(path, merged, ident)
     return merged
 
 

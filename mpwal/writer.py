@@ -40,14 +40,14 @@ from .enactor import Enactor, Handoff
 from .supervisor import EnactorSupervisor
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
-from .format import CHUNK_BYTES
+from .format import CHUNK_BYTES, encode_log_header
 from .overlay import (CLOSED, COMMITTED, DURABLE, ENACTED, ENACTING, ENACTOR_PID, MAX_DROPS, MISS,
                       SUPERSEDED_STATE, OverlayWriter)
 from .platform import check_machine
 from .queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock, log_path
 from .replay import replay
 from .record import Record
-from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog
+from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog, upgrade_meta
 from .tables import IndexTable, ValueTable
 
 log = logging.getLogger("mpwal")
@@ -156,6 +156,8 @@ class Writer:
             self._queues = QueueStore(self.path)
             pins.create(self.path, self.max_snapshot_age)
             self._replay(overlay_slots, overlay_bytes)
+            # format 1 is upgraded here, once replay emptied its headerless logs
+            self._log_header = encode_log_header(upgrade_meta(self.path), self._queues.epoch())
             self._supervisor = EnactorSupervisor(self.path, enactor, self._handoff)
             self._supervisor.start()
         except BaseException:  # leave no lock, descriptor or segment behind
@@ -409,6 +411,8 @@ class Writer:
         if self._app_fd < 0:
             self._open_appending()
         start = self._app_bytes
+        if not start:  # a log's first record comes with the log's header
+            data = self._log_header + data
         try:
             fileio.write_all(self._app_fd, data)
             self._app_bytes = start + len(data)

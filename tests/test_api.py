@@ -200,7 +200,7 @@ def test_newer_format_refused(db):
     with open(meta) as f:
         text = f.read()
     with open(meta, "w") as f:
-        f.write(text.replace('"mpwal": 1', '"mpwal": 99'))
+        f.write(text.replace('"mpwal": 2', '"mpwal": 99'))
     before = snapshot(db)
     with pytest.raises(mpwal.DatabaseError, match="upgrade"):
         mpwal.Writer(db, TABLES)
