@@ -1,27 +1,29 @@
 """The writer: the one process that appends records to the log and publishes them to readers.
 
-A commit (``Writer.record()`` block) goes, under one lock of the writer process:
+A thin wiring of stages, each in its own module, run under one lock of the writer process:
 
-1. make room: absorb what the enactor has applied (free those overlay versions), and if the overlay or the un-enacted log bytes are over their limits, grow the overlay
-   into a new shared-memory generation or wait for enactment (backpressure);
-2. encode the record and append it to the appending log (invariant 1: bytes in the log first);
-3. publish it into the overlay: its versions first, then the watermark, so readers see all of
-   it or none and never wait for it (``overlay.py``);
-4. rotate the appending log into the read queue once it passes ``log_size`` bytes.
-
-Durability: ``durability="commit"`` then waits until an fsync covers the record; one thread
-fsyncs for every commit waiting at that moment (group commit, ``durability.py``). ``sync()``
-does the same for everything committed so far.
+* intake (``Writer._commit``): a ``Record`` (a change set, ``record.py``) is validated and
+  encoded, then goes through the stages below;
+* room (``publisher.py``): free what the enactor applied; if the overlay or the un-enacted log
+  bytes are over their limits, grow the overlay into a new generation or wait (backpressure);
+* append (``appender.py``): the record's id and bytes go to the appending log (invariant 1:
+  bytes in the log first); it rotates into the read queue past ``log_size``;
+* publish (``publisher.py``): the versions, then the watermark (``overlay.py``); readers see
+  all of the record or none of it and never wait for it;
+* durability (``durability.py``): with ``durability="commit"`` the commit waits, outside the
+  lock, until an fsync covers it; one thread fsyncs for every commit waiting (group commit).
+  ``sync()`` does the same for everything committed so far.
 
 Open: the writer takes ``writer.lock`` (the directory's one writer), checks the directory is an
-mpwal database or empty, merges the table definitions, replays the logs (``replay.py``) and
-starts the enactor.
+mpwal database or empty, merges the table definitions, creates the reader table (``pins.py``),
+replays the logs (``replay.py``), upgrades a format-1 directory, and starts the enactor
+(``supervisor.py``). A housekeeping thread frees enacted versions, rotates logs older than
+``log_age`` and keeps an enactor running.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
 import errno
 import logging
 import os
@@ -36,15 +38,16 @@ import filelock
 
 from . import fileio, pins
 from .durability import GroupCommit
+from .appender import Appender
 from .enactor import Enactor, Handoff
+from .publisher import Publisher
 from .supervisor import EnactorSupervisor
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
-from .format import CHUNK_BYTES, encode_log_header
-from .overlay import (CLOSED, COMMITTED, DURABLE, ENACTED, ENACTING, ENACTOR_PID, MAX_DROPS, MISS,
-                      SUPERSEDED_STATE, OverlayWriter)
+from .format import encode_log_header
+from .overlay import COMMITTED, DURABLE, ENACTED, ENACTING, ENACTOR_PID, OverlayWriter
 from .platform import check_machine
-from .queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock, log_path
+from .queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock
 from .replay import replay
 from .record import Record
 from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog, upgrade_meta
@@ -55,9 +58,6 @@ log = logging.getLogger("mpwal")
 _live_writers: weakref.WeakSet[Writer] = weakref.WeakSet()
 _LEFT_BY_FAILED_OPEN = re.compile(r"(writer|queue|enactor)\.lock|readers|(index|value)\d+\.tbl|"
                                   r"(mpwal\.meta|queues)\.tmp\d+")
-MAX_UNSYNCED_LOGS = 64
-ZERO_CHUNK = bytes(CHUNK_BYTES)
-Image = tuple[tuple[int, int], bytes]  # ((table, chunk), the chunk's 512-byte after-image)
 
 
 class Writer:
@@ -84,10 +84,11 @@ class Writer:
       long; after it, its reads raise ``SnapshotExpiredError``.
     """
 
-    # set while __init__ opens; a Writer that __init__ returned has all three
+    # set while __init__ opens; a Writer that __init__ returned has all four
     _wlock: WriterLock
     _files: TableFiles
-    _ov: OverlayWriter
+    _publisher: Publisher
+    _appender: Appender
 
     def __init__(self, path: str | os.PathLike[str], tables: Iterable[IndexTable | ValueTable] = (), *,
                  sync_wal: bool = True, sync_data: bool = True, durability: str = "relaxed",
@@ -133,15 +134,6 @@ class Writer:
         self._failed: BaseException | None = None
         self._lock = threading.RLock()
         self._group = GroupCommit(self._publish_durable)
-        self._app_id: int | None = None  # appending log
-        self._app_fd = -1
-        self._app_bytes = 0
-        self._app_since = 0.0
-        self._unsynced: list[int] = []  # fds of rotated logs not yet fsynced
-        self._dir_dirty = False  # a log file was created and the directory not fsynced
-        self._pending: collections.deque = collections.deque()  # (rid, keys, drops, nbytes)
-        self._pending_bytes = 0
-        self._rotations = 0
         # the enactor thread takes rotated logs' records from here instead of parsing the file
         self._handoff: Handoff | None = Handoff() if enactor == "thread" else None
         self._handing: list | None = None  # the appending log's list in _handoff
@@ -155,14 +147,19 @@ class Writer:
             self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
             self._queues = QueueStore(self.path)
             pins.create(self.path, self.max_snapshot_age)
-            self._replay(overlay_slots, overlay_bytes)
+            last = self._replay(overlay_slots, overlay_bytes)
             # format 1 is upgraded here, once replay emptied its headerless logs
-            self._log_header = encode_log_header(upgrade_meta(self.path), self._queues.epoch())
+            header = encode_log_header(upgrade_meta(self.path), self._queues.epoch())
+            self._appender = Appender(
+                self.path, self._queues, header, last + 1, sync_wal=self.sync_wal,
+                sync_new_names=self.sync_wal or durability == "commit", log_size=log_size,
+                fail=self._fail, stop=self._stop_for, log_started=self._log_started,
+                rotated=self._group.advance)
             self._supervisor = EnactorSupervisor(self.path, enactor, self._handoff)
             self._supervisor.start()
         except BaseException:  # leave no lock, descriptor or segment behind
-            if hasattr(self, "_ov"):
-                self._ov.retire(CLOSED)
+            if hasattr(self, "_publisher"):
+                self._publisher.retire()
             if hasattr(self, "_files"):
                 self._files.close()
             self._wlock.release()
@@ -209,17 +206,19 @@ class Writer:
                 f"holds {', '.join(sorted(stray)[:3])}{' ...' if len(stray) > 3 else ''}): "
                 "give an empty or new directory")
 
-    def _replay(self, overlay_slots: int, overlay_bytes: int) -> None:
-        """Replay the logs (``replay.py``) and start the new generation's overlay."""
+    def _replay(self, overlay_slots: int, overlay_bytes: int) -> int:
+        """Replay the logs (``replay.py``) and start the new generation's overlay; returns the
+        last record id replayed."""
 
         def start_generation(generation: int, last: int) -> None:
-            self._next_id = last + 1
-            self._ov = OverlayWriter(self.path, generation, overlay_slots, overlay_bytes)
-            q = self._ov.q
+            ov = OverlayWriter(self.path, generation, overlay_slots, overlay_bytes)
+            q = ov.q
             q[COMMITTED] = q[DURABLE] = q[ENACTED] = q[ENACTING] = last
+            self._publisher = Publisher(self.path, self._queues, self._files, ov,
+                                        self.max_overlay_bytes)
             self._group.durable = last
 
-        replay(self.path, self._queues, self._pid, self.sync_data, start_generation)
+        return replay(self.path, self._queues, self._pid, self.sync_data, start_generation)
 
     # -- the public API ----------------------------------------------------------------------
     def record(self) -> Record:
@@ -232,15 +231,14 @@ class Writer:
         self._check_usable()
         check_key(self._catalog, table, index, "value")
         with self._lock:
-            got = self._ov.get(table, index)
-            return self._files.read_value(table, index) if got is MISS else got
+            return self._publisher.value(table, index)
 
     def index_chunk(self, table: int, chunk: int) -> bytes:
         """The newest committed 512 bytes of an index chunk."""
         self._check_usable()
         check_key(self._catalog, table, chunk, "index")
         with self._lock:
-            return self._chunk_now(table, chunk)
+            return self._publisher.chunk(table, chunk)
 
     def index_entry(self, table: int, chunk: int, entry: int) -> int:
         """One u64 entry (0..63) of an index chunk."""
@@ -254,41 +252,45 @@ class Writer:
     @property
     def last_record_id(self) -> int:
         """The newest committed record id (0 before the first)."""
-        return self._next_id - 1
+        return self._appender.next_id - 1
 
     def sync(self) -> int:
         """Return once every record committed before this call is on disk; returns its id."""
         self._check_usable()
-        target = self._next_id - 1
+        target = self._appender.next_id - 1
         self._group.wait(target, self._flush)
         return target
+
+    def rotate(self) -> None:
+        """Move the appending log into the read queue now (it is fsynced first with
+        ``sync_wal``), so the enactor can apply every record committed so far; the writer does
+        this itself past ``log_size`` bytes or ``log_age`` seconds."""
+        self._check_usable()
+        with self._lock:
+            self._appender.rotate()
 
     def stats(self) -> dict[str, Any]:
         """Record ids, queues, overlay use and enactor state, for monitoring."""
         self._check_usable()
         with self._lock:
             self._absorb()
-            ov = self._ov
             st = self._queues.read() or self._queues.last or QueueState()
-            return {
-                "committed": self._next_id - 1,
+            out: dict[str, Any] = {
+                "committed": self._appender.next_id - 1,
                 "durable": self._group.durable,
-                "enacted": ov.q[ENACTED],
-                "generation": ov.generation,
                 "logs": {"appending": st.appending, "read": list(st.read),
                          "cleanup": list(st.cleanup), "pool": list(st.pool)},
-                "pending_bytes": self._pending_bytes,
-                "pending_records": len(self._pending),
-                "overlay_entries": len(ov.where),
-                "overlay_bytes": ov.used,
-                "overlay_capacity_entries": ov.nslots // 2,
-                "overlay_capacity_bytes": ov.heap_bytes,
-                "rotations": self._rotations,
+                "rotations": self._appender.rotations,
                 "enactor": self.enactor_mode,
-                "enactor_pid": ov.q[ENACTOR_PID],
+                "enactor_pid": self._publisher.ov.q[ENACTOR_PID],
                 "enactor_restarts": self._supervisor.restarts,
                 "enactor_errors": list(self._supervisor.errors),
+                "enactor_holding_lock": self._supervisor.holding,  # (enactor="thread")
+                "logs_handed_over": len(self._handoff) if self._handoff is not None else 0,
+                "segment": self._publisher.ov.name,
             }
+            out.update(self._publisher.stats())
+            return out
 
     def close(self) -> None:
         """Rotate, let the enactor finish, and remove the shared memory. Idempotent."""
@@ -303,7 +305,7 @@ class Writer:
             with self._lock:
                 if self._failed is None:
                     try:
-                        self._rotate()
+                        self._appender.rotate()
                     except StorageError:
                         pass  # recorded in _failed; the logs stay for replay
             self._supervisor.stop()
@@ -311,14 +313,9 @@ class Writer:
                 self._drain_here()
         finally:
             with self._lock:
-                if self._app_fd >= 0:
-                    os.close(self._app_fd)
-                    self._app_fd = -1
-                for fd in self._unsynced:
-                    os.close(fd)
-                self._unsynced = []
+                self._appender.close()
                 self._files.close()
-                self._ov.retire(CLOSED)
+                self._publisher.retire()
                 self._wlock.release()
 
     def __enter__(self) -> Writer:
@@ -328,7 +325,7 @@ class Writer:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"record {self._next_id - 1}"
+        state = "closed" if self._closed else f"record {self._appender.next_id - 1}"
         return f"<mpwal.Writer {self.path} {state}>"
 
     # -- committing --------------------------------------------------------------------------
@@ -345,44 +342,51 @@ class Writer:
                 "safe in the log: close it and open a new Writer to replay") from self._failed
 
     def _commit(self, rec: Record) -> int:
+        """The intake: one record through the stages, under the writer's lock: make room
+        (publisher), append (appender: from here the record is committed), publish (publisher),
+        hand it to the enactor thread, rotate when the log is full; then, outside the lock, wait
+        for durability (group commit) with ``durability="commit"``."""
         values = rec._values
         chunks = rec._chunks
         drops = rec._drops
+        app = self._appender
+        pub = self._publisher
         with self._lock:
             self._check_usable()
-            rid = self._next_id
+            rid = app.next_id
             data = rec.encode(rid)
             # everything that can fail on its own comes before the append
-            images = self._images(drops, chunks)
+            images = pub.images(drops, chunks)
             blob = b"".join([v for v in values.values() if v])  # the overlay's copy, in order
             if images:
                 blob += b"".join([img for _, img in images])
             self._make_room(len(values) + len(chunks),
-                        OverlayWriter.blob_size(len(values) + len(images), len(blob)), drops,
-                        len(data))
+                            OverlayWriter.blob_size(len(values) + len(images), len(blob)), drops,
+                            len(data))
             doubt = False
             try:
-                self._append(data, rid)  # raises with the log as it was: nothing committed
+                app.append(data, rid)  # raises with the log as it was: nothing committed
                 # the record is committed from here on: it is in the log, replay keeps it
-                self._publish(rid, drops, values, images, blob, len(data))
+                self._publisher.publish(rid, drops, values, images, blob, len(data))
                 if self._handing is not None:
                     self._handing.append((rid, values, images, drops))
             except BaseException as e:
-                if self._next_id == rid:
+                if app.next_id == rid:
                     raise  # the append did not happen
                 self._in_doubt(e, f"publishing record {rid}")
                 if not isinstance(e, Exception):
                     raise  # KeyboardInterrupt, SystemExit: the record stands, the caller stops
                 doubt = True  # readers read it from the log now; later commits are refused
-            if not doubt and self._app_bytes >= self.log_size:
+            if not doubt and app.full:
                 try:
-                    self._rotate()
+                    app.rotate()
                 except StorageError:
                     pass  # the writer is failed for later commits; this record stands
         if self.durability == "commit":
             try:
                 if doubt:  # the writer stopped: no group commit, fsync the log here
-                    self._sync_logs_now()
+                    with self._lock:
+                        app.sync_now()
                 else:
                     self._group.wait(rid, self._flush)
             except (OSError, WriterFailedError) as e:
@@ -394,52 +398,13 @@ class Writer:
                 raise err from e
         return rid
 
-    def _sync_logs_now(self) -> None:
-        """fsync every log that holds committed records, in this thread: for a commit with
-        ``durability="commit"`` whose writer stopped after its record reached the log."""
-        with self._lock:
-            if self._dir_dirty:
-                fileio.sync_dir(self.path)
-                self._dir_dirty = False
-            for fd in ([self._app_fd] if self._app_fd >= 0 else []) + self._unsynced:
-                fileio.fdatasync(fd)
-
-    def _append(self, data: bytes, rid: int) -> None:
-        """Write record ``rid`` at the end of the appending log. On any exception the log is
-        taken back to where it was (or, failing that, the writer stops): the record is then not
-        committed and its id is free. Once the bytes are counted, ``_next_id`` moves past it."""
-        if self._app_fd < 0:
-            self._open_appending()
-        start = self._app_bytes
-        if not start:  # a log's first record comes with the log's header
-            data = self._log_header + data
-        try:
-            fileio.write_all(self._app_fd, data)
-            self._app_bytes = start + len(data)
-            self._next_id = rid + 1  # the id is in the log now: never reuse it
-        except BaseException as e:
-            if self._next_id != rid:
-                raise  # counted: committed after all
-            self._app_bytes = start
-            try:  # take the torn bytes back (not through fileio: a rollback is not a fault
-                # site), so the log ends at a record boundary
-                os.ftruncate(self._app_fd, start)
-                os.lseek(self._app_fd, start, os.SEEK_SET)
-            except OSError as again:
-                self._fail(again, "taking back a torn record")
-            if isinstance(e, OSError):
-                raise self._fail(e, "appending a record to the log") from None
-            raise
-        if not start:
-            self._app_since = time.monotonic()
-
     def _in_doubt(self, e: BaseException, doing: str) -> None:
         """An exception left the overlay in doubt after a record reached the log: stop the
         writer and retire its segment (readers then read the logs and tables, where every
-        committed record is whole). The overlay's window already retired it if it was open."""
+        committed record is whole). A structural window retires it itself if it was open."""
         if self._failed is None:
             self._failed = e
-        self._ov.retire(CLOSED)
+        self._publisher.retire()
         log.error("%s failed (%r): the writer stops accepting commits; readers read the logs",
                   doing, e)
 
@@ -449,91 +414,35 @@ class Writer:
         log.error("%s: the writer stops accepting commits", err)
         return err
 
-    def _open_appending(self) -> None:
-        try:
-            lid, created = self._queues.start_log()
-            fd = fileio.create(log_path(self.path, lid), os.O_WRONLY)
-            try:
-                if os.fstat(fd).st_size:  # pool logs are empty; this is a safety net
-                    fileio.truncate(fd, 0)
-                if created:  # the new name must be durable before a record in it is
-                    if self.sync_wal or self.durability == "commit":
-                        fileio.sync_dir(self.path)
-                    else:
-                        self._dir_dirty = True  # sync() makes it durable
-            except BaseException:
-                os.close(fd)
-                raise
-        except OSError as e:
-            raise self._fail(e, "opening a new log file") from None
-        except BaseException as e:  # the queue state may name a log we do not hold: stop
-            self._failed = self._failed or e
-            raise
-        self._app_id, self._app_fd, self._app_bytes = lid, fd, 0
-        # hand a log's records to the enactor thread only if it holds enactor.lock when the log
-        # starts, and then all of them: a list must be the whole log (another enactor reads the
-        # file, and nothing piles up here)
+    def _stop_for(self, e: BaseException) -> None:
+        self._failed = self._failed or e
+
+    def _log_started(self, first_record_id: int) -> None:
+        """A record begins a new log. Hand the log's records to the enactor thread only if it
+        holds enactor.lock now, and then all of them: a list must be the whole log (another
+        enactor reads the file, and nothing piles up here)."""
         self._handing = None
         if self._handoff is not None and self._supervisor.holding:
-            self._handing = self._handoff.start_log(self._next_id)
-
-    def _chunk_now(self, table: int, chunk: int) -> bytes:
-        got = self._ov.get(table, chunk)
-        if got is MISS:
-            return self._files.read_chunk(table, chunk)
-        return got or ZERO_CHUNK
-
-    def _publish(self, rid: int, drops: list[int], values: dict[tuple[int, int], bytes | None],
-                 images: list[Image], blob: bytes, nbytes: int) -> None:
-        """Make the record visible: its versions are linked where readers skip them, then the
-        watermark rises (``overlay.py``); no reader waits or retries for it."""
-        self._ov.publish(rid, values.items(), blob, images, drops)
-        keys = list(values)
-        keys.extend(key for key, _ in images)
-        self._pending.append((rid, keys, nbytes))
-        self._pending_bytes += nbytes
-
-    def _images(self, drops: list[int], chunks: dict[tuple[int, int], list]) -> list[Image]:
-        """((table, chunk), 512-byte after-image) of each index chunk a record changes."""
-        images = []
-        for (t, c), (_mask, entries) in chunks.items():
-            base = bytearray(ZERO_CHUNK if t in drops else self._chunk_now(t, c))
-            for e, v in entries.items():
-                base[e * 8:e * 8 + 8] = v.to_bytes(8, "little")
-            images.append(((t, c), bytes(base)))
-        return images
+            self._handing = self._handoff.start_log(first_record_id)
 
     # -- room: absorbing enactment, growing, waiting ----------------------------------------
     def _absorb(self) -> None:
-        """Free the overlay versions of records the enactor applied (invariant 2), in short
-        structural windows."""
-        ov = self._ov
-        enacted = ov.q[ENACTED]
-        pend = self._pending
-        while pend and pend[0][0] <= enacted:
-            batch = []
-            keys = 0
-            while pend and pend[0][0] <= enacted and keys < 512:  # short windows
-                rid, k, nbytes = pend.popleft()
-                batch.append((rid, k))
-                keys += len(k) + 1
-                self._pending_bytes -= nbytes
-            try:
-                ov.free_enacted(enacted, batch)
-            except BaseException as e:
-                self._in_doubt(e, "freeing enacted versions")
-                raise
+        """Free the overlay versions of records the enactor applied (invariant 2)."""
+        try:
+            self._publisher.absorb()
+        except BaseException as e:
+            self._in_doubt(e, "freeing enacted versions")
+            raise
 
     def _make_room(self, new_keys: int, need: int, drops: list[int], nbytes: int) -> None:
         """Room for ``new_keys`` entries and ``need`` overlay bytes, and ``nbytes`` more log
-        bytes: absorb enactment, else grow the overlay, else wait for the enactor."""
+        bytes (backpressure): absorb enactment, else grow the overlay, else wait for the
+        enactor."""
         self._absorb()
-        ov = self._ov
+        pub = self._publisher
 
         def fits() -> bool:
-            return (ov.room_for(new_keys, need)
-                    and (self._pending_bytes + nbytes <= self.max_pending_bytes or not self._pending)
-                    and len(ov.pending_drops) + len(drops) <= MAX_DROPS)
+            return pub.fits(new_keys, need, drops, nbytes, self.max_pending_bytes)
 
         if fits():
             return
@@ -541,11 +450,9 @@ class Writer:
             raise BackpressureError(
                 f"one record of {need} bytes cannot fit in max_overlay_bytes="
                 f"{self.max_overlay_bytes}; split it or raise max_overlay_bytes")
-        if not ov.room_for(new_keys, need) and self._grow(new_keys, need):
-            ov = self._ov
-            if fits():
-                return
-        self._rotate()
+        if pub.grow(new_keys, need) and fits():
+            return
+        self._appender.rotate()
         deadline = time.monotonic() + self.backpressure_timeout
         delay = 0.0005
         while True:
@@ -559,92 +466,21 @@ class Writer:
             if time.monotonic() > deadline:
                 raise BackpressureError(
                     f"enactment did not free room within {self.backpressure_timeout} s "
-                    f"(overlay {ov.used} of {ov.heap_end - ov.heap_start} bytes, "
-                    f"{len(ov.where)} entries, {self._pending_bytes} log bytes pending); check "
-                    "that an enactor runs (stats()['enactor_errors']) or raise the limits")
+                    f"({pub.describe()}); check that an enactor runs "
+                    "(stats()['enactor_errors']) or raise the limits")
 
-    def _grow(self, new_keys: int, need: int) -> bool:
-        """Move to a generation with twice the capacity, if the limits allow; readers follow."""
-        old = self._ov
-        nslots = old.nslots
-        while (len(old.where) + new_keys) > nslots // 2:
-            nslots *= 2
-        heap = old.heap_bytes
-        while old.used + need > heap // 2:  # copied blobs are packed; keep half free
-            heap *= 2
-        if nslots == old.nslots and heap == old.heap_bytes:
-            nslots *= 2
-            heap *= 2
-        if heap + nslots * 32 > self.max_overlay_bytes:
-            return False
-        gen = old.generation + 1
-        try:
-            new = OverlayWriter(self.path, gen, nslots, heap)
-        except StorageError as e:
-            log.warning("cannot grow the overlay: %s", e)
-            return False
-        new.copy_from(old)  # no reader knows the new generation yet
-        self._queues.set_generation(gen)
-        old.retire(SUPERSEDED_STATE, gen)
-        new.q[ENACTED] = max(new.q[ENACTED], old.q[ENACTED])
-        new.q[ENACTING] = max(new.q[ENACTING], old.q[ENACTING])
-        self._ov = new
-        old.release()
-        log.debug("overlay grew to generation %d: %d slots, %d heap bytes", gen, nslots, heap)
-        return True
-
-    # -- rotation and durability -------------------------------------------------------------
-    def _rotate(self) -> None:
-        """Move the appending log to the read queue (fsync it first with ``sync_wal``)."""
-        if self._app_fd < 0 or not self._app_bytes:
-            return
-        fd, lid = self._app_fd, self._app_id
-        assert lid is not None  # an open appending log has an id
-        try:
-            if self.sync_wal:
-                fileio.fsync(fd)
-            self._queues.rotate(lid)
-        except OSError as e:
-            raise self._fail(e, f"rotating log{lid}") from None
-        except BaseException as e:  # the queue state may list this log as read while we
-            self._failed = self._failed or e  # still hold it as appending: stop here
-            raise
-        self._app_fd, self._app_id, self._app_bytes = -1, None, 0
-        self._rotations += 1
-        if self.sync_wal:
-            os.close(fd)
-            self._group.advance(self._next_id - 1)
-        else:
-            self._unsynced.append(fd)
-            if len(self._unsynced) > MAX_UNSYNCED_LOGS:  # bound the open descriptors
-                try:
-                    for f in self._unsynced:
-                        fileio.fdatasync(f)
-                except OSError as e:
-                    raise self._fail(e, "syncing rotated logs") from None
-                finally:
-                    for f in self._unsynced:
-                        os.close(f)
-                    self._unsynced = []
-        log.debug("rotated log%d into the read queue", lid)
-
+    # -- durability --------------------------------------------------------------------------
     def _publish_durable(self, rid: int) -> None:
-        self._ov.q[DURABLE] = rid  # (called with the writer's lock held)
+        self._publisher.ov.q[DURABLE] = rid  # (called with the writer's lock held)
 
     def _flush(self) -> None:
         """fsync every log committed records are in (group commit's flush): the descriptors are
         taken under the writer's lock, the fsyncs made outside it, so commits go on meanwhile."""
         with self._lock:
             self._check_usable()
-            target = self._next_id - 1
-            fds = [os.dup(self._app_fd)] if self._app_fd >= 0 else []
-            fds.extend(os.dup(f) for f in self._unsynced)
-            unsynced = self._unsynced
-            self._unsynced = []
+            target, fds, handed = self._appender.take_for_flush()
         try:
-            if self._dir_dirty:
-                self._dir_dirty = False
-                fileio.sync_dir(self.path)
+            self._appender.sync_dir_if_dirty()
             for fd in fds:
                 fileio.fdatasync(fd)
             if not self.sync_data:  # the enactor may have written them without it
@@ -653,9 +489,7 @@ class Writer:
             with self._lock:
                 raise self._fail(e, "syncing the log") from None
         finally:
-            for fd in fds:
-                os.close(fd)
-            for fd in unsynced:
+            for fd in fds + handed:
                 os.close(fd)
         with self._lock:  # the overlay may be moving to a new generation
             self._group.advance(target)
@@ -669,9 +503,8 @@ class Writer:
                     if self._closed or self._failed is not None:
                         continue
                     self._absorb()
-                    if (self._app_bytes and self.log_age >= 0
-                            and time.monotonic() - self._app_since >= self.log_age):
-                        self._rotate()
+                    if self._appender.older_than(self.log_age):
+                        self._appender.rotate()
                 if not self._closed:
                     self._supervisor.supervise()
             except StorageError:

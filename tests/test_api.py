@@ -298,12 +298,17 @@ def test_files_and_segments_owner_only(w, db):
 
 
 def test_reader_maps_read_only(w, db):
-    """A reader's mapping refuses writes: readers cannot change shared memory."""
-    with mpwal.Reader(db) as r:
+    """A reader's mapping (``OverlayReader``, what every Reader maps) refuses writes: readers
+    cannot change shared memory."""
+    from mpwal.overlay import OverlayReader
+    seg = OverlayReader(w.stats()["segment"])
+    try:
         with pytest.raises(TypeError):
-            r._seg.m[0:1] = b"x"
+            seg.m[0:1] = b"x"
         with pytest.raises(TypeError):
-            r._seg.q[0] = 2
+            seg.q[0] = 2
+    finally:
+        seg.release()
 
 
 def test_clean_close_removes_segment(db):

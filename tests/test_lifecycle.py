@@ -119,7 +119,7 @@ def test_record_id_rule_keeps_newer_overlay_entry(db):
         with w.record() as rec:
             rec.insert_value(VALUE_TABLE, 5, b"one")
             rec.insert_value(VALUE_TABLE, 6, b"six")
-        w._rotate()
+        w.rotate()
         with w.record() as rec:
             rec.insert_value(VALUE_TABLE, 5, b"two")
         from mpwal.enactor import Enactor
@@ -127,9 +127,9 @@ def test_record_id_rule_keeps_newer_overlay_entry(db):
         e.detach_on_new_writer = False
         e.step()  # enacts record 1 only: record 2 is still in the appending log
         assert e.enacted == 1
-        w._absorb()
-        assert w._ov.versions(VALUE_TABLE, 5) == [(2, b"two")]  # record 1's version is freed
-        assert w._ov.versions(VALUE_TABLE, 6) == []
+        st = w.stats()  # frees the versions of what was enacted
+        assert st["enacted"] == 1 and st["pending_records"] == 1
+        assert st["overlay_entries"] == 1  # key 5 (record 2's version); key 6 left
         assert e.files.read_value(VALUE_TABLE, 6) == b"six"
         with mpwal.Reader(db) as r:
             assert r.value(VALUE_TABLE, 5) == b"two" and r.value(VALUE_TABLE, 6) == b"six"
@@ -318,8 +318,7 @@ def test_overlay_memory_is_given_back(db):
                 rec.insert_values(9, [(rid * 20 + i, b"z" * 4000) for i in range(20)])
         wait_for(lambda: w.stats()["overlay_entries"] == 0)
         wait_for(lambda: w.stats()["pending_records"] == 0)
-        ov = w._ov
-        assert ov.used == 0 and ov.head == ov.tail == ov.hwm == ov.heap_start
+        assert w.stats()["overlay_bytes"] == 0  # (the ring's reset: tests/test_overlay.py)
         del big
 
 
@@ -377,13 +376,13 @@ def test_enactor_thread_handoff_matches_log_replay(db, tmp_path):
                     rec.insert_value(VALUE_TABLE, k, None if k % 5 == 0 else make_value(k, rid))
                     rec.insert_index(1, k // 64, k % 64, rid)
             if rid % 10 == 0:
-                w._rotate()
+                w.rotate()
 
     with mpwal.Writer(db, TABLES, enactor="thread", log_age=1000) as w:
         workload(w)
-        w._rotate()
+        w.rotate()
         wait_for(lambda: w.stats()["enacted"] == 120)
-        assert not w._handoff  # every rotated log was taken from memory
+        assert w.stats()["logs_handed_over"] == 0  # every rotated log was taken from memory
     with mpwal.Writer(other, TABLES, enactor="none", log_age=1000) as w:
         workload(w)
     for name in ("value3.tbl", "index1.tbl"):
@@ -398,7 +397,7 @@ def test_every_table_synced_before_a_log_is_truncated(db, monkeypatch):
     w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
     try:
         commit_workload(w, 1, 30, 100, 5)
-        w._rotate()
+        w.rotate()
         first = Enactor(db)
         first.detach_on_new_writer = False
         first.step()  # applies records, publishes how far it got, and stops ("killed")
@@ -450,7 +449,7 @@ def test_enactor_after_a_dead_writer_does_not_apply_again(db):
     if pid == 0:
         w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
         commit_workload(w, 1, 20, 100, 5)
-        w._rotate()
+        w.rotate()
         e = Enactor(db)
         e.detach_on_new_writer = False
         e.step()
@@ -501,11 +500,11 @@ def test_handoff_is_whole_logs_only(db, monkeypatch):
     with mpwal.Writer(db, TABLES, log_size=1 << 20, log_age=1000) as w:
         commit_workload(w, 1, 20, 100, 5)
         started.set()
-        wait_for(lambda: w._supervisor.holding)
+        wait_for(lambda: w.stats()["enactor_holding_lock"])
         commit_workload(w, 21, 40, 100, 5)  # same log, now with the lock held
-        w._rotate()
+        w.rotate()
         commit_workload(w, 41, 60, 100, 5)  # a new log, handed over whole
-        w._rotate()
+        w.rotate()
         wait_for(lambda: w.stats()["enacted"] == 60)
         wait_for(lambda: w.stats()["overlay_entries"] == 0)
         assert read_state(w, 100) == expected_state(60, 100, 5)
