@@ -91,7 +91,6 @@ import collections
 import hashlib
 import mmap
 import os
-import struct
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
@@ -119,6 +118,7 @@ LIVE, SUPERSEDED_STATE, CLOSED = 1, 2, 3
 MAX_LOAD = 0.5  # keys per slot before the writer wants a bigger generation
 MAX_SEGMENT = (1 << 32) - 1  # offsets in ``loc`` are 32 bits
 RELEASE_BYTES = 1 << 20  # give freed heap pages back once this many have accumulated
+FREE_KEYS_PER_WINDOW = 512  # versions unlinked per structural window
 
 
 class _Miss:
@@ -405,7 +405,8 @@ class OverlayWriter(_Segment):
         self._window = _Window(self)
         self.heap_end = self.heap_start + heap_bytes
         # the ring: live blobs are [head, tail), or when wrapped [head, wrap) + [heap_start, tail)
-        self.blobs: collections.deque = collections.deque()  # (record_id, start, end)
+        self.blobs: collections.deque = collections.deque()  # (record_id, start, end, keys)
+        self.newer: dict[int, int] = {}  # node offset -> the next newer node of its key
         self.head = self.tail = self.heap_start
         self.wrap = 0
         self.used = 0  # live blob bytes
@@ -466,7 +467,7 @@ class OverlayWriter(_Segment):
         if not blobs or blobs[0][0] > record_id:
             return
         while blobs and blobs[0][0] <= record_id:
-            _, s, e = blobs.popleft()
+            _, s, e, _keys = blobs.popleft()
             self.used -= e - s
         if not blobs:
             self._reset()
@@ -514,38 +515,37 @@ class OverlayWriter(_Segment):
         if more:
             keyed.extend(more)
         n = len(keyed)
-        size = (n * NODE_BYTES + len(data) + 7) & ~7
+        nodes_end = n * NODE_BYTES
+        size = (nodes_end + len(data) + 7) & ~7
         off = self._alloc(size) if size else self.tail
         q = self.q
         where = self.where
-        nodes = [0] * (3 * n)
-        doff = off + n * NODE_BYTES
-        i = 0
-        for key, d in keyed:
-            nodes[i] = record_id
-            if d is not None:
-                k = len(d)
-                nodes[i + 1] = (doff << 32) | (k + 1)
-                doff += k
-            w = where.get(key)
-            if w is not None:
-                nodes[i + 2] = q[w + 2]
-            i += 3
-        m = self.m
-        if n:
-            m[off:off + n * NODE_BYTES] = struct.pack(f"<{3 * n}Q", *nodes)
-        if data:
-            m[off + n * NODE_BYTES:off + n * NODE_BYTES + len(data)] = data
+        newer = self.newer
+        if data:  # the data first: a node is linked only once what it points at is there
+            self.m[off + nodes_end:off + nodes_end + len(data)] = data
         if size:
-            self.blobs.append((record_id, off, off + size))
+            self.blobs.append((record_id, off, off + size, [key for key, _ in keyed]))
             self.used += size
-        # link: one store per known key; a new key's slot gets its tag last
-        node = off
+        doff = off + nodes_end
+        nw = off >> 3  # word of this key's node
         shift = self.shift
         end = self.slots_end
-        for key, _d in keyed:
+        for key, d in keyed:
+            q[nw] = record_id
+            if d is None:
+                q[nw + 1] = 0
+            else:
+                k = len(d)
+                q[nw + 1] = (doff << 32) | (k + 1)
+                doff += k
             w = where.get(key)
-            if w is None:
+            if w is not None:  # link: one store of the head, after the node's stores
+                head = q[w + 2]
+                q[nw + 2] = head
+                newer[head] = nw << 3
+                q[w + 2] = nw << 3
+            else:  # a new key: an empty slot of its probe run, its tag stored last
+                q[nw + 2] = 0
                 if len(where) >= self.nslots - 1:
                     raise MemoryError("overlay slots full")  # callers check room_for() first
                 table, index = key
@@ -556,11 +556,9 @@ class OverlayWriter(_Segment):
                         w = HEADER_WORDS
                 where[key] = w
                 q[w] = index
-                q[w + 2] = node
+                q[w + 2] = nw << 3
                 q[w + 1] = table + 1
-            else:
-                q[w + 2] = node
-            node += NODE_BYTES
+            nw += 3
         for t in drops:
             if len(self.pending_drops) >= MAX_DROPS:
                 raise MemoryError(f"more than {MAX_DROPS} pending drops")  # the writer waits
@@ -589,34 +587,39 @@ class OverlayWriter(_Segment):
         return best
 
     # -- structural changes ------------------------------------------------------------------
-    def free_enacted(self, enacted: int, records: Iterable[tuple[int, Iterable[tuple[int, int]]]]) -> None:
-        """Unlink the versions of ``records`` ((record id, keys), every id <= ``enacted``,
-        in order), drop their pending drops and free their blobs, in one structural window."""
-        with self._window:
-            q = self.q
-            where = self.where
-            last = 0
-            for rid, keys in records:
-                last = rid
-                for key in keys:
-                    w = where.get(key)
-                    if w is None:
-                        continue
-                    n = q[w + 2]
-                    if q[n >> 3] <= enacted:  # the newest version is enacted: the key goes
-                        self._remove_slot(key, w)
-                        continue
-                    nw = n >> 3
-                    older = q[nw + 2]
-                    while older and q[older >> 3] > enacted:
-                        nw = older >> 3
-                        older = q[nw + 2]
-                    if older:
-                        q[nw + 2] = 0  # the table file is below this version now
-            if self.pending_drops and any(r <= enacted for _, r in self.pending_drops):
-                self._set_drops([(t, r) for t, r in self.pending_drops if r > enacted])
-            if last:
+    def free_enacted(self, enacted: int) -> None:
+        """Unlink the versions of the records up to ``enacted`` (oldest first), drop their
+        pending drops and free their blobs, in structural windows of at most
+        FREE_KEYS_PER_WINDOW keys (short for readers). A freed version is its key's oldest:
+        the version just newer than it (``newer``) gets ``older = 0``, or, if it was the
+        newest, the key leaves the hash."""
+        q = self.q
+        blobs = self.blobs
+        newer = self.newer
+        where = self.where
+        while blobs and blobs[0][0] <= enacted:
+            with self._window:
+                done = 0
+                last = 0
+                for rid, start, _end, keys in blobs:
+                    if rid > enacted or done >= FREE_KEYS_PER_WINDOW:
+                        break
+                    node = start
+                    for key in keys:
+                        nn = newer.pop(node, 0)
+                        if nn:
+                            q[(nn >> 3) + 2] = 0  # the table file is below this version now
+                        else:
+                            self._remove_slot(key, where[key])
+                        node += NODE_BYTES
+                    done += len(keys) + 1
+                    last = rid
                 self._free_blobs_through(last)
+                if self.pending_drops and any(r <= last for _, r in self.pending_drops):
+                    self._set_drops([(t, r) for t, r in self.pending_drops if r > last])
+        if self.pending_drops and any(r <= enacted for _, r in self.pending_drops):
+            with self._window:  # drops of records with no versions
+                self._set_drops([(t, r) for t, r in self.pending_drops if r > enacted])
 
     def _remove_slot(self, key: tuple[int, int], w: int) -> None:
         """Remove a slot and backward-shift its probe run (inside a structural window): pull

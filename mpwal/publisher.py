@@ -23,7 +23,6 @@ from .tables import TableFiles
 log = logging.getLogger("mpwal")
 ZERO_CHUNK = bytes(CHUNK_BYTES)
 Image = tuple[tuple[int, int], bytes]  # ((table, chunk), the chunk's 512-byte after-image)
-FREE_KEYS_PER_WINDOW = 512  # structural windows stay short for readers
 
 
 class Publisher:
@@ -36,7 +35,7 @@ class Publisher:
         self.files = files
         self.ov = ov
         self.max_overlay_bytes = max_overlay_bytes
-        self.pending: collections.deque = collections.deque()  # (rid, keys, nbytes)
+        self.pending: collections.deque = collections.deque()  # (rid, log bytes)
         self.pending_bytes = 0  # log bytes of the pending records
 
     # -- the writer's reads ------------------------------------------------------------------
@@ -65,25 +64,19 @@ class Publisher:
                 images: list[Image], blob: bytes, nbytes: int) -> None:
         """Make record ``rid`` visible: its versions first, then the watermark."""
         self.ov.publish(rid, values.items(), blob, images, drops)
-        keys = list(values)
-        keys.extend(key for key, _ in images)
-        self.pending.append((rid, keys, nbytes))
+        self.pending.append((rid, nbytes))
         self.pending_bytes += nbytes
 
     def absorb(self) -> None:
-        """Free the versions of the records the enactor applied, in short windows."""
+        """Free the versions of the records the enactor applied."""
         ov = self.ov
         enacted = ov.q[ENACTED]
         pend = self.pending
+        if not pend or pend[0][0] > enacted:
+            return
         while pend and pend[0][0] <= enacted:
-            batch = []
-            keys = 0
-            while pend and pend[0][0] <= enacted and keys < FREE_KEYS_PER_WINDOW:
-                rid, k, nbytes = pend.popleft()
-                batch.append((rid, k))
-                keys += len(k) + 1
-                self.pending_bytes -= nbytes
-            ov.free_enacted(enacted, batch)
+            self.pending_bytes -= pend.popleft()[1]
+        ov.free_enacted(enacted)
 
     # -- room --------------------------------------------------------------------------------
     def fits(self, new_keys: int, need: int, drops: list[int], nbytes: int,
