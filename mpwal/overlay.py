@@ -91,7 +91,7 @@ import collections
 import hashlib
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -186,6 +186,60 @@ class Torn(Exception):
     answer anyway, this only stops the walk early."""
 
 
+def _make_find(seg: _Segment) -> Callable[[int, int, int], Any]:
+    """The one overlay lookup, ``seg.find(table, index, w_mark)``: the data (bytes, or None
+    for removed or dropped) of (table, index) at watermark ``w_mark``, or MISS when the table
+    file holds it. The probe, then the walk down the key's versions to the newest at or below
+    the watermark, then the pending drops. Readers call it between two ``struct`` loads and
+    check them, and treat Torn or IndexError (bytes freed and reused under them) as a retry;
+    the writer calls it as it is. A closure, so the segment's layout is in locals: it is the
+    readers' hot path."""
+    q = seg.q
+    m = seg.m
+    shift = seg.shift
+    end = seg.slots_end
+    dropped_at = seg.dropped_at
+
+    def find(table: int, index: int, w_mark: int) -> Any:
+        # HEADER_WORDS = 512, SLOT_WORDS = 4, K and M64 written out: this is the hot path
+        w = ((((index ^ (table << 47)) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> shift) * 4 + 512
+        tag = table + 1
+        while True:
+            t = q[w + 1]
+            if t == tag and q[w] == index:
+                n = q[w + 2] >> 3
+                rid = q[n]
+                below = M64
+                while rid > w_mark:  # newer than the watermark: walk to older versions
+                    below = rid
+                    n = q[n + 2] >> 3
+                    if not n:
+                        break
+                    rid = q[n]
+                    if rid >= below:
+                        raise Torn()  # record ids fall strictly along a chain
+                else:
+                    if q[NDROPS] and dropped_at(table, w_mark) > rid:
+                        return None
+                    loc = q[n + 1]
+                    stored = loc & 0xFFFFFFFF
+                    if not stored:
+                        return None
+                    off = loc >> 32
+                    return m[off:off + stored - 1]
+                break
+            if not t:
+                break
+            w += 4
+            if w == end:
+                w = 512
+        if q[NDROPS] and dropped_at(table, w_mark):
+            return None
+        return MISS
+
+    return find
+
+
 class _Segment:
     """A mapped segment and the layout numbers derived from its header."""
 
@@ -198,49 +252,11 @@ class _Segment:
         self.slots_end = HEADER_WORDS + self.nslots * SLOT_WORDS
         self.heap_start = self.slots_end * 8
         self.heap_bytes = self.q[HEAP_BYTES]
+        self.find: Callable[[int, int, int], Any] = _make_find(self)
 
     def home(self, table: int, index: int) -> int:
         """Word offset of the slot where (table, index) would sit with no collision."""
         return ((((index ^ (table << 47)) * K) & M64) >> self.shift) * SLOT_WORDS + HEADER_WORDS
-
-    def find(self, table: int, index: int, w_mark: int) -> Any:
-        """The one overlay lookup: the data (bytes, or None for removed or dropped) of
-        (table, index) at watermark ``w_mark``, or MISS when the table file holds it. Readers
-        call it between two ``struct`` loads and check them; the writer calls it as it is."""
-        q = self.q
-        w = ((((index ^ (table << 47)) * K) & M64) >> self.shift) * SLOT_WORDS + HEADER_WORDS
-        tag = table + 1
-        end = self.slots_end
-        while True:
-            t = q[w + 1]
-            if t == tag and q[w] == index:
-                n = q[w + 2]
-                below = M64
-                while n:
-                    nw = n >> 3
-                    rid = q[nw]
-                    if rid <= w_mark:
-                        if q[NDROPS] and self.dropped_at(table, w_mark) > rid:
-                            return None
-                        loc = q[nw + 1]
-                        stored = loc & 0xFFFFFFFF
-                        if not stored:
-                            return None
-                        off = loc >> 32
-                        return self.m[off:off + stored - 1]
-                    if rid >= below:
-                        raise Torn()
-                    below = rid
-                    n = q[nw + 2]
-                break
-            if not t:
-                break
-            w += SLOT_WORDS
-            if w == end:
-                w = HEADER_WORDS
-        if q[NDROPS] and self.dropped_at(table, w_mark):
-            return None
-        return MISS
 
     def dropped_at(self, table: int, w_mark: int) -> int:
         """The newest record id <= ``w_mark`` that dropped ``table`` and is not enacted, or 0."""

@@ -301,7 +301,9 @@ class Reader:
                         return from_logs(stuck)
                 try:
                     out = at_mark(seg, w_mark)
-                except Torn:
+                except (Torn, IndexError):  # freed bytes under a structural change: again
+                    if q[STRUCT] == s:
+                        raise  # no change happened: a bug, not a race
                     continue
                 if q[ENACTING] > w_mark:
                     if snap is not None and q[STRUCT] != SUPERSEDED:
@@ -351,7 +353,7 @@ class Reader:
                 w_mark = q[COMMITTED]
                 try:
                     data = seg.find(table, index, w_mark)
-                except Torn:
+                except (Torn, IndexError):  # freed bytes: the struct check would fail anyway
                     data, s = None, -1
                 else:
                     if data is MISS:
