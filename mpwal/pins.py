@@ -75,18 +75,20 @@ def barrier(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 1, 0))
 
 
-def create(path: str, max_age: float) -> None:
-    """Create the reader table if it is missing (the writer, at open) and store ``max_age``."""
+def create(path: str, max_age: float, header_only_if_new: bool = False) -> None:
+    """Create the reader table if it is missing (the writer, at open) and store ``max_age``
+    (with ``header_only_if_new``, only in a table that has no header yet)."""
     fd = fileio.create(os.path.join(path, READERS_FILE))
     try:
         if os.fstat(fd).st_size < FILE_BYTES:
             os.ftruncate(fd, FILE_BYTES)
         m = mmap.mmap(fd, FILE_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         q = memoryview(m).cast("Q")
-        q[NSLOTS_W] = SLOTS
-        q[VERSION_W] = PINS_VERSION
-        q[MAX_AGE_W] = int(max_age * 1e9)
-        q[MAGIC_W] = PINS_MAGIC
+        if not (header_only_if_new and q[MAGIC_W] == PINS_MAGIC):
+            q[NSLOTS_W] = SLOTS
+            q[VERSION_W] = PINS_VERSION
+            q[MAX_AGE_W] = int(max_age * 1e9)
+            q[MAGIC_W] = PINS_MAGIC
         q.release()
         m.close()
     finally:
@@ -112,6 +114,16 @@ class ReaderTable:
         if self.q[MAGIC_W] != PINS_MAGIC:
             self.close()
             raise FileNotFoundError(f"{self.file} is not a reader table")
+
+    @classmethod
+    def open_or_create(cls, path: str) -> ReaderTable:
+        """The directory's reader table; a directory that no writer of this version opened yet
+        gets one (with the default ``max_snapshot_age``; the next writer sets its own)."""
+        try:
+            return cls(path)
+        except FileNotFoundError:
+            create(path, DEFAULT_MAX_AGE, header_only_if_new=True)
+            return cls(path)
 
     @property
     def max_age(self) -> float:

@@ -234,6 +234,28 @@ class Reader:
                 return view
         return None
 
+    def _snapshot_view(self, snap: Snapshot) -> _LogView:
+        """The logs up to a snapshot's pin over the tables, for a snapshot with no live segment
+        to read (its writer closed or died) whose pin is not the logs' last record. Valid while
+        no table holds a record past the pin: enactors honour pins, so only a new writer's
+        replay could have put one there, and replay cleans what it applies."""
+        for _ in range(10):
+            stamp = self._stamp()
+            view = snap._view
+            if view is None or view.stamp != stamp:
+                view = self._read_view(stamp, snap.record_id)
+                if view is None:
+                    continue
+            st = load_queues(self.path)
+            if st is not None and st.last_cleaned_record > snap.record_id:
+                raise snap._expired("a new writer replayed the logs past it")
+            if view.last != snap.record_id:
+                raise snap._expired("the logs no longer hold the records it saw (they never "
+                                    "reached the disk)")
+            snap._view = view
+            return view
+        raise DatabaseError(f"{self.path} kept changing while a snapshot read the logs; try again")
+
     def _recover(self) -> None:
         """The segment was superseded, closed, or its writer died: find what to read now."""
         self.recoveries += 1
@@ -276,8 +298,7 @@ class Reader:
                 private = self._private
                 assert private is not None  # without a segment, _attach left a private view
                 if snap is not None and private.last != snap.record_id:
-                    raise snap._expired("a writer came and went, and its records may be in "
-                                        "the table files")
+                    return from_logs(self._snapshot_view(snap))
                 if private.last < self._floor:  # the logs lost records we showed (power loss)
                     self._floor = private.last
                 return from_logs(private)
@@ -512,15 +533,13 @@ class Snapshot:
         self._fd = -1
         self._pinned_at = time.monotonic_ns()
         self._max_age = DEFAULT_MAX_AGE
+        self._view: _LogView | None = None  # the logs up to the pin, once no segment serves it
         pins = reader._pins
         if pins is None:
             try:
-                pins = reader._pins = ReaderTable(reader.path)
-            except FileNotFoundError:
-                pins = None  # no writer of this version opened the directory yet: no enactor
-            except OSError as e:
-                raise DatabaseError(f"cannot open the reader table of {reader.path} ({e}); "
-                                    "snapshots need read-write access to it") from None
+                pins = reader._pins = ReaderTable.open_or_create(reader.path)
+            except OSError:  # read-only access: no pin holds the enactor back, so the
+                pins = None  # snapshot expires (SnapshotExpiredError) once enactment passes it
         self._pins = pins
         if pins is not None:
             try:
