@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -79,6 +80,7 @@ class _LogView:
                  upto: int | None = None) -> None:
         self.files = files
         self.stamp = stamp  # the queue file's identity when the logs were read
+        self.epoch = 0  # (a snapshot's view: the queue epoch before the logs were read)
         self.last = done
         data: dict[tuple[int, int], bytes | None] = {}
         drops: set[int] = set()
@@ -145,6 +147,7 @@ class Reader:
         self._stuck: tuple[OverlayReader, int, _LogView] | None = None  # of a stuck window
         self._floor = 0  # the newest watermark this reader answered at: it never goes back
         self._pins: ReaderTable | None = None
+        self._snapshots: weakref.WeakSet[Snapshot] = weakref.WeakSet()
         self._closed = False
         self.recoveries = 0  # times this reader moved segment or mode
         self._attach()
@@ -243,18 +246,26 @@ class Reader:
             stamp = self._stamp()
             view = snap._view
             if view is None or view.stamp != stamp:
+                epoch = self._epoch()  # before the logs and tables are read (see below)
                 view = self._read_view(stamp, snap.record_id)
                 if view is None:
                     continue
+                view.epoch = epoch
             st = load_queues(self.path)
             if st is not None and st.last_cleaned_record > snap.record_id:
                 raise snap._expired("a new writer replayed the logs past it")
+            if writer_alive(self.path):  # a writer that is opening: its replay writes the
+                raise snap._expired("a new writer is replaying the logs")  # tables now
             if view.last != snap.record_id:
                 raise snap._expired("the logs no longer hold the records it saw (they never "
                                     "reached the disk)")
             snap._view = view
             return view
         raise DatabaseError(f"{self.path} kept changing while a snapshot read the logs; try again")
+
+    def _epoch(self) -> int:
+        st = load_queues(self.path)
+        return st.epoch if st is not None else 0
 
     def _recover(self) -> None:
         """The segment was superseded, closed, or its writer died: find what to read now."""
@@ -298,7 +309,12 @@ class Reader:
                 private = self._private
                 assert private is not None  # without a segment, _attach left a private view
                 if snap is not None and private.last != snap.record_id:
-                    return from_logs(self._snapshot_view(snap))
+                    pinned = self._snapshot_view(snap)
+                    out = from_logs(pinned)
+                    if self._epoch() != pinned.epoch:  # a writer opened meanwhile: its replay
+                        self._attach()  # may have written the tables under that read
+                        continue
+                    return out
                 if private.last < self._floor:  # the logs lost records we showed (power loss)
                     self._floor = private.last
                 return from_logs(private)
@@ -327,9 +343,10 @@ class Reader:
                         raise  # no change happened: a bug, not a race
                     continue
                 if q[ENACTING] > w_mark:
-                    if snap is not None and q[STRUCT] != SUPERSEDED:
+                    if snap is not None and not snap._holds_enactor(spins):
                         raise snap._expired("the enactor passed it")
-                    continue
+                    spins += 1  # a plain call looks again higher; a held pin: a transient
+                    continue  # announcement the enactor lowers before it writes (pins.py)
                 if q[STRUCT] == s:
                     if snap is None and w_mark >= self._floor and self._fast is not seg:
                         self._stuck = None
@@ -355,7 +372,7 @@ class Reader:
                         if snap is None:
                             self._floor = max(self._floor, view.last)
                             self._fast = None  # back to the segment once it catches up
-                        elif q[ENACTING] > snap.record_id:
+                        elif q[ENACTING] > snap.record_id and not snap._holds_enactor(0):
                             raise snap._expired("the enactor passed it")
                         return from_logs(view)
             time.sleep(0)
@@ -497,6 +514,8 @@ class Reader:
         if self._seg is not None:
             self._seg.release()
             self._seg = None
+        for snap in list(self._snapshots):
+            snap.close()  # their pins go before the reader table's mapping does
         if self._pins is not None:
             self._pins.close()
             self._pins = None
@@ -555,6 +574,7 @@ class Snapshot:
             self.close()
             raise
         self._closed = False
+        reader._snapshots.add(self)
 
     def _pin(self) -> int:
         """Pin the reader's current watermark: store it, pass the barrier, and check that the
@@ -569,6 +589,14 @@ class Snapshot:
                 return w_mark
         raise DatabaseError("the enactor kept passing every watermark this snapshot tried; "
                             "try again")
+
+    def _holds_enactor(self, spins: int) -> bool:
+        """Whether this snapshot's pin still holds every enactor back (pinned, younger than
+        ``max_snapshot_age`` now: an enactor that saw it expired saw it so before now), so an
+        ``enacting`` above it is a transient announcement (the enactor lowers it before it
+        writes), not data past the pin. A few thousand looks at most."""
+        return (self._pins is not None and spins < 10_000
+                and time.monotonic_ns() - self._pinned_at <= self._max_age * 1e9)
 
     def _check_age(self) -> None:
         if self._closed:
