@@ -14,12 +14,38 @@ import time
 import zlib
 
 import mpwal
+from mpwal.format import encode_log_header
+from mpwal.queues import load_queues, log_path
+from mpwal.tables import database_id
 
 VALUE_TABLE = 3
 INDEX_TABLE = 1
 SLOT = 64
 TABLES = [mpwal.IndexTable(INDEX_TABLE), mpwal.ValueTable(VALUE_TABLE, slot_size=SLOT)]
 _HEAD = struct.Struct("<QQ")
+
+
+def log_header_for(path: str, epoch: int | None = None) -> bytes:
+    """The log header a writer of ``path`` writes: the database id of its ``mpwal.meta``, and
+    ``epoch`` (default: the queue state's epoch, 0 without a queue file, which is never below the
+    state's ``log_epoch_floor``). Empty for a directory of format 1 (no id: logs without a header)."""
+    ident = database_id(path)
+    if ident is None:
+        return b""
+    if epoch is None:
+        st = load_queues(path)
+        epoch = st.epoch if st is not None else 0
+    return encode_log_header(ident, epoch)
+
+
+def write_log(path: str, log_id: int, records: bytes, epoch: int | None = None) -> int:
+    """Write ``log{log_id}`` of ``path`` by hand as a writer would: ``log_header_for(path,
+    epoch)``, then ``records`` (encoded records, or any bytes). Returns the header's size (the
+    offset of the first record)."""
+    header = log_header_for(path, epoch)
+    with open(log_path(path, log_id), "wb") as f:
+        f.write(header + records)
+    return len(header)
 
 
 def make_value(key: int, rid: int, size: int = 40) -> bytes:

@@ -208,8 +208,11 @@ class Template:
 
     def locate(self, log_id: int, offset: int) -> int:
         """The record id whose bytes hold ``offset`` of ``log_id`` (or the next one past the
-        end of the file)."""
+        end of the file). A byte of the log header (before the first record) counts as the
+        log's first record: damage there loses the whole log, as a bad first record does."""
         info = next(lf for lf in self.logs if lf.log_id == log_id)
+        if offset < info.records[0][1]:
+            return info.records[0][0]
         for rid, start, end in info.records:
             if start <= offset < end:
                 return rid

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from procs import TABLES, writer_process
+from procs import TABLES, write_log, writer_process
 
 import mpwal
 from mpwal.tools import cli
@@ -68,9 +68,8 @@ def _hand_made_db(tmp_path, records: int = 3, empty_logs: int = 0) -> str:
     path = str(tmp_path / "db")
     os.makedirs(path)
     merge_catalog(path, [ValueTable(3, 64)])
-    with open(os.path.join(path, "log0"), "wb") as f:
-        f.write(b"".join(encode_record(r, [], {}, {(3, r): b"value %d" % r})
-                         for r in range(1, records + 1)))
+    write_log(path, 0, b"".join(encode_record(r, [], {}, {(3, r): b"value %d" % r})
+                                for r in range(1, records + 1)))
     for lid in range(1, empty_logs + 1):
         open(os.path.join(path, f"log{lid}"), "wb").close()
     save_queues(path, QueueState(epoch=1, generation=1, appending=0,
@@ -171,6 +170,6 @@ def test_cleanup_refuses_while_a_writer_lives(db, capsys, monkeypatch):
         monkeypatch.setattr(mi, "writer_alive", lambda path: False)
         rc, out = run_cli(capsys, "cleanup", db)
         assert rc == 1 and "is alive" in out
-        assert stale_segments(os.path.realpath(db)) == [w._ov.name]
+        assert stale_segments(os.path.realpath(db)) == [w.stats()["segment"]]
         with w.record() as rec:  # the writer is unharmed
             rec.insert_value(3, 1, b"still here")

@@ -256,6 +256,6 @@ def test_segment_of_killed_writer_removed_by_next_writer(db):
     (left,) = stale_segments(real)
     old = OverlayReader(left)
     with mpwal.Writer(db, TABLES) as w:
-        assert stale_segments(real) == [w._ov.name] != [left]
+        assert stale_segments(real) == [w.stats()["segment"]] != [left]
         assert old.q[0] == SUPERSEDED
     old.release()

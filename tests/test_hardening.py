@@ -28,7 +28,7 @@ from mpwal.fileio import FaultPlan
 from mpwal.overlay import STRUCT, OverlayReader, segment_name, stale_segments
 from mpwal.queues import load_queues
 
-from procs import SLOT, TABLES, VALUE_TABLE, check_value, make_value
+from procs import SLOT, TABLES, VALUE_TABLE, check_value, make_value, write_log
 from reliability import scale
 
 CTX = multiprocessing.get_context("spawn")
@@ -508,8 +508,7 @@ def test_a_log_record_past_a_table_limit_ends_replay_instead_of_failing_the_open
     logbytes = (encode_record(2, [], {}, {(VALUE_TABLE, 2): b"two"})
                 + encode_record(3, [], {}, {(VALUE_TABLE, poison): b"x"})
                 + encode_record(4, [], {}, {(VALUE_TABLE, 4): b"four"}))
-    with open(os.path.join(db, "log7"), "wb") as f:
-        f.write(logbytes)
+    write_log(db, 7, logbytes)  # with this database's log header, as a writer writes it
     with mpwal.Reader(db) as r:
         assert r.mode == "private"
         assert r.values(VALUE_TABLE, [1, 2, 4]) == [b"one", b"two", None]

@@ -9,12 +9,13 @@ import json
 import os
 
 import pytest
+from procs import write_log
 
 from mpwal.tools import inspect as mi
 from mpwal import overlay as ov
-from mpwal.format import BEGIN_SIZE, encode_record
+from mpwal.format import BEGIN_SIZE, LOG_HEADER_SIZE, encode_log_header, encode_record
 from mpwal.queues import QueueState, WriterLock, save_queues
-from mpwal.tables import IndexTable, ValueTable, merge_catalog
+from mpwal.tables import IndexTable, ValueTable, database_id, merge_catalog
 
 
 # -- building databases by hand ----------------------------------------------------------------
@@ -29,23 +30,25 @@ def rec(rid: int, drop: bool = False) -> bytes:
 
 def make_db(tmp_path, logs=((1, 2, 3), (4, 5, 6), (7, 8, 9)),
             queues: bool = True) -> tuple[str, dict]:
-    """A database whose ``log{i}`` holds the records ``logs[i]``; returns (path, offsets) where
-    offsets[rid] = (log id, byte offset of the record)."""
+    """A database whose ``log{i}`` holds the log header, then the records ``logs[i]``; returns
+    (path, offsets) where offsets[rid] = (log id, byte offset of the record in the file)."""
     path = str(tmp_path / "db")
     os.makedirs(path)
     merge_catalog(path, [IndexTable(1), ValueTable(3, 64)])
-    offsets = {}
-    for lid, rids in enumerate(logs):
-        blob = b""
-        for r in rids:
-            offsets[r] = (lid, len(blob))
-            blob += rec(r)
-        with open(os.path.join(path, f"log{lid}"), "wb") as f:
-            f.write(blob)
     if queues:
         n = len(logs)
         save_queues(path, QueueState(epoch=1, generation=1, appending=n - 1 if n else None,
                                      read=list(range(n - 1)), next_log=n))
+    offsets = {}
+    for lid, rids in enumerate(logs):
+        blob = b""
+        for r in rids:
+            offsets[r] = (lid, LOG_HEADER_SIZE + len(blob))
+            blob += rec(r)
+        if blob:
+            write_log(path, lid, blob)
+        else:  # a pool log: empty, no header (the writer writes it with a first record)
+            open(os.path.join(path, f"log{lid}"), "wb").close()
     return path, offsets
 
 
@@ -87,7 +90,11 @@ def test_verify_clean(tmp_path):
     assert rc == 0, text
     assert "result: ok" in text
     assert "valid prefix: 9 records, 1..9, in 3 logs" in text
-    assert "problem" not in text
+    assert "problem" not in text and "ignored" not in text
+    ident = database_id(path).hex()
+    assert f"database id: {ident}\n" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.split()[:1] in (["log0"], ["log2"])]
+    assert [r[4:] for r in rows] == [["1", ident, "ok"]] * 2  # each log's epoch and database
 
 
 def test_verify_clean_without_queue_file_and_empty_pool_log(tmp_path):
@@ -173,11 +180,10 @@ def test_verify_out_of_sequence_inside_a_log(tmp_path):
 
 def test_verify_log_without_first_record(tmp_path):
     path, _ = make_db(tmp_path, logs=((1, 2, 3),))
-    with open(os.path.join(path, "log7"), "wb") as f:
-        f.write(b"\x00garbage")
+    write_log(path, 7, b"\x00garbage")  # a log header, then no record
     rc, text = run(mi.verify, path)
     assert rc == 1
-    assert "log7 at byte 0: no first record" in text
+    assert f"log7 at byte {LOG_HEADER_SIZE}: no first record" in text
     assert "does not start with a record" in text
 
 
@@ -193,11 +199,10 @@ def test_verify_discarded_logs_are_counted(tmp_path):
 
 def test_verify_records_that_do_not_fit_the_tables(tmp_path):
     path, _ = make_db(tmp_path, logs=())
-    with open(os.path.join(path, "log0"), "wb") as f:
-        f.write(encode_record(1, [], {}, {(3, 0): b"x" * 65}))
-        f.write(encode_record(2, [], {}, {(9, 0): b"x"}))
-        f.write(encode_record(3, [], {(3, 0): (1, {0: 1})}, {}))
-        f.write(encode_record(4, [], {}, {(1, 0): b"x"}))
+    write_log(path, 0, encode_record(1, [], {}, {(3, 0): b"x" * 65})
+              + encode_record(2, [], {}, {(9, 0): b"x"})
+              + encode_record(3, [], {(3, 0): (1, {0: 1})}, {})
+              + encode_record(4, [], {}, {(1, 0): b"x"}))
     rc, text = run(mi.verify, path)
     assert rc == 1, text
     assert "4 changes in the valid prefix do not fit" in text
@@ -232,8 +237,7 @@ def test_dump_text_has_every_record_and_op(tmp_path):
 
 def test_dump_drop_and_long_value_preview(tmp_path):
     path, _ = make_db(tmp_path, logs=())
-    with open(os.path.join(path, "log0"), "wb") as f:
-        f.write(encode_record(1, [1], {}, {(3, 2): bytes(range(40))}))
+    write_log(path, 0, encode_record(1, [1], {}, {(3, 2): bytes(range(40))}))
     rc, text = run(mi.dump, path)
     assert rc == 0
     assert "drop_table table 1" in text
@@ -257,8 +261,7 @@ def test_dump_json_lines_parse(tmp_path):
 
 def test_dump_json_drop(tmp_path):
     path, _ = make_db(tmp_path, logs=())
-    with open(os.path.join(path, "log0"), "wb") as f:
-        f.write(rec(1, drop=True))
+    write_log(path, 0, rec(1, drop=True))
     rc, text = run(mi.dump, path, json_lines=True)
     assert rc == 0
     assert json.loads(text)["ops"][0] == {"op": "drop_table", "table": 1}
@@ -335,7 +338,8 @@ def test_inspect_with_queue_file(tmp_path):
     def row(name):
         return next(ln.split() for ln in lines if ln.split()[:1] == [name])
 
-    assert row("log0")[1:5] == [str(len(rec(1)) * 3), "3", "1..3", "cleanup"]
+    assert row("log0")[1:5] == [str(LOG_HEADER_SIZE + len(rec(1)) * 3), "3", "1..3", "cleanup"]
+    assert row("log0")[5:7] == ["1", database_id(path).hex()]  # the log header's epoch and id
     assert row("log1")[3:5] == ["4..6", "read"]
     assert row("log2")[3:5] == ["7..9", "appending"]
     assert row("log3")[1:5] == ["0", "0", "-", "pool"]
@@ -360,9 +364,11 @@ def test_inspect_json(tmp_path):
         {"id": 1, "kind": "index", "slot_size": None, "file": "index1.tbl", "bytes": 0},
         {"id": 3, "kind": "value", "slot_size": 64, "file": "value3.tbl", "bytes": 0}]
     logs = {lg["log"]: lg for lg in doc["logs"]}
-    assert logs["log0"] == {"log": "log0", "bytes": len(rec(1)) * 3, "records": 3,
-                            "first_record": 1, "last_record": 3, "queue": "read",
+    assert logs["log0"] == {"log": "log0", "bytes": LOG_HEADER_SIZE + len(rec(1)) * 3,
+                            "records": 3, "first_record": 1, "last_record": 3, "queue": "read",
+                            "database_id": database_id(path).hex(), "epoch": 1,
                             "state": "valid"}
+    assert doc["database_id"] == database_id(path).hex() and doc["ignored"] == []
     assert logs["log2"]["queue"] == "appending"
     assert (logs["log2"]["first_record"], logs["log2"]["last_record"]) == (7, 7)
     assert logs["log2"]["state"].startswith(f"valid up to byte {offsets[8][1]}, then crc")
@@ -583,6 +589,134 @@ def test_discarded_log_with_out_of_sequence_records_is_counted_whole(tmp_path):
     assert rc == 1
     assert "log1 at byte 0: gap: expected record 4, but the next log starts at record 7" in text
     assert "replay discards 3 whole records" in text  # 7, 9 and 10
+
+
+# -- log headers: database id and epoch, ignored logs ----------------------------------------
+
+def test_each_log_shows_its_database_id_and_epoch(tmp_path):
+    path, offsets = make_db(tmp_path)
+    ident = database_id(path).hex()
+    rc, text = run(mi.dump, path)
+    assert rc == 0
+    for lid in range(3):  # a line before each log's records, then records at file offsets
+        assert f"log log{lid} database {ident} epoch 1\nrecord {3 * lid + 1} log{lid} byte " \
+            f"{LOG_HEADER_SIZE}\n" in text
+    objs = [json.loads(line) for line in run(mi.dump, path, json_lines=True)[1].splitlines()]
+    assert {(o["database_id"], o["epoch"]) for o in objs} == {(ident, 1)}
+    assert [o["offset"] for o in objs] == [offsets[r][1] for r in range(1, 10)]
+    rc, text = run(mi.inspect_db, path)
+    assert f"database id: {ident}\n" in text
+    doc = json.loads(run(mi.verify, path, as_json=True)[1])
+    assert doc["database_id"] == ident and doc["log_epoch_floor"] == 0
+    assert [(lg["database_id"], lg["epoch"]) for lg in doc["logs"]] == [(ident, 1)] * 3
+    assert doc["ignored"] == []
+
+
+def test_ignored_logs_are_reported_with_why(tmp_path):
+    """Logs read_logs ignores (another database's, stale, without a header) are listed with why
+    by every tool, as text and JSON; they are no problem of the database (exit 0), and their
+    records count neither in the prefix nor in the record ids on disk."""
+    path, _ = make_db(tmp_path)
+    save_queues(path, QueueState(epoch=1, generation=1, appending=2, read=[0, 1], next_log=8,
+                                 log_epoch_floor=1))
+    other = bytes(range(16))
+    with open(os.path.join(path, "log5"), "wb") as f:
+        f.write(encode_log_header(other, 1) + rec(10))  # another database's
+    write_log(path, 6, rec(10), epoch=0)  # stale: below the floor
+    with open(os.path.join(path, "log7"), "wb") as f:
+        f.write(rec(10))  # no header
+    whys = {"log5": f"its header names database {other.hex()}, not this one",
+            "log6": "it is stale: epoch 0, older than 1",
+            "log7": "it has no log header"}
+    before = snapshot(path)
+
+    rc, text = run(mi.verify, path)
+    assert rc == 0 and "result: ok" in text, text
+    assert "valid prefix: 9 records, 1..9, in 3 logs" in text
+    for log, why in whys.items():
+        assert f"note: {log} is ignored: {why}" in text
+    rows = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.startswith("  log")}
+    assert rows["log5"][4:] == ["1", other.hex(), "ignored"]
+    assert rows["log6"][4:] == ["0", database_id(path).hex(), "ignored"]
+    assert rows["log7"][4:] == ["-", "-", "ignored"]
+    doc = json.loads(run(mi.verify, path, as_json=True)[1])
+    assert doc["ok"] is True and doc["log_epoch_floor"] == 1
+    assert [(i["log"], i["records"]) for i in doc["ignored"]] == [
+        ("log5", 1), ("log6", 1), ("log7", 1)]
+    for i in doc["ignored"]:
+        assert i["why"].startswith(whys[i["log"]])
+
+    rc, text = run(mi.inspect_db, path)
+    assert rc == 0
+    assert "record ids on disk: 1..9" in text and "valid prefix: records 1..9" in text
+    for log, why in whys.items():
+        assert f"note: {log} is ignored: {why}" in text
+    doc = json.loads(run(mi.inspect_db, path, as_json=True)[1])
+    assert [i["log"] for i in doc["ignored"]] == ["log5", "log6", "log7"]
+    logs = {lg["log"]: lg for lg in doc["logs"]}
+    assert logs["log5"]["state"] == "ignored" and logs["log5"]["database_id"] == other.hex()
+    assert doc["record_ids_on_disk"] == {"first": 1, "last": 9}
+
+    rc, text = run(mi.dump, path)
+    assert rc == 0 and "record 10" not in text
+    assert f"note: log5 is ignored: {whys['log5']}" in text
+    rc, text = run(mi.dump, path, json_lines=True)
+    objs = [json.loads(line) for line in text.splitlines()]
+    assert [o["record_id"] for o in objs[:9]] == list(range(1, 10))
+    assert [(o["ignored"]["log"], o["ignored"]["why"][:len(whys[o["ignored"]["log"]])])
+            for o in objs[9:]] == list(whys.items())
+    assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("o", [1, 16, 20, LOG_HEADER_SIZE - 1])
+def test_verify_names_a_log_whose_header_does_not_verify(tmp_path, o):
+    """A flipped byte in log1's log header (its database id, epoch or CRC): the header fails
+    its CRC and the prefix ends before log1, named at byte 0."""
+    path, _ = make_db(tmp_path)
+    flip(path, 1, o)
+    rc, text = run(mi.verify, path)
+    assert rc == 1
+    assert "problem: log1 at byte 0: bad header (the log header" in text
+    assert "valid prefix: 3 records, 1..3" in text
+    assert "discarded: its log header does not verify" in text
+    assert "replay discards 6 whole records" in text
+    doc = json.loads(run(mi.verify, path, as_json=True)[1])
+    assert (doc["problem"]["log"], doc["problem"]["offset"], doc["problem"]["why"]) == \
+        ("log1", 0, "bad header")
+    rc, text = run(mi.dump, path)
+    assert rc == 1 and text.splitlines()[-1].startswith("problem: log1 at byte 0: bad header")
+
+
+def test_first_record_problem_is_named_at_its_byte_after_the_header(tmp_path):
+    """A bad first record of a log is named at its own offset, just after the log header."""
+    path, offsets = make_db(tmp_path)
+    lid, off = offsets[4]
+    assert off == LOG_HEADER_SIZE
+    flip(path, lid, off + 20)
+    doc = json.loads(run(mi.verify, path, as_json=True)[1])
+    assert (doc["problem"]["log"], doc["problem"]["offset"], doc["problem"]["record_id"]) == \
+        ("log1", LOG_HEADER_SIZE, 4)
+
+
+def test_format1_directory_has_no_database_id(tmp_path):
+    """A directory of format 1 (no id; logs without a header) verifies as before: its logs
+    are its own, shown without an epoch or database id."""
+    path = str(tmp_path / "db")
+    os.makedirs(path)
+    with open(os.path.join(path, "mpwal.meta"), "w") as f:
+        json.dump({"mpwal": 1, "tables": [{"id": 1, "kind": "index"},
+                                          {"id": 3, "kind": "value", "slot_size": 64}]}, f)
+    for name in ("index1.tbl", "value3.tbl"):
+        open(os.path.join(path, name), "wb").close()
+    with open(os.path.join(path, "log0"), "wb") as f:
+        f.write(rec(1) + rec(2))
+    rc, text = run(mi.verify, path)
+    assert rc == 0 and "result: ok" in text and "ignored" not in text
+    assert "database id: none (format 1" in text
+    assert next(ln for ln in text.splitlines() if ln.startswith("  log0")).split()[4:] == \
+        ["-", "-", "ok"]
+    rc, text = run(mi.dump, path)
+    assert rc == 0 and text.startswith("log log0 database - epoch -\nrecord 1 log0 byte 0\n")
 
 
 def test_live_changes_are_reported_not_mixed(tmp_path, monkeypatch):

@@ -10,6 +10,13 @@ and ``mpwal cleanup`` print.
 * ``cleanup`` is the one that changes something: it removes the segments a dead writer left in
   /dev/shm (what the next writer's open would do), and refuses while a writer is alive.
 
+Every log file the writer writes starts with a log header (``format.py``) naming the database
+and the epoch that wrote it: the three tools show each log's database id and epoch, and list the
+logs ``read_logs`` ignores (another database's, stale, or without a header in a database that
+has an id) with why. An ignored log is not part of the database (replay empties it): it is
+reported, but it is no problem of the database's logs and changes no exit status. Byte offsets
+count from the start of the file, header included.
+
 ``inspect_db``, ``verify`` and ``dump`` change nothing (DESIGN.md invariant 8): files are opened
 read-only, shared memory is mapped read-only, and no lock is taken, so they run beside a live
 writer and enactor and never make them wait. The price is that a live database can change while
@@ -21,8 +28,9 @@ Each function writes to the text stream ``out`` and returns the process exit sta
 
 * 0: examined, nothing wrong;
 * 1: a problem was found (``verify``, ``dump``): a torn, corrupt or out-of-sequence record, a
-  gap in the record ids, a log that does not start with a record, or a record that does not
-  match the tables in ``mpwal.meta``; for ``cleanup``: a writer is alive, nothing was removed;
+  gap in the record ids, a log header that does not verify, a log that does not start with a
+  record, or a record that does not match the tables in ``mpwal.meta``; for ``cleanup``: a
+  writer is alive, nothing was removed;
 * 2: the directory could not be examined: it does not exist, is not a directory or not an mpwal
   database, an I/O error, or (for ``verify`` and ``dump``) the logs changed while they were read
   so that the answer may mix two moments (a log cleaned or reused under us, or the queue state
@@ -51,12 +59,15 @@ from ..format import (
     BEGIN_RECORD,
     DROP_TABLE,
     INSERT_INDEX,
+    LOG_HEADER,
+    LOG_HEADER_SIZE,
     LogScan,
     Record,
+    decode_log_header,
     entries_of,
     first_record_id,
 )
-from ..logs import LogFile, LogSet, Problem, read_logs
+from ..logs import LogFile, LogSet, Problem, log_identity, read_logs
 from ..queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
 from ..tables import META_FILE, Table, is_database, load_catalog, op_problem
 
@@ -69,7 +80,8 @@ WHY = {
     "bad type": "a byte where a record or entry type belongs is not one",
     "out of sequence": "its record id does not follow the previous record's",
     "gap": "the log does not continue the record ids of the one before it: a log file is missing",
-    "no first record": "the file does not start with a BEGIN_RECORD",
+    "no first record": "the file does not start with a BEGIN_RECORD (after its log header)",
+    "bad header": "the log header (database id, epoch) does not match its CRC-32",
 }
 
 
@@ -102,6 +114,19 @@ def _read_log(path: str, log_id: int) -> bytes | None:
         return fileio.read_file(log_path(path, log_id))
     except FileNotFoundError:
         return None
+
+
+def _read_head(path: str, log_id: int) -> bytes:
+    """The first LOG_HEADER_SIZE bytes of a log (fewer if it is shorter; none if it is gone)."""
+    try:
+        with open(log_path(path, log_id), "rb") as f:
+            return f.read(LOG_HEADER_SIZE)
+    except FileNotFoundError:
+        return b""
+
+
+def _hex(ident: bytes | None) -> str | None:
+    return None if ident is None else ident.hex()
 
 
 def _salvage(buf, pos: int) -> _Stats:
@@ -142,8 +167,12 @@ class _Db:
         self.catalog: dict[int, Table] = load_catalog(path)
         self.queues: QueueState | None = load_queues(path)
         q = self.queues
+        self.identity = log_identity(path)  # which logs are the database's
         self.logs: LogSet = read_logs(path, keep_records=False,
-                                      start=q.last_cleaned_record + 1 if q else None)
+                                      start=q.last_cleaned_record + 1 if q else None,
+                                      identity=self.identity)
+        self.ignored: dict[int, str] = dict(self.logs.ignored)  # log id -> why it is not ours
+        self._headers: dict[int, tuple[bytes, int] | None] = {}
         self.changed: list[str] = []
         self.stats: dict[int, _Stats] = {}  # valid logs, filled by prefix()
         self.last_id: int | None = None  # last record of the prefix, once prefix() ran
@@ -166,6 +195,26 @@ class _Db:
                 self.changed.append(f"log{lf.log_id} changed while it was read")
                 return
             expect = scan.expect_id
+
+    def header(self, log_id: int) -> tuple[bytes, int] | None:
+        """(database id, epoch) of a log's header; None if it has none that verifies."""
+        if log_id not in self._headers:
+            self._headers[log_id] = decode_log_header(_read_head(self.path, log_id))
+        return self._headers[log_id]
+
+    def header_info(self, log_id: int) -> dict:
+        """A log's ``database_id`` (hex) and ``epoch``, None when it has no valid header."""
+        h = self.header(log_id)
+        return {"database_id": None if h is None else h[0].hex(),
+                "epoch": None if h is None else h[1]}
+
+    def problem_offset(self, p: Problem) -> int:
+        """The byte where the problem is. ``read_logs`` names a log whose first record does not
+        verify at offset 0 (the log); that record starts after the log's header."""
+        if p.offset == 0 and p.why not in ("gap", "bad header") and \
+                self.header(p.log_id) is not None:
+            return LOG_HEADER_SIZE
+        return p.offset
 
     def run_prefix(self) -> None:
         for _ in self.prefix():
@@ -239,7 +288,10 @@ def _problem_text(db: _Db, p: Problem) -> str:
             return (f"{where}: gap: expected record {exp}, but the next log starts at record "
                     f"{p.record_id} ({WHY['gap']})")
         return f"{where}: gap: the log starts at record {p.record_id} ({WHY['gap']})"
-    if p.record_id is not None:
+    offset = db.problem_offset(p)
+    if p.why == "bad header":  # (the id after a header that does not verify is not to be trusted)
+        rec = ""
+    elif p.record_id is not None:
         rec = f", record {p.record_id}"
         if p.why in ("out of sequence", "crc") and exp is not None and p.record_id != exp:
             rec += f" (expected {exp})"
@@ -247,11 +299,12 @@ def _problem_text(db: _Db, p: Problem) -> str:
         rec = f", record {exp} by sequence"
     else:
         rec = ""
-    return f"log{p.log_id} at byte {p.offset}{rec}: {p.why} ({WHY.get(p.why, p.why)})"
+    return f"log{p.log_id} at byte {offset}{rec}: {p.why} ({WHY.get(p.why, p.why)})"
 
 
 def _problem_json(db: _Db, p: Problem) -> dict:
-    return {"log": f"log{p.log_id}", "offset": p.offset, "record_id": p.record_id,
+    return {"log": f"log{p.log_id}", "offset": db.problem_offset(p),
+            "record_id": None if p.why == "bad header" else p.record_id,
             "expected_record_id": db.expected_id() if p.why != "no first record" else None,
             "why": p.why, "message": _problem_text(db, p)}
 
@@ -313,12 +366,16 @@ def _inspect_report(db: _Db) -> dict:
     realpath = os.path.realpath(db.path)
     qs = db.queues
     p = db.logs.problem
-    every = list(db.stats.values()) + list(salvaged.values())
+    # (an ignored log's records are not the database's: another database's, or stale)
+    every = list(db.stats.values()) + [st for lid, st in salvaged.items()
+                                       if lid not in db.ignored]
     alive = writer_alive(db.path)
     return {
         "database": realpath,
+        "database_id": _hex(db.identity.database_id),
         "tables": [_table_info(db.path, tid, db.catalog[tid]) for tid in sorted(db.catalog)],
         "logs": _logs_info(db, salvaged),
+        "ignored": _ignored_info(db, salvaged),
         "record_ids_on_disk": _span(every),
         "valid_prefix": _span(db.stats.values()),
         "problem": _problem_json(db, p) if p is not None else None,
@@ -330,7 +387,8 @@ def _inspect_report(db: _Db) -> dict:
 
 
 def _salvaged(db: _Db) -> dict[int, _Stats]:
-    """Whole records in the logs replay does not apply, and past the problem in a valid log."""
+    """Whole records in the logs replay does not apply (ignored logs included), and past the
+    problem in a valid log."""
     salvaged = {}
     valid = {lf.log_id for lf in db.logs.valid}
     p = db.logs.problem
@@ -361,12 +419,28 @@ def _table_info(path: str, tid: int, t: Table) -> dict:
             "file": t.file_name, "bytes": _size(os.path.join(path, t.file_name))}
 
 
-def _log_info(path: str, lid: int, st: _Stats | None, queue: str, state: str) -> dict:
+def _log_info(db: _Db, lid: int, st: _Stats | None, queue: str, state: str) -> dict:
     """One log's row; ``st`` None for a log the queue state lists but the disk does not hold."""
-    return {"log": f"log{lid}", "bytes": _size(log_path(path, lid)),
+    return {"log": f"log{lid}", "bytes": _size(log_path(db.path, lid)),
             "records": None if st is None else st.count,
             "first_record": None if st is None else st.first,
-            "last_record": None if st is None else st.last, "queue": queue, "state": state}
+            "last_record": None if st is None else st.last, "queue": queue,
+            **(db.header_info(lid) if st is not None else {"database_id": None, "epoch": None}),
+            "state": state}
+
+
+def _ignored_info(db: _Db, salvaged: dict[int, _Stats]) -> list[dict]:
+    """The logs ``read_logs`` does not take as the database's, with why and what they hold."""
+    out = []
+    for lid, why in db.logs.ignored:
+        st = salvaged.get(lid, _Stats())
+        out.append({"log": f"log{lid}", "why": why, **db.header_info(lid), "records": st.count,
+                    "first_record": st.first, "last_record": st.last})
+    return out
+
+
+def _ignored_text(log: str, why: str) -> str:
+    return f"{log} is ignored: {why}; it is not part of the database (replay empties it)"
 
 
 def _logs_info(db: _Db, salvaged: dict[int, _Stats]) -> list[dict]:
@@ -374,7 +448,8 @@ def _logs_info(db: _Db, salvaged: dict[int, _Stats]) -> list[dict]:
     queue state lists that are not on disk."""
     ls, qs = db.logs, db.queues
     valid = {lf.log_id for lf in ls.valid}
-    order = [lf.log_id for lf in ls.valid] + list(ls.discarded) + list(ls.empty)
+    order = [lf.log_id for lf in ls.valid] + list(ls.discarded) + \
+        [lid for lid, _ in ls.ignored] + list(ls.empty)
     problem = ls.problem
     rows = []
     for lid in order:
@@ -388,21 +463,24 @@ def _logs_info(db: _Db, salvaged: dict[int, _Stats]) -> list[dict]:
                     state += f" ({_n(after.count, 'whole record')} {after.ids()} after it)"
         elif lid in ls.empty:
             st, state = _Stats(), "empty"
+        elif lid in db.ignored:
+            st, state = salvaged.get(lid, _Stats()), "ignored"  # why: in "ignored"
         else:
             st, state = salvaged.get(lid, _Stats()), "discarded by replay"
-        rows.append(_log_info(db.path, lid, st, _queue_of(qs, lid), state))
+        rows.append(_log_info(db, lid, st, _queue_of(qs, lid), state))
     if qs is not None:
         listed = ([qs.appending] if qs.appending is not None else []) + list(qs.read) + \
             list(qs.cleanup) + list(qs.pool)
         on_disk = set(order)
         for lid in listed:
             if lid not in on_disk:
-                rows.append(_log_info(db.path, lid, None, _queue_of(qs, lid), "missing on disk"))
+                rows.append(_log_info(db, lid, None, _queue_of(qs, lid), "missing on disk"))
     return rows
 
 
 def _print_inspect(r: dict, out: TextIO) -> None:
     print(f"database {r['database']}", file=out)
+    print(f"database id: {_id_text(r['database_id'])}", file=out)
 
     print("tables:", file=out)
     trows = [[t["id"], t["kind"], t["slot_size"], t["file"], t["bytes"]] for t in r["tables"]]
@@ -413,11 +491,14 @@ def _print_inspect(r: dict, out: TextIO) -> None:
 
     print("logs:", file=out)
     rows = [[lg["log"], lg["bytes"], lg["records"], _ids(lg["first_record"], lg["last_record"]),
-             lg["queue"], lg["state"]] for lg in r["logs"]]
+             lg["queue"], lg["epoch"], lg["database_id"], lg["state"]] for lg in r["logs"]]
     if rows:
-        _table(out, ["log", "bytes", "records", "ids", "queue", "state"], rows)
+        _table(out, ["log", "bytes", "records", "ids", "queue", "epoch", "database", "state"],
+               rows)
     else:
         print("  (none)", file=out)
+    for ig in r["ignored"]:
+        print(f"note: {_ignored_text(ig['log'], ig['why'])}", file=out)
 
     on_disk, prefix = r["record_ids_on_disk"], r["valid_prefix"]
     print(f"record ids on disk: {_span_ids(on_disk) if on_disk else 'none'}", file=out)
@@ -436,7 +517,7 @@ def _print_inspect(r: dict, out: TextIO) -> None:
               f"{qs['generation']}, appending {_name(qs['appending'])}, "
               f"read [{_names(qs['read'])}], cleanup [{_names(qs['cleanup'])}], "
               f"pool [{_names(qs['pool'])}], next log {qs['next_log']}, "
-              f"sync_data {qs['sync_data']}", file=out)
+              f"sync_data {qs['sync_data']}, log epoch floor {qs['log_epoch_floor']}", file=out)
         if not alive:
             print("  (written by the last writer; the next writer rebuilds it from the logs)",
                   file=out)
@@ -447,6 +528,10 @@ def _print_inspect(r: dict, out: TextIO) -> None:
     if r["changed"]:
         print("note: the database changed while it was read (a live writer or enactor); "
               "the numbers above may mix two moments", file=out)
+
+
+def _id_text(ident: str | None) -> str:
+    return ident if ident is not None else "none (format 1: its logs have no log header)"
 
 
 def _n(count: int, word: str) -> str:
@@ -562,6 +647,7 @@ class _Verdict:
     n_mismatch: int = 0
     missing: list[str] = field(default_factory=list)  # table files not on disk
     tail: dict = field(default_factory=dict)  # _discarded_tail
+    ignored: dict = field(default_factory=dict)  # ignored log id: (whole records in it, size)
     torn_live: bool = False  # the problem may be a record still being written
     moved: bool = False  # the queue state changed while the logs were read
 
@@ -604,6 +690,9 @@ def _check(db: _Db) -> _Verdict:
                         "message": f"record {rec.record_id} (log{lf.log_id} at byte "
                                    f"{rec.start}): {why}"})
     v.tail = _discarded_tail(db)
+    for lid in db.ignored:
+        data = _read_log(db.path, lid) or b""
+        v.ignored[lid] = (_salvage(data, 0), len(data))
     v.records = sum(s.count for s in db.stats.values())
     v.missing = [t.file_name for t in db.catalog.values()
                  if not os.path.exists(os.path.join(db.path, t.file_name))]
@@ -626,10 +715,11 @@ def _missing_text(f: str) -> str:
 def _print_verify(db: _Db, v: _Verdict, out: TextIO) -> None:
     ls = db.logs
     print(f"verify {os.path.realpath(db.path)}", file=out)
+    print(f"database id: {_id_text(_hex(db.identity.database_id))}", file=out)
     rows = [[lg["log"], lg["bytes"], lg["records"], _ids(lg["first_record"], lg["last_record"]),
-             lg["state"]] for lg in _verify_logs(db, v)]
+             lg["epoch"], lg["database_id"], lg["state"]] for lg in _verify_logs(db, v)]
     if rows:
-        _table(out, ["log", "bytes", "records", "ids", "state"], rows)
+        _table(out, ["log", "bytes", "records", "ids", "epoch", "database", "state"], rows)
     else:
         print("  no log files", file=out)
 
@@ -645,6 +735,8 @@ def _print_verify(db: _Db, v: _Verdict, out: TextIO) -> None:
     note = _no_records_note(db)
     if note is not None:
         print(note, file=out)
+    for lid, why in ls.ignored:
+        print(f"note: {_ignored_text(f'log{lid}', why)}", file=out)
 
     p = ls.problem
     if p is not None:
@@ -682,18 +774,21 @@ def _verify_logs(db: _Db, v: _Verdict) -> list[dict]:
         state = "ok"
         if p is not None and p.log_id == lf.log_id:
             state = f"{p.why} at byte {p.offset}"
-        rows.append(_verify_row(lf.log_id, lf.size, st, state))
+        rows.append(_verify_row(db, lf.log_id, lf.size, st, state))
     for lid in ls.discarded:
         st, size, why = v.tail[lid]
-        rows.append(_verify_row(lid, size, st, why))
+        rows.append(_verify_row(db, lid, size, st, why))
+    for lid in db.ignored:
+        st, size = v.ignored[lid]
+        rows.append(_verify_row(db, lid, size, st, "ignored"))  # why: in the notes
     for lid in ls.empty:
-        rows.append(_verify_row(lid, 0, _Stats(), "empty"))
+        rows.append(_verify_row(db, lid, 0, _Stats(), "empty"))
     return rows
 
 
-def _verify_row(lid: int, size: int, st: _Stats, state: str) -> dict:
+def _verify_row(db: _Db, lid: int, size: int, st: _Stats, state: str) -> dict:
     return {"log": f"log{lid}", "bytes": size, "records": st.count, "first_record": st.first,
-            "last_record": st.last, "state": state}
+            "last_record": st.last, **db.header_info(lid), "state": state}
 
 
 def _verify_json(db: _Db, v: _Verdict) -> dict:
@@ -702,9 +797,12 @@ def _verify_json(db: _Db, v: _Verdict) -> dict:
         {"why": "missing table file", "file": f, "message": _missing_text(f)} for f in v.missing
     ] + v.mismatches
     notes = [_no_records_note(db), TORN_LIVE_NOTE if v.torn_live else None,
-             MOVED_NOTE if v.moved and v.status != 2 else None] + list(db.changed)
+             MOVED_NOTE if v.moved and v.status != 2 else None] + list(db.changed) + [
+        _ignored_text(f"log{lid}", why) for lid, why in db.logs.ignored]
     return {
         "database": os.path.realpath(db.path),
+        "database_id": _hex(db.identity.database_id),
+        "log_epoch_floor": db.identity.epoch_floor,
         "ok": v.status == 0,
         "result": v.result.lower(),
         "records_checked": v.records,
@@ -714,6 +812,8 @@ def _verify_json(db: _Db, v: _Verdict) -> dict:
         "table_mismatches": v.n_mismatch,
         "missing_table_files": v.missing,
         "logs": _verify_logs(db, v),
+        "ignored": [{"log": f"log{lid}", "why": why, **db.header_info(lid),
+                     "records": v.ignored[lid][0].count} for lid, why in db.logs.ignored],
         "notes": [n for n in notes if n is not None],
     }
 
@@ -730,7 +830,9 @@ def _discarded_tail(db: _Db) -> dict:
     for lid in ls.discarded:
         data = _read_log(db.path, lid) or b""
         st = _salvage(data, 0)
-        if first_record_id(data) is None:
+        if data[:1] == bytes((LOG_HEADER,)) and decode_log_header(data) is None:
+            why = "discarded: its log header does not verify"
+        elif first_record_id(data) is None:
             why = "discarded: does not start with a record"
         elif p is not None and p.log_id == lid and p.why == "gap":
             why = "discarded: gap before it"
@@ -800,24 +902,37 @@ def _op_json(op) -> dict:
 
 def dump(path: str, out: TextIO, json_lines: bool = False) -> int:
     """Print every record of the valid prefix in record-id order, then the problem that ends it,
-    if any. Text: a ``record ID log{N} byte OFFSET`` line, then one indented line per change;
-    when the logs hold no record, one line saying why (``_no_records_note``). ``json_lines``:
-    one JSON object per record, ``{"record_id", "log", "offset", "ops"}``, and a last
+    if any. Text: a ``log log{N} database ID epoch E`` line before each log's records (``-`` for
+    a log without a header), a ``record ID log{N} byte OFFSET`` line, then one indented line per
+    change; a ``note:`` line per ignored log; when the logs hold no record, one line saying why
+    (``_no_records_note``). ``json_lines``: one JSON object per record, ``{"record_id", "log",
+    "offset", "database_id", "epoch", "ops"}`` (the last two from its log's header, null without
+    one), then an ``{"ignored": {"log", "why"}}`` object per ignored log, and a last
     ``{"problem": {...}}`` (or ``{"note": ...}``) object, so every line parses. Exit 0 clean, 1
     if a problem ends the prefix, 2 cannot examine."""
     db = _open(path, out, json_lines)
     if db is None:
         return 2
     try:
+        shown = None  # the log whose header was shown last
         for lf, rec in db.prefix():
+            head = db.header_info(lf.log_id)
             if json_lines:
                 print(json.dumps({"record_id": rec.record_id, "log": f"log{lf.log_id}",
-                                  "offset": rec.start, "ops": [_op_json(op) for op in rec.ops]}),
+                                  "offset": rec.start, **head,
+                                  "ops": [_op_json(op) for op in rec.ops]}),
                       file=out)
             else:
+                if shown != lf.log_id:
+                    shown = lf.log_id
+                    print(f"log log{lf.log_id} database {head['database_id'] or '-'} epoch "
+                          f"{'-' if head['epoch'] is None else head['epoch']}", file=out)
                 print(f"record {rec.record_id} log{lf.log_id} byte {rec.start}", file=out)
                 for op in rec.ops:
                     print(f"  {_op_text(op)}", file=out)
+        for lid, why in db.logs.ignored:
+            print(json.dumps({"ignored": {"log": f"log{lid}", "why": why}}) if json_lines
+                  else f"note: {_ignored_text(f'log{lid}', why)}", file=out)
     except BrokenPipeError:
         raise  # whoever read the output went away (``| head``): not a problem of the database
     except OSError as e:
