@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from . import fileio
 from .errors import DatabaseError, storage_error
-from .format import LogScan, Record, first_record_id
+from .format import BEGIN_RECORD, LogScan, Record, first_record_id
 from .queues import load_queues, log_ids, log_path
-from .tables import database_id, is_database
+from .tables import database_id, epoch_floor, is_database
 
 
 @dataclass
@@ -36,11 +36,13 @@ def log_identity(path: str) -> LogIdentity:
     """The identity the directory's metadata and queue state give (a directory whose metadata
     is missing or damaged has none to check against: its logs are read as format 1)."""
     st = load_queues(path)
+    ident, floor = None, 0
     try:
-        ident = database_id(path) if is_database(path) else None
+        if is_database(path):
+            ident, floor = database_id(path), epoch_floor(path)
     except DatabaseError:
-        ident = None
-    return LogIdentity(ident, st.log_epoch_floor if st else 0)
+        pass
+    return LogIdentity(ident, max(floor, st.log_epoch_floor if st else 0))
 
 
 @dataclass
@@ -120,6 +122,9 @@ def read_logs(path: str, keep_records: bool = True, start: int | None = None,
             ignored.append((lid, why))
             continue
         head_rec = next(head.records(), None)
+        if head_rec is None and head.problem is None:
+            empty.append(lid)  # a header and no record (a crash right after it): empty
+            continue
         if head_rec is None:  # torn, crc, bad type: the first record does not verify
             discarded.append(lid)
             rid = first_record_id(data)  # None: the file does not even start with a BEGIN
@@ -171,6 +176,8 @@ def _not_ours(scan: LogScan, identity: LogIdentity) -> str | None:
     if scan.header is None:
         if scan.problem == "bad header" or identity.database_id is None:
             return None  # damage ends the prefix as a bad first record does; format 1: no header
+        if scan.buf[:1] != bytes((BEGIN_RECORD,)):
+            return None  # neither a header nor a record: damage, which ends the prefix
         return "it has no log header (not written by this database's writers)"
     ident, epoch = scan.header
     if ident != identity.database_id:

@@ -203,13 +203,15 @@ class QueueStore:
             self.last = st
 
     # -- the writer ---------------------------------------------------------------------------
-    def new_epoch(self, writer_pid: int, sync_data: bool) -> tuple[QueueState, bool]:
-        """A writer opens: bump the epoch (an enactor of the last one lets go of its lock).
+    def new_epoch(self, writer_pid: int, sync_data: bool, floor: int = 0) -> tuple[QueueState, bool]:
+        """A writer opens: bump the epoch (an enactor of the last one lets go of its lock),
+        to above ``floor`` too (the metadata's copy, should the queue state have been lost).
         Returns the state and whether a queue file existed."""
         with self.lock:
             existed = load_queues(self.path) is not None
             with self._change() as st:
-                st.epoch += 1
+                st.epoch = max(st.epoch, floor) + 1
+                st.log_epoch_floor = max(st.log_epoch_floor, floor)
                 st.writer_pid = writer_pid
                 st.sync_data = sync_data
             return st, existed

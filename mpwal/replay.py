@@ -13,8 +13,9 @@ order matters for a writer killed in the middle of it:
    out-of-sequence or unenactable record (invariant 4);
 4. record the last replayed id in the queue state, fsynced, before any log is truncated, so a
    later open neither reuses those ids nor replays an older log over newer table data;
-5. create the new generation, then truncate every log into the pool and name the generation in
-   the queue state.
+5. create the new generation, then truncate every log into the pool, name the generation in
+   the queue state and raise the epoch floor to this epoch (logs of older epochs are stale from
+   now on), also in ``mpwal.meta``, so that a lost queue state cannot lower it.
 
 An I/O error raises StorageError and keeps every log: the next open tries again.
 """
@@ -34,6 +35,7 @@ from .format import Record
 from .logs import read_logs
 from .overlay import stale_segments, supersede_segment
 from .queues import ENACTOR_LOCK, QueueStore, file_lock, log_ids, log_path
+from .tables import epoch_floor, set_epoch_floor
 
 log = logging.getLogger("mpwal")
 ENACTOR_WAIT = 30.0  # seconds an enactor of the last writer gets to let go of its lock
@@ -44,7 +46,7 @@ def replay(path: str, queues: QueueStore, writer_pid: int, sync_data: bool,
     """Replay ``path``'s logs; returns the last record id in the tables. ``start_generation(
     generation, last_record_id)`` creates the new overlay: it is called under ``queue.lock``
     before the queue state names the generation, so a reader that reads it finds the segment."""
-    st, loaded = queues.new_epoch(writer_pid, sync_data)
+    st, loaded = queues.new_epoch(writer_pid, sync_data, epoch_floor(path))
     generation = st.generation + 1
     for name in stale_segments(path):
         supersede_segment(name, generation)
@@ -79,7 +81,8 @@ def replay(path: str, queues: QueueStore, writer_pid: int, sync_data: bool,
         with queues.lock:
             queues.replayed(last)  # before any log is truncated
             start_generation(generation, last)
-            queues.reset(generation, lambda: _truncate_all_logs(path))
+            st = queues.reset(generation, lambda: _truncate_all_logs(path))
+            set_epoch_floor(path, st.log_epoch_floor)  # fsynced: it outlives the queue state
         if count:
             log.debug("replayed %d records of %s through record %d", count, path, last)
         return last

@@ -7,6 +7,9 @@ Metadata: ``mpwal.meta`` in the database directory, JSON::
 
 ``mpwal`` is the on-disk format version; a newer one is refused. ``database_id`` is random,
 made when the database is created; every log file names it in its header (``format.py``).
+``log_epoch_floor`` (when present) repeats the queue state's: the epoch of the last writer open,
+below which every log is stale; it is kept here too so that losing the queue state cannot
+make an old log current again.
 Format 1 (mpwal 0.1) had no id and no log headers: the first writer open upgrades it, once
 replay has emptied its logs (``upgrade_meta``). Table ids are one u16 namespace shared by both
 kinds.
@@ -158,7 +161,20 @@ def database_id(path: str) -> bytes | None:
     return _load_meta(path)[1]
 
 
-def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None]:
+def epoch_floor(path: str) -> int:
+    """The epoch floor kept in the metadata (``set_epoch_floor``); 0 if there is none."""
+    return _load_meta(path)[2]
+
+
+def set_epoch_floor(path: str, floor: int) -> None:
+    """Keep the epoch floor in the metadata too (fsynced), so that it survives the loss of
+    the queue state: logs of older epochs stay stale, and new epochs stay above theirs."""
+    catalog, ident, old = _load_meta(path)
+    if floor > old:
+        _write_meta(path, catalog, ident, floor)
+
+
+def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None, int]:
     meta = os.path.join(path, META_FILE)
     try:
         raw = fileio.read_file(meta)
@@ -178,19 +194,24 @@ def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None]:
         if version == FORMAT_VERSION and (not isinstance(dbid, str) or len(dbid) != 32):
             raise ValueError("no database_id of 32 hex digits")
         ident = bytes.fromhex(dbid) if isinstance(dbid, str) and version >= 2 else None
+        floor = doc.get("log_epoch_floor", 0)
+        if not isinstance(floor, int) or floor < 0:
+            raise ValueError(f"log_epoch_floor {floor!r} is not a count")
     except (ValueError, KeyError, TypeError, TableError) as e:
         raise DatabaseError(f"{meta} is damaged ({e}); restore it from a backup") from None
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise DatabaseError(
             f"{path} has on-disk format {version}, newer than this mpwal's {FORMAT_VERSION}: "
             "upgrade mpwal to open it")
-    return {t.id: t for t in tables}, ident
+    return {t.id: t for t in tables}, ident, floor
 
 
-def _write_meta(path: str, catalog: dict[int, Table], ident: bytes | None) -> None:
+def _write_meta(path: str, catalog: dict[int, Table], ident: bytes | None, floor: int = 0) -> None:
     doc: dict = {"mpwal": FORMAT_VERSION if ident is not None else 1}
     if ident is not None:
         doc["database_id"] = ident.hex()
+    if floor:
+        doc["log_epoch_floor"] = floor
     doc["tables"] = [t.describe() for t in sorted(catalog.values(), key=lambda t: t.id)]
     try:
         fileio.write_file_atomic(os.path.join(path, META_FILE), json.dumps(doc).encode(), sync=True)
@@ -201,10 +222,10 @@ def _write_meta(path: str, catalog: dict[int, Table], ident: bytes | None) -> No
 def upgrade_meta(path: str) -> bytes:
     """Give a directory of format 1 its database id (format 2); its id. Call only when no log
     holds records (after replay), as logs of format 1 have no header."""
-    catalog, ident = _load_meta(path)
+    catalog, ident, floor = _load_meta(path)
     if ident is None:
         ident = os.urandom(16)
-        _write_meta(path, catalog, ident)
+        _write_meta(path, catalog, ident, floor)
     return ident
 
 
@@ -218,7 +239,7 @@ def merge_catalog(path: str, wanted: Iterable[Table]) -> dict[int, Table]:
     for t in wanted:
         if not isinstance(t, (IndexTable, ValueTable)):
             raise TableError(f"tables must be IndexTable or ValueTable, not {type(t).__name__}")
-    existing, ident = _load_meta(path) if is_database(path) else ({}, os.urandom(16))
+    existing, ident, floor = _load_meta(path) if is_database(path) else ({}, os.urandom(16), 0)
     merged = dict(existing)
     for t in wanted:
         old = merged.get(t.id)
@@ -234,7 +255,7 @@ def merge_catalog(path: str, wanted: Iterable[Table]) -> dict[int, Table]:
                 os.close(fileio.create(fp))
             except OSError as e:
                 raise storage_error(e, f"creating {fp}") from None
-        _write_meta(path, merged, ident)
+        _write_meta(path, merged, ident, floor)
     return merged
 
 

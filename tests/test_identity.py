@@ -421,11 +421,6 @@ def test_log_header_for_helper_matches_the_writer(db):
             assert f.read(LOG_HEADER_SIZE) == log_header_for(db)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a writer that opens without a queue file (lost or "
-                   "damaged: 'rebuilt from the logs') starts the epoch again at 1 "
-                   "(QueueStore.new_epoch bumps the default state's 0), below the epochs the "
-                   "log headers already name, so a log of an older writer that reappears later "
-                   "is not below the new log_epoch_floor and is taken as current")
 def test_a_stale_log_is_ignored_after_the_queue_file_was_rebuilt(db):
     """As test_a_stale_log_is_ignored, but the queue file was lost before the later writer
     opened: the epochs it writes must still be above the old log's, so that it is stale."""
