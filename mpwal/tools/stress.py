@@ -27,11 +27,13 @@ Checks, all exact:
 
 * Readers (``--readers`` processes, spawned) read one value at a time, a whole record's keys in
   one ``values()`` call, or a whole index chunk, between two reads of ``last_record_id`` (``L1``
-  before, ``L2`` after). Every value must decode and be one that record ``rid`` wrote; the state
-  it belongs to, the record ids ``L`` at which ``last_writer(key, L) == rid``, must meet
-  ``[L1, L2]`` (nothing stale, nothing from the future); a ``values()`` batch or an index chunk
-  must belong to one such ``L`` for all its keys (no record partly visible); per key the record
-  id never goes back, and neither does ``last_record_id``.
+  before, ``L2`` after), or a record's keys one ``value()`` call at a time inside a snapshot
+  (``L1 = L2 =`` its record id, which never goes back either). Every value must decode and be
+  one that record ``rid`` wrote; the state it belongs to, the record ids ``L`` at which
+  ``last_writer(key, L) == rid``, must meet ``[L1, L2]`` (nothing stale, nothing from the
+  future); a ``values()`` batch, an index chunk or a snapshot's reads must belong to one such
+  ``L`` for all their keys (no record partly visible); per key the record id never goes back,
+  and neither does ``last_record_id``.
 * The parent verifies the whole state (every key and index entry) equals the prefix through
   the writer's ``last_record_id`` after every writer open and at the end.
 * ``--chaos``: the writer process is SIGKILLed at random moments (a quarter of the restarts are
@@ -363,7 +365,8 @@ def percentiles(values) -> tuple[float, float, float] | None:
 def _reader_main(idx: int, path: str, wl: dict, stop, counts, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out: dict[str, Any] = {"idx": idx, "reads": 0, "errors": 0, "recoveries": 0, "lat": b"",
-                           "ops": {"value": 0, "values": 0, "chunk": 0}}
+                           "ops": {"value": 0, "values": 0, "chunk": 0, "snapshot": 0,
+                                   "snapshot_expired": 0}}
     try:
         _reader_loop(idx, path, Workload(**wl), stop, counts, out, results)
     except BaseException:  # noqa: BLE001 - any crash is reported to the parent as a failed check
@@ -375,6 +378,7 @@ def _reader_main(idx: int, path: str, wl: dict, stop, counts, results) -> None:
 def _reader_loop(idx: int, path: str, wl: Workload, stop, counts, out: dict, results) -> None:
     """Read and check until ``stop``; error descriptions go to the parent as they happen (the
     first MAX_MESSAGES), the counts and latency samples at the end in ``out``."""
+    from ..errors import SnapshotExpiredError
     from ..reader import Reader
     plan = Plan(wl)
     rng = random.Random((wl.seed << 8) + idx + 1)
@@ -427,6 +431,24 @@ def _reader_loop(idx: int, path: str, wl: Workload, stop, counts, out: dict, res
                         for why in check_snapshot(plan, ks, vals, last, max(l2, last), seen):
                             error(why)
                         last = max(last, l2)
+                    elif kind == 16 and last:
+                        # a snapshot: a record's keys one call at a time, all at its record id
+                        q = max(1, last - randrange(min(last, max(1, keys // batch))))
+                        ks = plan.record_keys(q)
+                        try:
+                            with r.snapshot() as snap:
+                                at = snap.record_id
+                                vals = [snap.value(VALUE_TABLE, k) for k in ks]
+                        except SnapshotExpiredError:  # a new writer replayed past it (chaos)
+                            ops["snapshot_expired"] += 1
+                            continue
+                        ops["snapshot"] += 1
+                        reads += len(ks)
+                        if at < last:
+                            error(f"snapshot at record {at} went back from {last}")
+                        for why in check_snapshot(plan, ks, vals, at, at, seen):
+                            error(f"snapshot at record {at}: {why}")
+                        last = max(last, at)
                     elif kind == 32:
                         c = randrange(plan.chunks)
                         data = r.index_chunk(INDEX_TABLE, c)
