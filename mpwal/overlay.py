@@ -31,26 +31,27 @@ allows). Readers map it read-only; the enactor maps the header to write ``enacti
     shifts later entries back):
       index        the value index, or the index chunk number
       tag          table id + 1; 0 marks an empty slot
-      head         byte offset of the key's newest version node
+      head         word offset of the key's newest version node
       (reserved)
-    version node, 3 words, in its record's blob:
+    version node, 3 words, in its record's blob, followed by its data:
       record_id    record that wrote this version
-      loc          byte offset of the data << 32 | stored;  stored = length + 1, 0 = removed
-      older        byte offset of the next older version node, 0 if none (the table file is
+      loc          byte offset of the data's end << 32 | of its start;  0 = removed
+      older        word offset of the next older version node, 0 if none (the table file is
                    below it); record ids fall strictly along a chain
-    heap, heap_bytes: a ring of record blobs. A record's blob is its version nodes, then its
-    data (values, then the whole 512-byte after-image of each index chunk it changed), copied
-    with one store at the ring's tail. Versions are freed in record order once their record is
+    heap, heap_bytes: a ring of record blobs. A record's blob is, for each key it changed (its
+    values, then the whole 512-byte after-image of each index chunk it changed), that key's
+    version node and right after it the data, padded to 8 bytes: a lookup touches one place
+    of the heap. Versions are freed in record order once their record is
     enacted, so blobs leave from the ring's head, and the pages they used are given back to the
     system (MADV_REMOVE) as the head passes them. Segments stay below 4 GiB so an offset fits
     in 32 bits.
 
 Publishing record r (the writer; never makes a reader wait or retry):
 
-1. copy r's blob into free ring space, where no pointer leads yet; each node's ``older`` is the
-   key's current head;
-2. link each node: for a key already in the hash, one 8-byte store of ``head``; for a new key,
-   an empty slot of its probe run gets ``index`` and ``head``, then ``tag`` last;
+1. write each version into free ring space, where no pointer leads yet: its data, then its
+   node, whose ``older`` is the key's current head;
+2. link it: for a key already in the hash, one 8-byte store of ``head``; for a new key, an
+   empty slot of its probe run gets ``index`` and ``head``, then ``tag`` last;
 3. append r's drops (pair, then ``ndrops``);
 4. store ``committed = r``: the release that makes all of r visible at once.
 
@@ -106,6 +107,7 @@ HEADER_WORDS = 512
 HEADER_BYTES = HEADER_WORDS * 8
 SLOT_WORDS = 4
 NODE_BYTES = 24
+IMAGE_BYTES = NODE_BYTES + 512  # ring bytes of an index chunk's version
 SUPERSEDED = (1 << 64) - 1
 M64 = (1 << 64) - 1
 K = 0x9E3779B97F4A7C15
@@ -132,6 +134,18 @@ class _Miss:
 
 
 MISS: Any = _Miss()
+
+
+class _Retry:
+    """``find``'s one-try answer when a check failed: look again through the slow path."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "RETRY"
+
+
+RETRY: Any = _Retry()
 
 
 def segment_prefix(realpath: str) -> str:
@@ -186,58 +200,133 @@ class Torn(Exception):
     answer anyway, this only stops the walk early."""
 
 
-def _make_find(seg: _Segment) -> Callable[[int, int, int], Any]:
-    """The one overlay lookup, ``seg.find(table, index, w_mark)``: the data (bytes, or None
-    for removed or dropped) of (table, index) at watermark ``w_mark``, or MISS when the table
-    file holds it. The probe, then the walk down the key's versions to the newest at or below
-    the watermark, then the pending drops. Readers call it between two ``struct`` loads and
-    check them, and treat Torn or IndexError (bytes freed and reused under them) as a retry;
-    the writer calls it as it is. A closure, so the segment's layout is in locals: it is the
-    readers' hot path."""
+def _make_lookups(seg: _Segment, read_value: Callable[[int, int], bytes | None] | None = None,
+                  limits: dict[int, int] | None = None,
+                  slow: Callable[[int, int], Any] | None = None,
+                  ) -> tuple[Callable[..., list[Any]], Callable[[int, int], Any]]:
+    """The overlay lookup, as two closures over the segment's layout (``find_many`` and
+    ``value_now``): the readers' hot paths, so the layout sits in locals and the header words
+    are written by number (0 struct, 7 committed, 15 ndrops, 16 enacting; HEADER_WORDS 512,
+    SLOT_WORDS 4, K and M64 written out).
+
+    Each runs the same probe: hash to the key's home slot, walk the probe run to its slot, walk
+    its chain of versions (newest first, ``older_at`` past the head) to the newest at or below
+    the watermark W, and let a
+    pending drop of the table at an id <= W that is newer hide it. Nothing at or below W: the
+    table file. The probe is written twice, once per closure, on purpose: a Python call costs
+    a third of a lookup. (The native backend replaces both with one C function.) Both raise
+    Torn, or IndexError, when they walk bytes a structural change freed: readers retry then.
+
+    ``find_many(table, indices, w_mark, read)``: the data of each index at W (None: removed or
+    dropped), the table file's through ``read(table, index)`` where the overlay has nothing, or
+    MISS when ``read`` is None. Call between two ``struct`` loads and check them.
+
+    ``value_now(table, index)``: a reader's whole ``value()`` as one call: the argument check
+    (``limits``: value table -> number of slots), ``struct``, ``committed``, the probe, the
+    table file (``read_value``), then ``enacting`` and ``struct`` again; when the argument needs
+    a closer look or any check fails, the reader's slow path ``slow(table, index)``."""
     q = seg.q
     m = seg.m
     shift = seg.shift
     end = seg.slots_end
     dropped_at = seg.dropped_at
+    limit_of = (limits if limits is not None else {}).get
 
-    def find(table: int, index: int, w_mark: int) -> Any:
-        # HEADER_WORDS = 512, SLOT_WORDS = 4, K and M64 written out: this is the hot path
+    def older_at(n: int, rid: int, w_mark: int) -> tuple[int, int]:
+        """From node word ``n`` (record ``rid`` > W), walk down to the newest version at or
+        below W: (its node word, its record id), or (0, 0) if there is none."""
+        while True:
+            n = q[n + 2]
+            if not n:
+                return 0, 0
+            below = rid
+            rid = q[n]
+            if rid <= w_mark:
+                return n, rid
+            if rid >= below:
+                raise Torn()  # record ids fall strictly along a chain
+
+    def find_many(table: int, indices: Iterable[int], w_mark: int,
+                  read: Callable[[int, int], Any] | None) -> list[Any]:
+        out: list[Any] = []
+        append = out.append
+        tag = table + 1
+        tbits = table << 47
+        drops = q[15]
+        dropped = drops and dropped_at(table, w_mark)
+        for index in indices:
+            w = ((((index ^ tbits) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> shift) * 4 + 512
+            while True:
+                t = q[w + 1]
+                if t == tag and q[w] == index:
+                    n = q[w + 2]
+                    rid = q[n]
+                    if rid > w_mark:
+                        n, rid = older_at(n, rid, w_mark)
+                    if n:
+                        if dropped > rid:
+                            append(None)
+                        else:
+                            loc = q[n + 1]
+                            append(m[loc & 0xFFFFFFFF:loc >> 32] if loc else None)
+                        break
+                    t = 0  # only newer versions: as if no slot
+                if not t:
+                    if dropped:
+                        append(None)
+                    else:
+                        append(MISS if read is None else read(table, index))
+                    break
+                w += 4
+                if w == end:
+                    w = 512
+        return out
+
+    def value_now(table: int, index: int) -> Any:
+        limit = limit_of(table)
+        if limit is None or type(index) is not int or not 0 <= index < limit:
+            return slow(table, index) if slow is not None else RETRY
+        s = q[0]
+        if s & 1:
+            return slow(table, index) if slow is not None else RETRY
+        w_mark = q[7]
         w = ((((index ^ (table << 47)) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> shift) * 4 + 512
         tag = table + 1
-        while True:
-            t = q[w + 1]
-            if t == tag and q[w] == index:
-                n = q[w + 2] >> 3
-                rid = q[n]
-                below = M64
-                while rid > w_mark:  # newer than the watermark: walk to older versions
-                    below = rid
-                    n = q[n + 2] >> 3
-                    if not n:
-                        break
+        try:
+            while True:
+                t = q[w + 1]
+                if t == tag and q[w] == index:
+                    n = q[w + 2]
                     rid = q[n]
-                    if rid >= below:
-                        raise Torn()  # record ids fall strictly along a chain
-                else:
-                    if q[NDROPS] and dropped_at(table, w_mark) > rid:
-                        return None
-                    loc = q[n + 1]
-                    stored = loc & 0xFFFFFFFF
-                    if not stored:
-                        return None
-                    off = loc >> 32
-                    return m[off:off + stored - 1]
-                break
-            if not t:
-                break
-            w += 4
-            if w == end:
-                w = 512
-        if q[NDROPS] and dropped_at(table, w_mark):
-            return None
-        return MISS
+                    if rid > w_mark:
+                        n, rid = older_at(n, rid, w_mark)
+                    if n:
+                        if q[15] and dropped_at(table, w_mark) > rid:
+                            data = None
+                        else:
+                            loc = q[n + 1]
+                            data = m[loc & 0xFFFFFFFF:loc >> 32] if loc else None
+                        break
+                    t = 0  # only newer versions: as if no slot
+                if not t:
+                    if q[15] and dropped_at(table, w_mark):
+                        data = None
+                    else:
+                        assert read_value is not None  # bound by the reader (bind_reader)
+                        data = read_value(table, index)
+                        if q[16] > w_mark:  # the enactor may be writing past W into that file
+                            s = -1
+                    break
+                w += 4
+                if w == end:
+                    w = 512
+        except (Torn, IndexError):  # bytes freed under a structural change: the slow path
+            s = -1
+        if q[0] == s:
+            return data
+        return slow(table, index) if slow is not None else RETRY
 
-    return find
+    return find_many, value_now
 
 
 class _Segment:
@@ -252,7 +341,18 @@ class _Segment:
         self.slots_end = HEADER_WORDS + self.nslots * SLOT_WORDS
         self.heap_start = self.slots_end * 8
         self.heap_bytes = self.q[HEAP_BYTES]
-        self.find: Callable[[int, int, int], Any] = _make_find(self)
+        self.find_many, self.value_now = _make_lookups(self)
+
+    def bind_reader(self, read_value: Callable[[int, int], bytes | None], limits: dict[int, int],
+                    slow: Callable[[int, int], Any]) -> None:
+        """Make ``value_now`` a reader's whole ``value()``: its table-file lookup, its argument
+        limits (kept up to date in place) and its slow path (see ``_make_lookups``)."""
+        self.find_many, self.value_now = _make_lookups(self, read_value, limits, slow)
+
+    def find(self, table: int, index: int, w_mark: int) -> Any:
+        """The data of one key at watermark ``w_mark`` (None: removed or dropped), or MISS:
+        ``find_many`` for one index (see ``_make_lookups``)."""
+        return self.find_many(table, (index,), w_mark, None)[0]
 
     def home(self, table: int, index: int) -> int:
         """Word offset of the slot where (table, index) would sit with no collision."""
@@ -291,14 +391,11 @@ class _Segment:
             n = q[w + 2]
             steps = 0
             while n and steps < 1 << 20:
-                nw = n >> 3
-                if q[nw] <= w_mark:
-                    loc = q[nw + 1]
-                    stored = loc & 0xFFFFFFFF
-                    off = loc >> 32
-                    yield t - 1, q[w], q[nw], (self.m[off:off + stored - 1] if stored else None)
+                if q[n] <= w_mark:
+                    loc = q[n + 1]
+                    yield t - 1, q[w], q[n], (self.m[loc & 0xFFFFFFFF:loc >> 32] if loc else None)
                     break
-                n = q[nw + 2]
+                n = q[n + 2]
                 steps += 1
 
     def versions(self, table: int, index: int) -> list[tuple[int, bytes | None]]:
@@ -310,12 +407,9 @@ class _Segment:
             if q[w + 1] == table + 1 and q[w] == index:
                 n = q[w + 2]
                 while n:
-                    nw = n >> 3
-                    loc = q[nw + 1]
-                    stored = loc & 0xFFFFFFFF
-                    off = loc >> 32
-                    out.append((q[nw], self.m[off:off + stored - 1] if stored else None))
-                    n = q[nw + 2]
+                    loc = q[n + 1]
+                    out.append((q[n], self.m[loc & 0xFFFFFFFF:loc >> 32] if loc else None))
+                    n = q[n + 2]
                 break
             w += SLOT_WORDS
             if w == self.slots_end:
@@ -339,6 +433,8 @@ class OverlayReader(_Segment):
         except posix_ipc.ExistentialError:
             raise FileNotFoundError(name) from None
         try:
+            if shm.size < HEADER_BYTES or shm.size % 8:  # being created, or not ours
+                raise FileNotFoundError(f"{name} is not an mpwal overlay ({shm.size} bytes)")
             m = mmap.mmap(shm.fd, shm.size, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             shm.close_fd()
@@ -422,7 +518,7 @@ class OverlayWriter(_Segment):
         self.heap_end = self.heap_start + heap_bytes
         # the ring: live blobs are [head, tail), or when wrapped [head, wrap) + [heap_start, tail)
         self.blobs: collections.deque = collections.deque()  # (record_id, start, end, keys)
-        self.newer: dict[int, int] = {}  # node offset -> the next newer node of its key
+        self.newer: dict[int, int] = {}  # node word -> the next newer node word of its key
         self.head = self.tail = self.heap_start
         self.wrap = 0
         self.used = 0  # live blob bytes
@@ -448,9 +544,10 @@ class OverlayWriter(_Segment):
         return self.tail + nbytes <= self.heap_end or self.heap_start + nbytes < self.head
 
     @staticmethod
-    def blob_size(versions: int, data_bytes: int) -> int:
-        """Ring bytes of a record with ``versions`` keys and ``data_bytes`` of data."""
-        return (versions * NODE_BYTES + data_bytes + 7) & ~7
+    def blob_size(datas: Iterable[bytes | None]) -> int:
+        """Ring bytes of a record whose versions hold ``datas`` (None: removed): each version
+        is its node and its data, padded to 8 bytes."""
+        return sum([(NODE_BYTES + 7 + len(d)) & ~7 if d else NODE_BYTES for d in datas])
 
     def _alloc(self, n: int) -> int:
         if not self.blobs:
@@ -515,51 +612,51 @@ class OverlayWriter(_Segment):
 
     # -- publishing --------------------------------------------------------------------------
     def publish(self, record_id: int, items: Iterable[tuple[tuple[int, int], bytes | None]],
-                data: bytes, more: Iterable[tuple[tuple[int, int], bytes | None]] = (),
+                more: Iterable[tuple[tuple[int, int], bytes | None]] = (),
                 drops: Iterable[int] = ()) -> None:
         """Publish record ``record_id``: a version of each (key, data) of ``items`` then
-        ``more`` (data None: removed), whose non-empty datas concatenated in order are
-        ``data``, and its table drops; then raise the watermark. The publish hot path."""
-        self._link(record_id, items, data, more, drops)
+        ``more`` (data None: removed) and its table drops; then raise the watermark. The
+        publish hot path."""
+        self._link(record_id, items, more, drops)
         self.q[COMMITTED] = record_id  # the release: every store of _link is visible before it
 
     def _link(self, record_id: int, items: Iterable[tuple[tuple[int, int], bytes | None]],
-              data: bytes, more: Iterable[tuple[tuple[int, int], bytes | None]],
+              more: Iterable[tuple[tuple[int, int], bytes | None]],
               drops: Iterable[int]) -> None:
-        """Steps 1-3 of publishing: everything but raising the watermark."""
+        """Steps 1-3 of publishing: everything but raising the watermark. Each version is its
+        node followed by its data, so a lookup touches one place of the heap."""
         keyed = list(items)
         if more:
             keyed.extend(more)
-        n = len(keyed)
-        nodes_end = n * NODE_BYTES
-        size = (nodes_end + len(data) + 7) & ~7
+        size = self.blob_size([d for _, d in keyed])
         off = self._alloc(size) if size else self.tail
         q = self.q
+        m = self.m
         where = self.where
         newer = self.newer
-        if data:  # the data first: a node is linked only once what it points at is there
-            self.m[off + nodes_end:off + nodes_end + len(data)] = data
         if size:
             self.blobs.append((record_id, off, off + size, [key for key, _ in keyed]))
             self.used += size
-        doff = off + nodes_end
-        nw = off >> 3  # word of this key's node
+        pos = off
         shift = self.shift
         end = self.slots_end
         for key, d in keyed:
+            nw = pos >> 3
             q[nw] = record_id
             if d is None:
                 q[nw + 1] = 0
+                pos += NODE_BYTES
             else:
-                k = len(d)
-                q[nw + 1] = (doff << 32) | (k + 1)
-                doff += k
+                start = pos + NODE_BYTES
+                m[start:start + len(d)] = d  # the data before its node links
+                q[nw + 1] = ((start + len(d)) << 32) | start
+                pos = (start + len(d) + 7) & ~7
             w = where.get(key)
             if w is not None:  # link: one store of the head, after the node's stores
                 head = q[w + 2]
                 q[nw + 2] = head
-                newer[head] = nw << 3
-                q[w + 2] = nw << 3
+                newer[head] = nw
+                q[w + 2] = nw
             else:  # a new key: an empty slot of its probe run, its tag stored last
                 q[nw + 2] = 0
                 if len(where) >= self.nslots - 1:
@@ -572,9 +669,8 @@ class OverlayWriter(_Segment):
                         w = HEADER_WORDS
                 where[key] = w
                 q[w] = index
-                q[w + 2] = nw << 3
+                q[w + 2] = nw
                 q[w + 1] = table + 1
-            nw += 3
         for t in drops:
             if len(self.pending_drops) >= MAX_DROPS:
                 raise MemoryError(f"more than {MAX_DROPS} pending drops")  # the writer waits
@@ -620,14 +716,15 @@ class OverlayWriter(_Segment):
                 for rid, start, _end, keys in blobs:
                     if rid > enacted or done >= FREE_KEYS_PER_WINDOW:
                         break
-                    node = start
+                    nw = start >> 3
                     for key in keys:
-                        nn = newer.pop(node, 0)
+                        nn = newer.pop(nw, 0)
                         if nn:
-                            q[(nn >> 3) + 2] = 0  # the table file is below this version now
+                            q[nn + 2] = 0  # the table file is below this version now
                         else:
                             self._remove_slot(key, where[key])
-                        node += NODE_BYTES
+                        loc = q[nw + 1]  # the next node follows the data
+                        nw = ((loc >> 32) + 7) >> 3 if loc else nw + NODE_BYTES // 8
                     done += len(keys) + 1
                     last = rid
                 self._free_blobs_through(last)
@@ -687,8 +784,7 @@ class OverlayWriter(_Segment):
             drops_by.setdefault(r, []).append(t)
             by_record.setdefault(r, [])
         for rid in sorted(by_record):
-            items = by_record[rid]
-            self.publish(rid, items, b"".join(d for _, d in items if d), drops=drops_by.get(rid, ()))
+            self.publish(rid, by_record[rid], drops=drops_by.get(rid, ()))
         for word in (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, ENACTING):
             self.q[word] = other.q[word]
 

@@ -61,9 +61,9 @@ class Publisher:
 
     # -- publishing --------------------------------------------------------------------------
     def publish(self, rid: int, drops: list[int], values: dict[tuple[int, int], bytes | None],
-                images: list[Image], blob: bytes, nbytes: int) -> None:
+                images: list[Image], nbytes: int) -> None:
         """Make record ``rid`` visible: its versions first, then the watermark."""
-        self.ov.publish(rid, values.items(), blob, images, drops)
+        self.ov.publish(rid, values.items(), images, drops)
         self.pending.append((rid, nbytes))
         self.pending_bytes += nbytes
 

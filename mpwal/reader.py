@@ -175,15 +175,18 @@ class Reader:
     def _use_segment(self, seg: OverlayReader) -> None:
         if self._seg is not None:
             self._seg.release()
+        seg.bind_reader(self._files.read_value, self._limits, self._value_slow)
         self._seg = seg
-        self._fast = seg if seg.q[COMMITTED] >= self._floor else None
+        self._set_fast(seg if seg.q[COMMITTED] >= self._floor else None)
         self._private = None
         self._refresh_catalog()
 
     def _refresh_catalog(self) -> None:
         """Tables added by a writer since we opened become readable."""
         self._catalog.update(load_catalog(self.path))
-        self._limits = {tid: t.max_key for tid, t in self._catalog.items() if t.kind == "value"}
+        limits = {tid: t.max_key for tid, t in self._catalog.items() if t.kind == "value"}
+        self._limits.clear()  # in place: the segment's value_now holds this dict
+        self._limits.update(limits)
 
     def _check_value_key(self, table: int, index: int) -> None:
         """The slow path of argument checking: raise the precise error."""
@@ -217,7 +220,8 @@ class Reader:
             return False
         if self._seg is not None:
             self._seg.release()
-            self._seg = self._fast = None
+            self._seg = None
+            self._set_fast(None)
         self._private = view
         return True
 
@@ -350,7 +354,7 @@ class Reader:
                 if q[STRUCT] == s:
                     if snap is None and w_mark >= self._floor and self._fast is not seg:
                         self._stuck = None
-                        self._fast = seg
+                        self._set_fast(seg)
                     if w_mark > self._floor:
                         self._floor = w_mark
                     return out
@@ -371,7 +375,7 @@ class Reader:
                     if view is not None:
                         if snap is None:
                             self._floor = max(self._floor, view.last)
-                            self._fast = None  # back to the segment once it catches up
+                            self._set_fast(None)  # back to the segment once it catches up
                         elif q[ENACTING] > snap.record_id and not snap._holds_enactor(0):
                             raise snap._expired("the enactor passed it")
                         return from_logs(view)
@@ -380,32 +384,28 @@ class Reader:
     # -- lookups -----------------------------------------------------------------------------
     def value(self, table: int, index: int) -> bytes | None:
         """The newest committed value of slot ``index`` of value table ``table``, or None."""
+        # While a live segment serves this reader, ``self.value`` is that segment's
+        # ``value_now`` (``_set_fast``): the whole lookup in one call, which falls back on
+        # ``_value_slow``; this method is what runs otherwise.
+        return self._value_slow(table, index)
+
+    def _set_fast(self, seg: OverlayReader | None) -> None:
+        """Let ``value()`` be ``seg.value_now`` (the hot path), or this class's method."""
+        self._fast = seg
+        if seg is None:
+            self.__dict__.pop("value", None)
+        else:
+            self.__dict__["value"] = seg.value_now
+
+    def _value_slow(self, table: int, index: int) -> bytes | None:
         limit = self._limits.get(table)
         if limit is None or type(index) is not int or not 0 <= index < limit:
             self._check_value_key(table, index)
-        seg = self._fast
-        if seg is not None:  # the hot path: one try at the current watermark
-            q = seg.q
-            s = q[STRUCT]
-            if not s & 1:
-                w_mark = q[COMMITTED]
-                try:
-                    data = seg.find(table, index, w_mark)
-                except (Torn, IndexError):  # freed bytes: the struct check would fail anyway
-                    data, s = None, -1
-                else:
-                    if data is MISS:
-                        data = self._files.read_value(table, index)
-                        if q[ENACTING] > w_mark:
-                            s = -1
-                if q[STRUCT] == s:
-                    return data
         return self._consistent(lambda seg, w: self._value_at(seg, w, table, index),
                                 lambda view: view.value(table, index))
 
     def _value_at(self, seg: OverlayReader, w_mark: int, table: int, index: int) -> bytes | None:
-        data = seg.find(table, index, w_mark)
-        return self._files.read_value(table, index) if data is MISS else data
+        return seg.find_many(table, (index,), w_mark, self._files.read_value)[0]
 
     def _check_indices(self, table: int, indices: Iterable[int]) -> list[int]:
         try:
@@ -430,14 +430,7 @@ class Reader:
 
     def _values_at(self, seg: OverlayReader, w_mark: int, table: int,
                    indices: list[int]) -> list[bytes | None]:
-        find = seg.find
-        read_value = self._files.read_value
-        out: list[bytes | None] = []
-        append = out.append
-        for index in indices:
-            data = find(table, index, w_mark)
-            append(read_value(table, index) if data is MISS else data)
-        return out
+        return seg.find_many(table, indices, w_mark, self._files.read_value)
 
     def index_chunk(self, table: int, chunk: int) -> bytes:
         """The 512 bytes of an index chunk (zeros where never written)."""
@@ -509,8 +502,8 @@ class Reader:
         if self._closed:
             return
         self._closed = True
-        self._limits = {}  # every lookup now takes the slow path, which raises ClosedError
-        self._fast = None
+        self._limits.clear()  # every lookup now takes the slow path, which raises ClosedError
+        self._set_fast(None)
         if self._seg is not None:
             self._seg.release()
             self._seg = None

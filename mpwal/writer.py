@@ -45,7 +45,7 @@ from .supervisor import EnactorSupervisor
 from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
 from .format import encode_log_header
-from .overlay import COMMITTED, DURABLE, ENACTED, ENACTING, ENACTOR_PID, OverlayWriter
+from .overlay import COMMITTED, DURABLE, ENACTED, ENACTING, ENACTOR_PID, IMAGE_BYTES, OverlayWriter
 from .platform import check_machine
 from .queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock
 from .replay import replay
@@ -357,17 +357,13 @@ class Writer:
             data = rec.encode(rid)
             # everything that can fail on its own comes before the append
             images = pub.images(drops, chunks)
-            blob = b"".join([v for v in values.values() if v])  # the overlay's copy, in order
-            if images:
-                blob += b"".join([img for _, img in images])
-            self._make_room(len(values) + len(chunks),
-                            OverlayWriter.blob_size(len(values) + len(images), len(blob)), drops,
-                            len(data))
+            need = OverlayWriter.blob_size(values.values()) + len(images) * IMAGE_BYTES
+            self._make_room(len(values) + len(chunks), need, drops, len(data))
             doubt = False
             try:
                 app.append(data, rid)  # raises with the log as it was: nothing committed
                 # the record is committed from here on: it is in the log, replay keeps it
-                self._publisher.publish(rid, drops, values, images, blob, len(data))
+                self._publisher.publish(rid, drops, values, images, len(data))
                 if self._handing is not None:
                     self._handing.append((rid, values, images, drops))
             except BaseException as e:

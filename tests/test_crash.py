@@ -160,13 +160,12 @@ def _die_mid_publish(path, at, fd):
     versions linked into shared memory, the watermark not yet raised."""
     real = OverlayWriter.publish
 
-    def publish(self, rid, items, data, more=(), drops=()):
+    def publish(self, rid, items, more=(), drops=()):
         if rid == at:
-            first = list(items)[:1]
-            self._link(rid, first, first[0][1] or b"", (), ())  # part of the record is linked
+            self._link(rid, list(items)[:1], (), ())  # part of the record is linked
             os.write(fd, b"x")
             os.kill(os.getpid(), signal.SIGKILL)
-        real(self, rid, items, data, more, drops)
+        real(self, rid, items, more, drops)
 
     OverlayWriter.publish = publish
     w = mpwal.Writer(path, TABLES, enactor="none", log_age=1000)

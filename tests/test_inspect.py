@@ -431,7 +431,7 @@ def test_inspect_shows_shared_memory_and_live_writer(tmp_path):
     lock = WriterLock(path)
     seg = ov.OverlayWriter(real, 5, 64, 4096)
     try:
-        seg.publish(9, [((3, 1), b"hello"), ((3, 2), None)], b"hello")
+        seg.publish(9, [((3, 1), b"hello"), ((3, 2), None)])
         for word, v in ((ov.COMMITTED, 9), (ov.DURABLE, 8), (ov.ENACTED, 3)):
             seg.q[word] = v
         before_shm = bytes(seg.m)

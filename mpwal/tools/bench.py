@@ -32,6 +32,7 @@ LMDB is optional (``pip install mpwal[bench]``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import multiprocessing as mp
 import os
 import platform
@@ -49,8 +50,9 @@ from typing import Any
 
 import mpwal
 
+lmdb: Any  # the optional binding, or None (imported so that mypy types it the same either way)
 try:
-    import lmdb
+    lmdb = importlib.import_module("lmdb")
     LMDB_MISSING = None
 except ImportError:
     lmdb = None
