@@ -7,18 +7,18 @@ records to the table files in the background. See README.md and DESIGN.md.
 
 import logging
 
-from .platform import check_platform
+from ._platform import check_platform
 
 check_platform()  # a clear ImportError off Linux, before the modules that need it
 
-from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
+from ._errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      CorruptionError, DatabaseError, Error, ForkedError, SnapshotExpiredError,
                      StorageError, TableError, UnsupportedPlatformError, ValueTooLargeError,
                      WriterFailedError, WriterLockedError)
-from .reader import Reader, Snapshot
-from .record import Record
-from .tables import IndexTable, ValueTable
-from .writer import Writer
+from ._reader import Reader, Snapshot
+from ._record import Record
+from ._tables import IndexTable, ValueTable
+from ._writer import Writer
 
 # library warnings reach the application's logging configuration, or nowhere: not stderr
 logging.getLogger("mpwal").addHandler(logging.NullHandler())
@@ -32,3 +32,8 @@ __all__ = [
     "StorageError", "WriterFailedError", "BackpressureError", "UnsupportedPlatformError",
     "SnapshotExpiredError",
 ]
+
+# the public names are mpwal's own: the modules behind them (mpwal._writer, ...) are private
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mpwal.overlay import stale_segments
+from mpwal._overlay import stale_segments
 
 
 @pytest.fixture
@@ -20,6 +20,6 @@ def db(tmp_path):
     real = os.path.realpath(path)
     left = stale_segments(real)
     for name in left:
-        from mpwal.overlay import unlink_segment
+        from mpwal._overlay import unlink_segment
         unlink_segment(name)
     assert not left, f"shared-memory segments left behind: {left}"

@@ -14,9 +14,9 @@ import time
 import zlib
 
 import mpwal
-from mpwal.format import encode_log_header
-from mpwal.queues import load_queues, log_path
-from mpwal.tables import database_id
+from mpwal._format import encode_log_header
+from mpwal._queues import load_queues, log_path
+from mpwal._tables import database_id
 
 VALUE_TABLE = 3
 INDEX_TABLE = 1

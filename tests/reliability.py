@@ -15,10 +15,10 @@ import traceback
 from dataclasses import dataclass, field
 
 import mpwal
-from mpwal.enactor import Enactor
-from mpwal.format import LogScan
-from mpwal.overlay import stale_segments, unlink_segment
-from mpwal.queues import ENACTOR_LOCK, file_lock, log_ids, log_path
+from mpwal._enactor import Enactor
+from mpwal._format import LogScan
+from mpwal._overlay import stale_segments, unlink_segment
+from mpwal._queues import ENACTOR_LOCK, file_lock, log_ids, log_path
 
 LONG = os.environ.get("MPWAL_LONG", "0") not in ("", "0")
 

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 import mpwal
-from mpwal.overlay import stale_segments
+from mpwal._overlay import stale_segments
 
 TABLES = [mpwal.IndexTable(1), mpwal.ValueTable(3, slot_size=16)]
 
@@ -300,7 +300,7 @@ def test_files_and_segments_owner_only(w, db):
 def test_reader_maps_read_only(w, db):
     """A reader's mapping (``OverlayReader``, what every Reader maps) refuses writes: readers
     cannot change shared memory."""
-    from mpwal.overlay import OverlayReader
+    from mpwal._overlay import OverlayReader
     seg = OverlayReader(w.stats()["segment"])
     try:
         with pytest.raises(TypeError):

@@ -1,10 +1,10 @@
-"""Unit tests of mpwal.applier: batching records and applying them to the table files."""
+"""Unit tests of mpwal._applier: batching records and applying them to the table files."""
 
 from __future__ import annotations
 
 import mpwal
-from mpwal.applier import BATCH_RECORDS, Applier, batches
-from mpwal.format import LogScan, encode_record
+from mpwal._applier import BATCH_RECORDS, Applier, batches
+from mpwal._format import LogScan, encode_record
 
 TABLES = [mpwal.IndexTable(1), mpwal.ValueTable(3, slot_size=16)]
 

@@ -17,10 +17,10 @@ from procs import TABLES, write_log, writer_process
 import mpwal
 from mpwal.tools import cli
 from mpwal.tools import inspect as mi
-from mpwal.format import encode_record
-from mpwal.overlay import segment_prefix, stale_segments
-from mpwal.queues import QueueState, save_queues
-from mpwal.tables import ValueTable, merge_catalog
+from mpwal._format import encode_record
+from mpwal._overlay import segment_prefix, stale_segments
+from mpwal._queues import QueueState, save_queues
+from mpwal._tables import ValueTable, merge_catalog
 
 spawn = multiprocessing.get_context("spawn")
 READ_ONLY = ("inspect", "verify", "dump")

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mpwal
-from mpwal.format import BEGIN_RECORD, LOG_HEADER_SIZE, LogScan
-from mpwal.logs import read_logs
-from mpwal.queues import load_queues
-from mpwal.queues import log_path
+from mpwal._format import BEGIN_RECORD, LOG_HEADER_SIZE, LogScan
+from mpwal._logs import read_logs
+from mpwal._queues import load_queues
+from mpwal._queues import log_path
 from procs import log_header_for
 
 from reliability import (Template, describe_diff, dir_bytes, fill, make_records, make_template,

@@ -13,8 +13,8 @@ import time
 import pytest
 
 import mpwal
-from mpwal.overlay import OverlayWriter
-from mpwal.queues import QUEUE_LOCK, file_lock
+from mpwal._overlay import OverlayWriter
+from mpwal._queues import QUEUE_LOCK, file_lock
 
 from procs import (TABLES, VALUE_TABLE, check_value, commit_workload, expected_state,
                    make_value, read_state, reader_loop)
@@ -245,7 +245,7 @@ def _open_and_die(path):
 def test_segment_of_killed_writer_removed_by_next_writer(db):
     """A killed writer's shared memory outlives it only until the next writer opens, which
     marks it superseded (readers that map it move on) and unlinks it."""
-    from mpwal.overlay import SUPERSEDED, OverlayReader, stale_segments
+    from mpwal._overlay import SUPERSEDED, OverlayReader, stale_segments
     with mpwal.Writer(db, TABLES):
         pass
     p = fork.Process(target=_open_and_die, args=(db,))

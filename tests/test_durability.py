@@ -1,4 +1,4 @@
-"""Unit tests of mpwal.durability.GroupCommit (the writer's group commit)."""
+"""Unit tests of mpwal._durability.GroupCommit (the writer's group commit)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mpwal.durability import GroupCommit
+from mpwal._durability import GroupCommit
 
 
 def test_one_flush_covers_every_waiter():

@@ -1,4 +1,4 @@
-"""Injected I/O faults (``mpwal.fileio`` fault switch): the Nth write, fsync, truncate or rename
+"""Injected I/O faults (``mpwal._fileio`` fault switch): the Nth write, fsync, truncate or rename
 fails with EIO or ENOSPC, or a write stores only part of its bytes, for every N across a
 workload (a spread sample of N in the quick run, every N with ``MPWAL_LONG=1``).
 
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import pytest
 
 import mpwal
-from mpwal import fileio
-from mpwal.fileio import FaultPlan
-from mpwal.logs import read_logs
-from mpwal.queues import log_path
+from mpwal import _fileio as fileio
+from mpwal._fileio import FaultPlan
+from mpwal._logs import read_logs
+from mpwal._queues import log_path
 
 from reliability import (describe_diff, drain, fill, make_records, make_template,
                          model_states, prefixes, read_state, scale, segments_left, tables)

@@ -1,6 +1,6 @@
-"""Unit tests of mpwal.format: the log record layout, its CRC, and LogScan's stopping rules.
+"""Unit tests of mpwal._format: the log record layout, its CRC, and LogScan's stopping rules.
 
-Expected bytes are built here field by field from the layout in format.py's top comment, and every
+Expected bytes are built here field by field from the layout in _format.py's top comment, and every
 CRC is checked against crcmod's CRC-32, an implementation independent of zlib.
 """
 
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpwal import format as fmt
-from mpwal.format import (
+from mpwal import _format as fmt
+from mpwal._format import (
     BEGIN_RECORD,
     DROP_TABLE,
     END_RECORD,
@@ -428,9 +428,9 @@ def test_a_change_set_needs_no_writer_and_encodes_what_the_writer_logs(tmp_path)
     """A ChangeSet built from the catalog alone (as a producer process would) validates like a
     Record and encodes the very bytes the writer appends for the same changes."""
     import mpwal
-    from mpwal.logs import read_logs
-    from mpwal.record import ChangeSet
-    from mpwal.tables import load_catalog
+    from mpwal._logs import read_logs
+    from mpwal._record import ChangeSet
+    from mpwal._tables import load_catalog
 
     path = str(tmp_path / "db")
     tables = [mpwal.IndexTable(1), mpwal.ValueTable(3, slot_size=8)]

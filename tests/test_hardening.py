@@ -22,11 +22,11 @@ import uuid
 import pytest
 
 import mpwal
-from mpwal import fileio, tables
-from mpwal.enactor import Enactor, Handoff
-from mpwal.fileio import FaultPlan
-from mpwal.overlay import STRUCT, OverlayReader, segment_name, stale_segments
-from mpwal.queues import load_queues
+from mpwal import _fileio as fileio, _tables as tables
+from mpwal._enactor import Enactor, Handoff
+from mpwal._fileio import FaultPlan
+from mpwal._overlay import STRUCT, OverlayReader, segment_name, stale_segments
+from mpwal._queues import load_queues
 
 from procs import SLOT, TABLES, VALUE_TABLE, check_value, make_value, write_log
 from reliability import scale
@@ -349,7 +349,7 @@ def test_a_publish_failure_after_the_append_commits_and_readers_see_it(db, monke
     """A failure while publishing (the record already in the log): the commit returns its id,
     every reader sees the whole record (from the log), the id is never reused, and later
     commits are refused until a new writer replays."""
-    from mpwal.overlay import OverlayWriter
+    from mpwal._overlay import OverlayWriter
     w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
     with w.record() as rec:
         rec.insert_value(VALUE_TABLE, 1, b"one")
@@ -500,7 +500,7 @@ def test_a_log_record_past_a_table_limit_ends_replay_instead_of_failing_the_open
     """A log left by an older mpwal with a record this version refuses (an index past the
     table limit) ends the valid prefix there, for replay and private readers alike; the
     directory opens."""
-    from mpwal.format import encode_record
+    from mpwal._format import encode_record
     with mpwal.Writer(db, TABLES, enactor="none") as w:
         with w.record() as rec:
             rec.insert_value(VALUE_TABLE, 1, b"one")
@@ -513,7 +513,7 @@ def test_a_log_record_past_a_table_limit_ends_replay_instead_of_failing_the_open
         assert r.mode == "private"
         assert r.values(VALUE_TABLE, [1, 2, 4]) == [b"one", b"two", None]
         assert r.last_record_id == 2
-    from mpwal.queues import save_queues
+    from mpwal._queues import save_queues
     st = load_queues(db)
     st.read = [7]  # as if rotated: the enactor refuses the record instead of failing on it
     save_queues(db, st)
@@ -530,7 +530,7 @@ def test_a_log_record_past_a_table_limit_ends_replay_instead_of_failing_the_open
 def test_a_publish_failure_under_commit_durability_still_fsyncs_before_returning(db, monkeypatch):
     """With durability="commit", the commit whose publish failed returns only once its record
     is on disk; if that fsync fails too, it says the record is committed but not durable."""
-    from mpwal.overlay import OverlayWriter
+    from mpwal._overlay import OverlayWriter
 
     def broken(self, *args):
         raise MemoryError("injected")
@@ -566,7 +566,7 @@ def test_a_publish_failure_under_commit_durability_still_fsyncs_before_returning
 def test_an_interrupt_during_rotation_stops_the_writer_and_loses_nothing(db, monkeypatch):
     """A KeyboardInterrupt right after a rotation saved the queue state: the writer refuses
     later commits (it no longer knows which log it holds) and every committed record survives."""
-    from mpwal.queues import QueueStore
+    from mpwal._queues import QueueStore
     real = QueueStore.rotate
     calls = []
 

@@ -22,8 +22,8 @@ import pytest
 from procs import INDEX_TABLE, TABLES, VALUE_TABLE, log_header_for, write_log
 
 import mpwal
-from mpwal import tables as mtables
-from mpwal.format import (
+from mpwal import _tables as mtables
+from mpwal._format import (
     BEGIN_SIZE,
     LOG_HEADER,
     LOG_HEADER_SIZE,
@@ -34,9 +34,9 @@ from mpwal.format import (
     encode_record,
     first_record_id,
 )
-from mpwal.logs import LogIdentity, read_logs
-from mpwal.queues import QUEUE_FILE, load_queues, log_ids, log_path
-from mpwal.tables import FORMAT_VERSION, META_FILE, database_id, load_catalog
+from mpwal._logs import LogIdentity, read_logs
+from mpwal._queues import QUEUE_FILE, load_queues, log_ids, log_path
+from mpwal._tables import FORMAT_VERSION, META_FILE, database_id, load_catalog
 
 from reliability import dir_bytes, segments_left
 

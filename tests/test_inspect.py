@@ -12,10 +12,10 @@ import pytest
 from procs import write_log
 
 from mpwal.tools import inspect as mi
-from mpwal import overlay as ov
-from mpwal.format import BEGIN_SIZE, LOG_HEADER_SIZE, encode_log_header, encode_record
-from mpwal.queues import QueueState, WriterLock, save_queues
-from mpwal.tables import IndexTable, ValueTable, database_id, merge_catalog
+from mpwal import _overlay as ov
+from mpwal._format import BEGIN_SIZE, LOG_HEADER_SIZE, encode_log_header, encode_record
+from mpwal._queues import QueueState, WriterLock, save_queues
+from mpwal._tables import IndexTable, ValueTable, database_id, merge_catalog
 
 
 # -- building databases by hand ----------------------------------------------------------------

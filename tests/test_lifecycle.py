@@ -9,10 +9,10 @@ import time
 import pytest
 
 import mpwal
-from mpwal import fileio
-from mpwal.logs import read_logs
-from mpwal.overlay import OverlayWriter, stale_segments
-from mpwal.queues import log_ids
+from mpwal import _fileio as fileio
+from mpwal._logs import read_logs
+from mpwal._overlay import OverlayWriter, stale_segments
+from mpwal._queues import log_ids
 
 from procs import (TABLES, VALUE_TABLE, check_value, commit_workload,
                    expected_state, make_value, read_state)
@@ -122,7 +122,7 @@ def test_record_id_rule_keeps_newer_overlay_entry(db):
         w.rotate()
         with w.record() as rec:
             rec.insert_value(VALUE_TABLE, 5, b"two")
-        from mpwal.enactor import Enactor
+        from mpwal._enactor import Enactor
         e = Enactor(db)
         e.detach_on_new_writer = False
         e.step()  # enacts record 1 only: record 2 is still in the appending log
@@ -209,7 +209,7 @@ def test_replay_io_error_fails_open_and_keeps_logs(db, monkeypatch):
         os._exit(0)
     os.waitpid(pid, 0)
     before = {n: open(os.path.join(db, n), "rb").read() for n in os.listdir(db) if n.startswith("log")}
-    import mpwal.logs as logs_mod
+    import mpwal._logs as logs_mod
     real = logs_mod.fileio.read_file
 
     def failing(path):
@@ -393,7 +393,7 @@ def test_enactor_thread_handoff_matches_log_replay(db, tmp_path):
 def test_every_table_synced_before_a_log_is_truncated(db, monkeypatch):
     """An enactor fsyncs every table before truncating a log, also tables an earlier enactor
     (stopped mid-log, or killed) wrote and it did not (invariant 3)."""
-    from mpwal.enactor import Enactor
+    from mpwal._enactor import Enactor
     w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
     try:
         commit_workload(w, 1, 30, 100, 5)
@@ -444,7 +444,7 @@ def test_enactor_after_a_dead_writer_does_not_apply_again(db):
     """An enactor that starts after the writer died takes the dead segment's ``enacted`` word
     and the queue file's last cleaned record: it applies nothing twice (an older record applied
     again would show readers older data)."""
-    from mpwal.enactor import Enactor
+    from mpwal._enactor import Enactor
     pid = os.fork()
     if pid == 0:
         w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
@@ -488,7 +488,7 @@ def test_enactor_that_cannot_start_leaves_the_directory_usable(db, monkeypatch):
 def test_handoff_is_whole_logs_only(db, monkeypatch):
     """Records committed before the enactor thread holds its lock are not handed over for that
     log (the enactor reads it from the file); a log handed over holds every one of its records."""
-    from mpwal.enactor import Enactor
+    from mpwal._enactor import Enactor
     real_run = Enactor.run
     started = threading.Event()
 

@@ -1,4 +1,4 @@
-"""Unit tests of mpwal.logs.read_logs: the longest valid prefix across the log files of a directory."""
+"""Unit tests of mpwal._logs.read_logs: the longest valid prefix across the log files of a directory."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import struct
 import crcmod.predefined
 import pytest
 
-from mpwal.format import LogScan, encode_record
-from mpwal.logs import Problem, read_logs
+from mpwal._format import LogScan, encode_record
+from mpwal._logs import Problem, read_logs
 
 
 crc32 = crcmod.predefined.mkCrcFun("crc-32")

@@ -1,4 +1,4 @@
-"""Unit tests of mpwal.overlay (layout 2): the versioned shared-memory overlay, its writer and its
+"""Unit tests of mpwal._overlay (layout 2): the versioned shared-memory overlay, its writer and its
 readers, and a hypothesis state-machine test of it against a model of versions, drops and the
 table files.
 
@@ -29,9 +29,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from mpwal import overlay
-from mpwal.errors import StorageError
-from mpwal.overlay import (
+from mpwal import _overlay as overlay
+from mpwal._errors import StorageError
+from mpwal._overlay import (
     CLOSED,
     COMMITTED,
     DROP_BASE,

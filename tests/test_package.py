@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import mpwal
-import mpwal.platform
+import mpwal._platform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,7 +87,7 @@ def test_library_warning_writes_nothing_to_stderr():
     would see output."""
     got = run_python("import logging, mpwal\n"
                      "logging.getLogger('mpwal').warning('mpwal warning')\n"
-                     "logging.getLogger('mpwal.writer').error('mpwal error')\n")
+                     "logging.getLogger('mpwal._writer').error('mpwal error')\n")
     assert got.returncode == 0, got.stderr
     assert got.stderr == "" and got.stdout == ""
     control = run_python("import logging, mpwal\nlogging.getLogger('other').warning('other warning')\n")
@@ -100,13 +100,13 @@ def test_library_warning_writes_nothing_to_stderr():
 def test_check_platform_refuses_other_systems(monkeypatch, name):
     monkeypatch.setattr(sys, "platform", name)
     with pytest.raises(ImportError, match="mpwal runs only on Linux") as info:
-        mpwal.platform.check_platform()
+        mpwal._platform.check_platform()
     assert repr(name) in str(info.value)
 
 
 def test_check_platform_accepts_linux(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
-    mpwal.platform.check_platform()
+    mpwal._platform.check_platform()
 
 
 def test_import_fails_clearly_off_linux():
@@ -133,11 +133,11 @@ def test_writer_and_reader_refuse_other_machines(monkeypatch, tmp_path, machine)
 @pytest.mark.parametrize("machine", ["x86_64", "AMD64"])
 def test_check_machine_accepts_x86_64(monkeypatch, machine):
     monkeypatch.setattr(platform, "machine", lambda: machine)
-    mpwal.platform.check_machine()
+    mpwal._platform.check_machine()
 
 
 def test_writer_and_reader_open_on_this_machine(db):
-    if platform.machine() not in mpwal.platform.SUPPORTED_MACHINES:
+    if platform.machine() not in mpwal._platform.SUPPORTED_MACHINES:
         pytest.skip(f"this machine is {platform.machine()}")
     with mpwal.Writer(db, [mpwal.ValueTable(1, slot_size=8)], enactor="none") as w:
         with w.record() as rec:

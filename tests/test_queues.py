@@ -1,12 +1,12 @@
-"""Unit tests of the queue state's transitions (mpwal.queues.QueueStore)."""
+"""Unit tests of the queue state's transitions (mpwal._queues.QueueStore)."""
 
 from __future__ import annotations
 
 import os
 
-from mpwal import fileio
-from mpwal.fileio import FaultPlan
-from mpwal.queues import MAX_LOG_POOL_SIZE, QueueStore, load_queues, log_path
+from mpwal import _fileio as fileio
+from mpwal._fileio import FaultPlan
+from mpwal._queues import MAX_LOG_POOL_SIZE, QueueStore, load_queues, log_path
 
 
 def store(tmp_path) -> QueueStore:

@@ -1,6 +1,6 @@
 """Snapshots (``Reader.snapshot()``): reads pinned at one record id across calls, while the
 writer commits newer records and the enactor applies rotated logs; the reader table of pins
-(``pins.py``); real processes moving money between accounts; a writer SIGSTOPped again and
+(``_pins.py``); real processes moving money between accounts; a writer SIGSTOPped again and
 again while a reader times every call; a writer killed under a snapshot.
 
 Values are self-describing (``procs.make_value``: key and record id), so every read can be
@@ -20,9 +20,9 @@ import time
 import pytest
 
 import mpwal
-from mpwal.overlay import STRUCT, SUPERSEDED, OverlayReader, segment_name
-from mpwal.pins import FILE_BYTES, MAX_AGE_W, PINS_MAGIC, READERS_FILE, SLOTS, ReaderTable
-from mpwal.queues import load_queues
+from mpwal._overlay import STRUCT, SUPERSEDED, OverlayReader, segment_name
+from mpwal._pins import FILE_BYTES, MAX_AGE_W, PINS_MAGIC, READERS_FILE, SLOTS, ReaderTable
+from mpwal._queues import load_queues
 
 from procs import (INDEX_TABLE, SLOT, TABLES, VALUE_TABLE, check_value, commit_workload,
                    expected_state, make_value, read_state, writes_of)
@@ -973,18 +973,18 @@ def test_a_snapshot_read_in_the_middle_of_a_replay_never_reads_newer_data(db, mo
     its record's state or raise SnapshotExpiredError, not the replayed tables' newer data."""
     import threading
 
-    import mpwal.replay
+    import mpwal._replay
     r, s = snapshot_then_kill_the_writer(db)
     want = expected_state(s.record_id, KEYS, PER)
     applied, go = threading.Event(), threading.Event()
 
-    class PausedApplier(mpwal.replay.Applier):
+    class PausedApplier(mpwal._replay.Applier):
         def sync(self, *args, **kwargs):
             super().sync(*args, **kwargs)
             applied.set()  # the tables hold every replayed record now
             go.wait(30)
 
-    monkeypatch.setattr(mpwal.replay, "Applier", PausedApplier)
+    monkeypatch.setattr(mpwal._replay, "Applier", PausedApplier)
     opened: list = []
     t = threading.Thread(target=lambda: opened.append(mpwal.Writer(db, TABLES, enactor="none")))
     t.start()

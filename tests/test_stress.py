@@ -12,7 +12,7 @@ import tempfile
 import pytest
 
 from mpwal.tools import stress
-from mpwal.overlay import stale_segments
+from mpwal._overlay import stale_segments
 from mpwal.tools.stress import (HEADER, SLOT_BITS, Plan, Workload, check_chunk, check_snapshot,
                           last_writer, make_value, verify_value, writer_interval)
 

@@ -1,4 +1,4 @@
-"""Unit tests of mpwal.tables: table definitions, the metadata file, the table files, check_key."""
+"""Unit tests of mpwal._tables: table definitions, the metadata file, the table files, check_key."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from mpwal.errors import ArgumentRangeError, ArgumentTypeError, DatabaseError, Error, TableError
-from mpwal.tables import (
+from mpwal._errors import ArgumentRangeError, ArgumentTypeError, DatabaseError, Error, TableError
+from mpwal._tables import (
     FORMAT_VERSION,
     META_FILE,
     IndexTable,
@@ -326,7 +326,7 @@ def test_sync_clears_dirty(files):
 
 def test_missing_table_file_is_storage_error(d):
     """Opening a table whose file was removed is a StorageError (an OSError)."""
-    from mpwal.errors import StorageError
+    from mpwal._errors import StorageError
     cat = merge_catalog(d, [IndexTable(1)])
     os.unlink(os.path.join(d, "index1.tbl"))
     tf = TableFiles(d, cat, writable=False)

@@ -189,7 +189,7 @@ def shm_bytes(prefix: str = "mpwal-") -> tuple[int, int]:
 def mpwal_shm_prefix(db: str) -> str:
     """The /dev/shm name prefix of ``db``'s segments (all mpwal segments if unknown)."""
     try:
-        from mpwal.overlay import segment_prefix
+        from mpwal._overlay import segment_prefix
         return segment_prefix(os.path.realpath(db))[1:]
     except Exception:  # noqa: BLE001
         return "mpwal-"

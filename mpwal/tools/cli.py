@@ -163,8 +163,8 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
 def _enactor(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
-    from ..enactor import run_process
-    from ..errors import Error
+    from .._enactor import run_process
+    from .._errors import Error
     try:
         run_process(args.path)
     except Error as e:

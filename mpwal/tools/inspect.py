@@ -10,7 +10,7 @@ and ``mpwal cleanup`` print.
 * ``cleanup`` is the one that changes something: it removes the segments a dead writer left in
   /dev/shm (what the next writer's open would do), and refuses while a writer is alive.
 
-Every log file the writer writes starts with a log header (``format.py``) naming the database
+Every log file the writer writes starts with a log header (``_format.py``) naming the database
 and the epoch that wrote it: the three tools show each log's database id and epoch, and list the
 logs ``read_logs`` ignores (another database's, stale, or without a header in a database that
 has an id) with why. An ignored log is not part of the database (replay empties it): it is
@@ -52,10 +52,10 @@ from typing import TextIO
 
 import posix_ipc
 
-from .. import fileio
-from .. import overlay as ov
-from ..errors import Error, WriterLockedError
-from ..format import (
+from .. import _fileio as fileio
+from .. import _overlay as ov
+from .._errors import Error, WriterLockedError
+from .._format import (
     BEGIN_RECORD,
     DROP_TABLE,
     INSERT_INDEX,
@@ -67,9 +67,9 @@ from ..format import (
     entries_of,
     first_record_id,
 )
-from ..logs import LogFile, LogSet, Problem, log_identity, read_logs
-from ..queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
-from ..tables import META_FILE, Table, is_database, load_catalog, op_problem
+from .._logs import LogFile, LogSet, Problem, log_identity, read_logs
+from .._queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
+from .._tables import META_FILE, Table, is_database, load_catalog, op_problem
 
 PREVIEW_BYTES = 16  # bytes of a value shown by the text dump
 MAX_LISTED = 10  # table mismatches listed by verify before it only counts them

@@ -288,7 +288,7 @@ def check_chunk(plan: Plan, chunk: int, data: bytes, l1: int, l2: int,
 def verify_state(path: str, plan: Plan, expect_last: int | None) -> tuple[int, list[str], int]:
     """Read every key and index entry: the state must be exactly records 1..last. Returns
     (last_record_id seen, errors, error count). Meant for when no record is being committed."""
-    from ..reader import Reader
+    from .._reader import Reader
     errs: list[str] = []
     count = 0
 
@@ -378,8 +378,8 @@ def _reader_main(idx: int, path: str, wl: dict, stop, counts, results) -> None:
 def _reader_loop(idx: int, path: str, wl: Workload, stop, counts, out: dict, results) -> None:
     """Read and check until ``stop``; error descriptions go to the parent as they happen (the
     first MAX_MESSAGES), the counts and latency samples at the end in ``out``."""
-    from ..errors import SnapshotExpiredError
-    from ..reader import Reader
+    from .._errors import SnapshotExpiredError
+    from .._reader import Reader
     plan = Plan(wl)
     rng = random.Random((wl.seed << 8) + idx + 1)
     seen = [0] * wl.keys
@@ -780,7 +780,7 @@ class Stress:
         return True
 
     def _prepare_dir(self) -> bool:
-        from ..tables import META_FILE
+        from .._tables import META_FILE
         if not self._make_dir():
             return False
         names = set(os.listdir(self.path))
@@ -1039,7 +1039,7 @@ class Stress:
 
     def _kill_enactor(self) -> bool:
         pid = self.stats.get("enactor_pid") if self.stats else None
-        if not pid or b"mpwal.enactor" not in _proc_cmdline(pid):
+        if not pid or b"mpwal._enactor" not in _proc_cmdline(pid):
             return False  # none running right now (just killed, or restarting)
         try:
             os.kill(pid, signal.SIGKILL)
@@ -1085,7 +1085,7 @@ class Stress:
         return seen
 
     def _write_params(self) -> None:
-        from ..fileio import write_file_atomic
+        from .._fileio import write_file_atomic
         p = os.path.join(self.path, PARAMS_FILE)
         if not os.path.exists(p):
             write_file_atomic(p, json.dumps(asdict(self.wl)).encode())  # mode 0600
@@ -1171,14 +1171,14 @@ class Stress:
         # enactor processes of killed writers let go on their own within a fraction of a second
         deadline = time.monotonic() + 10
         for pid in self.enactor_pids:
-            while b"mpwal.enactor" in _proc_cmdline(pid) and time.monotonic() < deadline:
+            while b"mpwal._enactor" in _proc_cmdline(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if b"mpwal.enactor" in _proc_cmdline(pid):
+            if b"mpwal._enactor" in _proc_cmdline(pid):
                 self.error(f"enactor process {pid} still runs after its writer closed")
 
     def _check_segments(self) -> None:
-        from ..overlay import stale_segments, unlink_segment
-        from ..queues import writer_alive
+        from .._overlay import stale_segments, unlink_segment
+        from .._queues import writer_alive
         left = stale_segments(os.path.realpath(self.path))
         if left and not writer_alive(self.path):
             self.error(f"shared-memory segments left in /dev/shm after the run: {left} (removed now)")

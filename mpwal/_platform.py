@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 import sys
 
-from .errors import UnsupportedPlatformError
+from ._errors import UnsupportedPlatformError
 
 SUPPORTED_MACHINES = ("x86_64", "AMD64")
 

@@ -11,10 +11,10 @@ Each step (parity-db's ``read_next``/``end_read``/``clean_logs``):
 
 1. read the head of the read queue (a rotated log never changes again), apply its records in
    batches: values of consecutive slots are written with one ``pwrite``, each index chunk is read
-   and written once per batch; a record that drops a table starts a new batch (``applier.py``);
-2. before each batch, honour the snapshots' pins (``pins.py``): apply nothing past the oldest
+   and written once per batch; a record that drops a table starts a new batch (``_applier.py``);
+2. before each batch, honour the snapshots' pins (``_pins.py``): apply nothing past the oldest
    live pin younger than ``max_snapshot_age``, and announce the batch's last id in
-   ``enacting`` (the barrier protocol of ``pins.py``); publish ``enacted`` after the batch, only
+   ``enacting`` (the barrier protocol of ``_pins.py``); publish ``enacted`` after the batch, only
    once its bytes are in the table files (invariant 2: the writer then frees those versions);
 3. at the end of a log: fsync the tables when ``sync_data``, move the log to the cleanup queue,
    truncate cleanup logs in order and return them to the pool, keeping at most 16 and deleting
@@ -31,13 +31,13 @@ import threading
 import filelock
 import posix_ipc
 
-from . import fileio
-from .applier import BATCH_RECORDS, Applier, batches
-from .errors import CorruptionError, StorageError, storage_error
-from .format import LOG_PREFIX, LogScan, first_record_id
-from .overlay import ENACTED, ENACTING, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
-from .pins import ReaderTable
-from .queues import ENACTOR_LOCK, QueueStore, file_lock, log_path
+from . import _fileio as fileio
+from ._applier import BATCH_RECORDS, Applier, batches
+from ._errors import CorruptionError, StorageError, storage_error
+from ._format import LOG_PREFIX, LogScan, first_record_id
+from ._overlay import ENACTED, ENACTING, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
+from ._pins import ReaderTable
+from ._queues import ENACTOR_LOCK, QueueStore, file_lock, log_path
 
 log = logging.getLogger("mpwal")
 
@@ -305,7 +305,7 @@ class Enactor:
 
     def _announce(self, target: int, st) -> int:
         """The newest record id this batch may apply (at most ``target``, not past the oldest
-        pin), announced in ``enacting`` by the protocol of ``pins.py``: store, barrier, look at
+        pin), announced in ``enacting`` by the protocol of ``_pins.py``: store, barrier, look at
         the pins again, lower and repeat if a new pin appeared below; and look again whether
         the overlay generation was replaced meanwhile (the writer grew it), announcing in the
         new one too."""

@@ -1,7 +1,7 @@
 """The appender: the writer's stage that owns the appending log.
 
 It gives each record its id, writes the record's bytes at the end of the appending log (a log's
-first record comes with the log's header, ``format.py``), rotates a log into the read queue
+first record comes with the log's header, ``_format.py``), rotates a log into the read queue
 once it passes ``log_size`` bytes or ``log_age`` seconds, and hands group commit the
 descriptors to fsync. It runs under the writer's lock; it never touches shared memory.
 
@@ -21,9 +21,9 @@ import os
 import time
 from collections.abc import Callable
 
-from . import fileio
-from .errors import StorageError
-from .queues import QueueStore, log_path
+from . import _fileio as fileio
+from ._errors import StorageError
+from ._queues import QueueStore, log_path
 
 log = logging.getLogger("mpwal")
 MAX_UNSYNCED_LOGS = 64

@@ -4,7 +4,7 @@ A reader never waits for the writer and never makes it wait (invariant 6): it ma
 read-only and takes no lock; it writes only its own slot of the reader table, and only while it
 holds a snapshot. Every read happens at a *watermark* W (invariant 5): a plain call loads the
 overlay's ``committed`` word once, a snapshot uses its pin. The lookup order is the overlay's
-newest version at or below W, then the table's pending drop, then the table file (``overlay.py``
+newest version at or below W, then the table's pending drop, then the table file (``_overlay.py``
 gives the protocol). A publish never disturbs a read; a structural change (``struct`` odd or
 moved) or the enactor passing W while the call read a table file (``enacting`` > W) makes the
 call look again, at a new watermark for a plain call. A reader's watermark never goes back.
@@ -22,7 +22,7 @@ Two modes:
   its own memory (as replay would apply it) over the table files. It checks the queue file's
   identity on each lookup, so it moves to shared memory as soon as a writer publishes one.
 
-Snapshots (``Reader.snapshot()``) pin a watermark in the reader table (``pins.py``) so that the
+Snapshots (``Reader.snapshot()``) pin a watermark in the reader table (``_pins.py``) so that the
 enactor keeps every version they need; one held past the writer's ``max_snapshot_age`` raises
 ``SnapshotExpiredError`` at its next read rather than answer with newer data.
 """
@@ -37,17 +37,17 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .errors import (ArgumentRangeError, ArgumentTypeError, ClosedError, DatabaseError,
+from ._errors import (ArgumentRangeError, ArgumentTypeError, ClosedError, DatabaseError,
                      SnapshotExpiredError)
-from .format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, entries_of
-from .logs import LogSet, read_logs
-from .overlay import (COMMITTED, DURABLE, ENACTED, ENACTING, ENTRIES, GENERATION, HEAP_BYTES,
+from ._format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, entries_of
+from ._logs import LogSet, read_logs
+from ._overlay import (COMMITTED, DURABLE, ENACTED, ENACTING, ENTRIES, GENERATION, HEAP_BYTES,
                       HEAP_USED, LIVE, MISS, NEXT_GEN, NSLOTS, STATE, STRUCT, SUPERSEDED,
                       WRITER_PID, OverlayReader, Torn, segment_name)
-from .pins import DEFAULT_MAX_AGE, ReaderTable
-from .platform import check_machine
-from .queues import QUEUE_FILE, load_queues, writer_alive
-from .tables import TableFiles, check_key, load_catalog, record_problem
+from ._pins import DEFAULT_MAX_AGE, ReaderTable
+from ._platform import check_machine
+from ._queues import QUEUE_FILE, load_queues, writer_alive
+from ._tables import TableFiles, check_key, load_catalog, record_problem
 
 ZERO_CHUNK = bytes(CHUNK_BYTES)
 STUCK_SECONDS = 0.02  # a structural window open this long: is the writer alive, is it stopped?
@@ -350,7 +350,7 @@ class Reader:
                     if snap is not None and not snap._holds_enactor(spins):
                         raise snap._expired("the enactor passed it")
                     spins += 1  # a plain call looks again higher; a held pin: a transient
-                    continue  # announcement the enactor lowers before it writes (pins.py)
+                    continue  # announcement the enactor lowers before it writes (_pins.py)
                 if q[STRUCT] == s:
                     if snap is None and w_mark >= self._floor and self._fast is not seg:
                         self._stuck = None
@@ -534,7 +534,7 @@ def _check_entry(entry: int) -> None:
 class Snapshot:
     """Reads at one pinned record id (``Reader.snapshot()``); a context manager.
 
-    The pin sits in the reader table (``pins.py``) from the first line of ``__init__`` to
+    The pin sits in the reader table (``_pins.py``) from the first line of ``__init__`` to
     ``close``; the enactor keeps every version the snapshot needs meanwhile, for at most the
     writer's ``max_snapshot_age``, after which every read raises ``SnapshotExpiredError``.
     """

@@ -15,12 +15,12 @@ import sys
 import threading
 import time
 
-from .enactor import Enactor, Handoff
-from .errors import storage_error
+from ._enactor import Enactor, Handoff
+from ._errors import storage_error
 
 log = logging.getLogger("mpwal")
 RESTART_DELAY = 0.2  # seconds between an enactor's start and its next restart
-_PROCESS_CODE = ("import sys; from mpwal.enactor import run_process; "
+_PROCESS_CODE = ("import sys; from mpwal._enactor import run_process; "
                  "run_process(sys.argv[1], int(sys.argv[2]))")
 
 

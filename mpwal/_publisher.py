@@ -1,6 +1,6 @@
 """The publisher: the writer's stage that owns its shared-memory overlay.
 
-It publishes each appended record's versions and raises the watermark (``overlay.py`` has the
+It publishes each appended record's versions and raises the watermark (``_overlay.py`` has the
 protocol), frees the versions of records the enactor applied (invariant 2: only once their data
 is in the table files and, because the enactor honours pins, no snapshot needs them), grows the
 overlay into a new generation when it fills, and answers the writer's own reads (the newest
@@ -13,12 +13,12 @@ import collections
 import logging
 from typing import Any
 
-from .errors import StorageError
-from .format import CHUNK_BYTES
-from .overlay import (CLOSED, ENACTED, ENACTING, MAX_DROPS, MISS, SUPERSEDED_STATE,
+from ._errors import StorageError
+from ._format import CHUNK_BYTES
+from ._overlay import (CLOSED, ENACTED, ENACTING, MAX_DROPS, MISS, SUPERSEDED_STATE,
                       OverlayWriter)
-from .queues import QueueStore
-from .tables import TableFiles
+from ._queues import QueueStore
+from ._tables import TableFiles
 
 log = logging.getLogger("mpwal")
 ZERO_CHUNK = bytes(CHUNK_BYTES)

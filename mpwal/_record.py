@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Protocol
 
-from .errors import ArgumentRangeError, ArgumentTypeError, ClosedError, ValueTooLargeError
-from .format import CHUNK_ENTRIES, encode_record
-from .overlay import MAX_DROPS
-from .tables import Table, check_key
+from ._errors import ArgumentRangeError, ArgumentTypeError, ClosedError, ValueTooLargeError
+from ._format import CHUNK_ENTRIES, encode_record
+from ._overlay import MAX_DROPS
+from ._tables import Table, check_key
 
 U64 = (1 << 64) - 1
 
@@ -134,7 +134,7 @@ class ChangeSet:
         return not (self._values or self._chunks or self._drops)
 
     def encode(self, record_id: int) -> bytes:
-        """The log record of these changes under ``record_id`` (``format.py``)."""
+        """The log record of these changes under ``record_id`` (``_format.py``)."""
         return encode_record(record_id, self._drops, self._chunks, self._values)
 
 

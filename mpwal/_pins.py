@@ -39,8 +39,8 @@ import mmap
 import os
 import time
 
-from . import fileio
-from .queues import _FLOCK
+from . import _fileio as fileio
+from ._queues import _FLOCK
 
 READERS_FILE = "readers"
 PINS_MAGIC = 0x5350_4E49_5057_4D01  # "\x01MWPINPS" little-endian

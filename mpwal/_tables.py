@@ -6,7 +6,7 @@ Metadata: ``mpwal.meta`` in the database directory, JSON::
      "tables": [{"id": 1, "kind": "index"}, {"id": 3, "kind": "value", "slot_size": 256}]}
 
 ``mpwal`` is the on-disk format version; a newer one is refused. ``database_id`` is random,
-made when the database is created; every log file names it in its header (``format.py``).
+made when the database is created; every log file names it in its header (``_format.py``).
 ``log_epoch_floor`` (when present) repeats the queue state's: the epoch of the last writer open,
 below which every log is stale; it is kept here too so that losing the queue state cannot
 make an old log current again.
@@ -47,10 +47,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, cast, overload
 
-from . import fileio
-from .errors import (ArgumentRangeError, ArgumentTypeError, DatabaseError, StorageError, TableError,
+from . import _fileio as fileio
+from ._errors import (ArgumentRangeError, ArgumentTypeError, DatabaseError, StorageError, TableError,
                      storage_error)
-from .format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, Op
+from ._format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, INSERT_VALUE, Op
 
 FORMAT_VERSION = 2
 META_FILE = "mpwal.meta"

@@ -14,9 +14,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 
-from . import fileio
-from .format import DROP_TABLE, INSERT_INDEX, INSERT_VALUE, Record, entries_of
-from .tables import Table, TableFiles, ValueTable, load_catalog, record_problem
+from . import _fileio as fileio
+from ._format import DROP_TABLE, INSERT_INDEX, INSERT_VALUE, Record, entries_of
+from ._tables import Table, TableFiles, ValueTable, load_catalog, record_problem
 
 BATCH_RECORDS = 512
 BATCH_BYTES = 4 << 20

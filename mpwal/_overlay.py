@@ -66,7 +66,7 @@ slot removed by backward shift when none survives), drops <= ``enacted`` removed
 ``struct`` made even again; the freed ring space is reused only after that. A reader loads
 ``struct`` (acquire) before its lookups and again after (acquire): an odd or changed value
 means retry. A structural window held open for long (a stopped or dead writer) makes the
-reader answer from the logs and tables instead (``reader.py``). A reader may read freed, reused
+reader answer from the logs and tables instead (``_reader.py``). A reader may read freed, reused
 bytes before it notices; it never trusts them: chains must fall strictly, offsets are bounded,
 and the ``struct`` check rejects the answer.
 
@@ -98,8 +98,8 @@ from typing import Any
 
 import posix_ipc
 
-from . import fileio
-from .errors import StorageError
+from . import _fileio as fileio
+from ._errors import StorageError
 
 MAGIC = 0x4C41_5750_4D00_0001  # "\x01\0MPWAL" little-endian
 LAYOUT_VERSION = 2

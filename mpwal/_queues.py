@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 
 import filelock
 
-from . import fileio
-from .errors import StorageError, WriterLockedError, storage_error
+from . import _fileio as fileio
+from ._errors import StorageError, WriterLockedError, storage_error
 
 WRITER_LOCK = "writer.lock"
 QUEUE_LOCK = "queue.lock"

@@ -28,14 +28,14 @@ from collections.abc import Callable, Iterator
 
 import filelock
 
-from . import fileio
-from .applier import Applier, batches
-from .errors import DatabaseError, StorageError, storage_error
-from .format import Record
-from .logs import read_logs
-from .overlay import stale_segments, supersede_segment
-from .queues import ENACTOR_LOCK, QueueStore, file_lock, log_ids, log_path
-from .tables import epoch_floor, set_epoch_floor
+from . import _fileio as fileio
+from ._applier import Applier, batches
+from ._errors import DatabaseError, StorageError, storage_error
+from ._format import Record
+from ._logs import read_logs
+from ._overlay import stale_segments, supersede_segment
+from ._queues import ENACTOR_LOCK, QueueStore, file_lock, log_ids, log_path
+from ._tables import epoch_floor, set_epoch_floor
 
 log = logging.getLogger("mpwal")
 ENACTOR_WAIT = 30.0  # seconds an enactor of the last writer gets to let go of its lock

@@ -2,22 +2,22 @@
 
 A thin wiring of stages, each in its own module, run under one lock of the writer process:
 
-* intake (``Writer._commit``): a ``Record`` (a change set, ``record.py``) is validated and
+* intake (``Writer._commit``): a ``Record`` (a change set, ``_record.py``) is validated and
   encoded, then goes through the stages below;
-* room (``publisher.py``): free what the enactor applied; if the overlay or the un-enacted log
+* room (``_publisher.py``): free what the enactor applied; if the overlay or the un-enacted log
   bytes are over their limits, grow the overlay into a new generation or wait (backpressure);
-* append (``appender.py``): the record's id and bytes go to the appending log (invariant 1:
+* append (``_appender.py``): the record's id and bytes go to the appending log (invariant 1:
   bytes in the log first); it rotates into the read queue past ``log_size``;
-* publish (``publisher.py``): the versions, then the watermark (``overlay.py``); readers see
+* publish (``_publisher.py``): the versions, then the watermark (``_overlay.py``); readers see
   all of the record or none of it and never wait for it;
-* durability (``durability.py``): with ``durability="commit"`` the commit waits, outside the
+* durability (``_durability.py``): with ``durability="commit"`` the commit waits, outside the
   lock, until an fsync covers it; one thread fsyncs for every commit waiting (group commit).
   ``sync()`` does the same for everything committed so far.
 
 Open: the writer takes ``writer.lock`` (the directory's one writer), checks the directory is an
-mpwal database or empty, merges the table definitions, creates the reader table (``pins.py``),
-replays the logs (``replay.py``), upgrades a format-1 directory, and starts the enactor
-(``supervisor.py``). A housekeeping thread frees enacted versions, rotates logs older than
+mpwal database or empty, merges the table definitions, creates the reader table (``_pins.py``),
+replays the logs (``_replay.py``), upgrades a format-1 directory, and starts the enactor
+(``_supervisor.py``). A housekeeping thread frees enacted versions, rotates logs older than
 ``log_age`` and keeps an enactor running.
 """
 
@@ -36,22 +36,22 @@ from typing import Any
 
 import filelock
 
-from . import fileio, pins
-from .durability import GroupCommit
-from .appender import Appender
-from .enactor import Enactor, Handoff
-from .publisher import Publisher
-from .supervisor import EnactorSupervisor
-from .errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
+from . import _fileio as fileio, _pins as pins
+from ._durability import GroupCommit
+from ._appender import Appender
+from ._enactor import Enactor, Handoff
+from ._publisher import Publisher
+from ._supervisor import EnactorSupervisor
+from ._errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
                      DatabaseError, Error, ForkedError, StorageError, WriterFailedError, storage_error)
-from .format import encode_log_header
-from .overlay import COMMITTED, DURABLE, ENACTED, ENACTING, ENACTOR_PID, IMAGE_BYTES, OverlayWriter
-from .platform import check_machine
-from .queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock
-from .replay import replay
-from .record import Record
-from .tables import META_FILE, TableFiles, check_key, is_database, merge_catalog, upgrade_meta
-from .tables import IndexTable, ValueTable
+from ._format import encode_log_header
+from ._overlay import COMMITTED, DURABLE, ENACTED, ENACTING, ENACTOR_PID, IMAGE_BYTES, OverlayWriter
+from ._platform import check_machine
+from ._queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock
+from ._replay import replay
+from ._record import Record
+from ._tables import META_FILE, TableFiles, check_key, is_database, merge_catalog, upgrade_meta
+from ._tables import IndexTable, ValueTable
 
 log = logging.getLogger("mpwal")
 
@@ -207,7 +207,7 @@ class Writer:
                 "give an empty or new directory")
 
     def _replay(self, overlay_slots: int, overlay_bytes: int) -> int:
-        """Replay the logs (``replay.py``) and start the new generation's overlay; returns the
+        """Replay the logs (``_replay.py``) and start the new generation's overlay; returns the
         last record id replayed."""
 
         def start_generation(generation: int, last: int) -> None:

@@ -6,7 +6,7 @@ not by file name (the pool reuses names). Reading stops for good at the first re
 torn, fails its CRC, has a bad type byte, or does not follow the previous record's id (a gap:
 a log went missing); nothing after that point is part of the prefix.
 
-A log whose header (``format.py``) names another database, or an epoch below the queue state's
+A log whose header (``_format.py``) names another database, or an epoch below the queue state's
 ``log_epoch_floor``, or that has no header in a database with an id, is not part of the
 database at all: it is listed in ``ignored`` and ends nothing.
 """
@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from . import fileio
-from .errors import DatabaseError, storage_error
-from .format import BEGIN_RECORD, LogScan, Record, first_record_id
-from .queues import load_queues, log_ids, log_path
-from .tables import database_id, epoch_floor, is_database
+from . import _fileio as fileio
+from ._errors import DatabaseError, storage_error
+from ._format import BEGIN_RECORD, LogScan, Record, first_record_id
+from ._queues import load_queues, log_ids, log_path
+from ._tables import database_id, epoch_floor, is_database
 
 
 @dataclass
