@@ -95,6 +95,35 @@ def create(path: str, max_age: float, header_only_if_new: bool = False) -> None:
         os.close(fd)
 
 
+def read_pins(path: str) -> list[dict]:
+    """The pinned slots of ``path``'s reader table, read only (for ``mpwal inspect``): slot,
+    record id, age in seconds, pid, and whether a live reader holds it (a dead reader's pin
+    holds nothing; the enactor clears it). An empty list if there is no table."""
+    try:
+        fd = os.open(os.path.join(path, READERS_FILE), os.O_RDONLY)
+    except FileNotFoundError:
+        return []
+    try:
+        raw = os.pread(fd, FILE_BYTES, 0)
+        if len(raw) < FILE_BYTES:
+            return []
+        words = memoryview(raw).cast("Q")
+        if words[MAGIC_W] != PINS_MAGIC:
+            return []
+        now = time.monotonic_ns()
+        out = []
+        for i in range(SLOTS):
+            w = _slot_word(i)
+            if words[w]:
+                probe = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, w * 8, SLOT_WORDS * 8, 0)
+                held = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0] != fcntl.F_UNLCK
+                out.append({"slot": i, "record_id": words[w], "age": (now - words[w + 1]) / 1e9,
+                            "pid": words[w + 2], "live": held})
+        return out
+    finally:
+        os.close(fd)
+
+
 class ReaderTable:
     """A mapping of ``readers``; raises FileNotFoundError if the table is missing or not one
     (a directory no writer of this version opened yet)."""
@@ -182,18 +211,6 @@ class ReaderTable:
             if best is None or p < best:
                 best = p
         return best
-
-    def live(self) -> list[dict]:
-        """Every pinned slot (for ``mpwal inspect``): slot, pin, age in s, pid."""
-        q = self.q
-        now = time.monotonic_ns()
-        out = []
-        for i in range(SLOTS):
-            w = _slot_word(i)
-            if q[w]:
-                out.append({"slot": i, "record_id": q[w], "age": (now - q[w + 1]) / 1e9,
-                            "pid": q[w + 2]})
-        return out
 
     def barrier(self) -> None:
         barrier(self.fd)

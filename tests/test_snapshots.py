@@ -1001,3 +1001,40 @@ def test_a_snapshot_read_in_the_middle_of_a_replay_never_reads_newer_data(db, mo
             w.close()
         s.close()
         r.close()
+
+
+def test_inspect_lists_snapshots_read_only(db, capsys):
+    """``mpwal inspect`` lists the pinned snapshots (record id, age, pid; a dead reader's pin
+    as dead), in text and JSON, and reading the reader table changes nothing."""
+    import json
+
+    from mpwal.tools import cli
+    w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
+    try:
+        commit_workload(w, 1, 3, 10, 2)
+        r = mpwal.Reader(db)
+        s = r.snapshot()
+        # a slot pinned by nobody (a reader that died before the enactor cleared its slot)
+        with open(os.path.join(db, READERS_FILE), "r+b") as f:
+            f.seek(FILE_BYTES - 64)
+            f.write(struct.pack("<3Q", 2, time.monotonic_ns(), 999999))
+        before = open(os.path.join(db, READERS_FILE), "rb").read()
+        assert cli.main(["inspect", db]) == 0
+        text = capsys.readouterr().out
+        assert "snapshots: 1 pinned by live readers, oldest at record 3" in text
+        assert "1 left by dead readers" in text
+        assert "slot 0: record 3" in text and f"(pid {os.getpid()})" in text
+        assert f"slot {SLOTS - 1}: record 2" in text and "pid 999999, dead" in text
+        assert cli.main(["inspect", "--json", db]) == 0
+        pins = json.loads(capsys.readouterr().out)["snapshots"]
+        assert [(p["slot"], p["record_id"], p["live"]) for p in pins] == [(0, 3, True), (SLOTS - 1, 2, False)]
+        assert open(os.path.join(db, READERS_FILE), "rb").read() == before  # read only
+        s.close()
+        r.close()
+        with open(os.path.join(db, READERS_FILE), "r+b") as f:
+            f.seek(FILE_BYTES - 64)
+            f.write(bytes(8))
+        assert cli.main(["inspect", db]) == 0
+        assert "snapshots: none pinned" in capsys.readouterr().out
+    finally:
+        w.close()

@@ -68,6 +68,7 @@ from .._format import (
     first_record_id,
 )
 from .._logs import LogFile, LogSet, Problem, log_identity, read_logs
+from .._pins import read_pins
 from .._queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
 from .._tables import META_FILE, Table, is_database, load_catalog, op_problem
 
@@ -382,8 +383,23 @@ def _inspect_report(db: _Db) -> dict:
         "queue_state": asdict(qs) if qs is not None else None,
         "writer": {"alive": alive},
         "segments": _segments_info(realpath, alive),
+        "snapshots": read_pins(db.path),
         "changed": bool(db.changed or db.queues_moved()),
     }
+
+
+def _print_snapshots(pins: list[dict], out) -> None:
+    if not pins:
+        print("snapshots: none pinned", file=out)
+        return
+    live = [p for p in pins if p["live"]]
+    print(f"snapshots: {len(live)} pinned by live readers"
+          + (f", oldest at record {min(p['record_id'] for p in live)}" if live else "")
+          + (f"; {len(pins) - len(live)} left by dead readers (they hold nothing)"
+             if len(pins) > len(live) else ""), file=out)
+    for p in pins:
+        who = f"pid {p['pid']}" if p["live"] else f"pid {p['pid']}, dead"
+        print(f"  slot {p['slot']}: record {p['record_id']}, {p['age']:.1f} s old ({who})", file=out)
 
 
 def _salvaged(db: _Db) -> dict[int, _Stats]:
@@ -525,6 +541,7 @@ def _print_inspect(r: dict, out: TextIO) -> None:
           f"{'held' if alive else 'not held'})", file=out)
 
     _print_segments(r["database"], r["segments"], out)
+    _print_snapshots(r["snapshots"], out)
     if r["changed"]:
         print("note: the database changed while it was read (a live writer or enactor); "
               "the numbers above may mix two moments", file=out)
