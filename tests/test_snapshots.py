@@ -21,7 +21,7 @@ import pytest
 
 import mpwal
 from mpwal._overlay import STRUCT, SUPERSEDED, OverlayReader, segment_name
-from mpwal._pins import FILE_BYTES, MAX_AGE_W, PINS_MAGIC, READERS_FILE, SLOTS, ReaderTable
+from mpwal._pins import FILE_BYTES, MAX_AGE_W, PINS_MAGIC, READERS_FILE, SLOTS, ReaderTable, read_pins
 from mpwal._queues import load_queues
 
 from procs import (INDEX_TABLE, SLOT, TABLES, VALUE_TABLE, check_value, commit_workload,
@@ -53,11 +53,8 @@ def settle(w: mpwal.Writer, upto: int, hold: float = 0.15) -> None:
 
 
 def live_pins(path: str) -> list[dict]:
-    t = ReaderTable(os.path.realpath(path))
-    try:
-        return t.live()
-    finally:
-        t.close()
+    """Every pinned slot of the reader table (slot, record_id, age, pid, live)."""
+    return read_pins(os.path.realpath(path))
 
 
 def chunk_of(state: dict[int, int], chunk: int) -> bytes:
