@@ -613,26 +613,30 @@ class OverlayWriter(_Segment):
     # -- publishing --------------------------------------------------------------------------
     def publish(self, record_id: int, items: Iterable[tuple[tuple[int, int], bytes | None]],
                 more: Iterable[tuple[tuple[int, int], bytes | None]] = (),
-                drops: Iterable[int] = ()) -> None:
+                drops: Iterable[int] = (), size: int | None = None) -> None:
         """Publish record ``record_id``: a version of each (key, data) of ``items`` then
-        ``more`` (data None: removed) and its table drops; then raise the watermark. The
-        publish hot path."""
-        self._link(record_id, items, more, drops)
+        ``more`` (data None: removed) and its table drops; then raise the watermark. ``size``:
+        its ``blob_size``, if the caller has it already. The publish hot path."""
+        self._link(record_id, items, more, drops, size)
         self.q[COMMITTED] = record_id  # the release: every store of _link is visible before it
 
     def _link(self, record_id: int, items: Iterable[tuple[tuple[int, int], bytes | None]],
               more: Iterable[tuple[tuple[int, int], bytes | None]],
-              drops: Iterable[int]) -> None:
+              drops: Iterable[int], size: int | None = None) -> None:
         """Steps 1-3 of publishing: everything but raising the watermark. Each version is its
         node followed by its data, so a lookup touches one place of the heap."""
         keyed = list(items)
         if more:
             keyed.extend(more)
-        size = self.blob_size([d for _, d in keyed])
+        where = self.where
+        if len(where) + len(keyed) > self.nslots - 1 and \
+                len(where) + sum(1 for key, _ in keyed if key not in where) > self.nslots - 1:
+            raise MemoryError("overlay slots full")  # callers check room_for() first
+        if size is None:
+            size = self.blob_size([d for _, d in keyed])
         off = self._alloc(size) if size else self.tail
         q = self.q
         m = self.m
-        where = self.where
         newer = self.newer
         if size:
             self.blobs.append((record_id, off, off + size, [key for key, _ in keyed]))
@@ -648,9 +652,10 @@ class OverlayWriter(_Segment):
                 pos += NODE_BYTES
             else:
                 start = pos + NODE_BYTES
-                m[start:start + len(d)] = d  # the data before its node links
-                q[nw + 1] = ((start + len(d)) << 32) | start
-                pos = (start + len(d) + 7) & ~7
+                pos = start + len(d)
+                m[start:pos] = d  # the data before its node links
+                q[nw + 1] = (pos << 32) | start
+                pos = (pos + 7) & ~7
             w = where.get(key)
             if w is not None:  # link: one store of the head, after the node's stores
                 head = q[w + 2]
@@ -659,8 +664,6 @@ class OverlayWriter(_Segment):
                 q[w + 2] = nw
             else:  # a new key: an empty slot of its probe run, its tag stored last
                 q[nw + 2] = 0
-                if len(where) >= self.nslots - 1:
-                    raise MemoryError("overlay slots full")  # callers check room_for() first
                 table, index = key
                 w = ((((index ^ (table << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
                 while q[w + 1]:

@@ -61,9 +61,10 @@ class Publisher:
 
     # -- publishing --------------------------------------------------------------------------
     def publish(self, rid: int, drops: list[int], values: dict[tuple[int, int], bytes | None],
-                images: list[Image], nbytes: int) -> None:
-        """Make record ``rid`` visible: its versions first, then the watermark."""
-        self.ov.publish(rid, values.items(), images, drops)
+                images: list[Image], nbytes: int, size: int | None = None) -> None:
+        """Make record ``rid`` visible: its versions first, then the watermark. ``size``: its
+        overlay bytes (``OverlayWriter.blob_size``), if known."""
+        self.ov.publish(rid, values.items(), images, drops, size)
         self.pending.append((rid, nbytes))
         self.pending_bytes += nbytes
 

@@ -363,7 +363,7 @@ class Writer:
             try:
                 app.append(data, rid)  # raises with the log as it was: nothing committed
                 # the record is committed from here on: it is in the log, replay keeps it
-                self._publisher.publish(rid, drops, values, images, len(data))
+                self._publisher.publish(rid, drops, values, images, len(data), need)
                 if self._handing is not None:
                     self._handing.append((rid, values, images, drops))
             except BaseException as e:
