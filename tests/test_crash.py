@@ -160,12 +160,12 @@ def _die_mid_publish(path, at, fd):
     versions linked into shared memory, the watermark not yet raised."""
     real = OverlayWriter.publish
 
-    def publish(self, rid, items, more=(), drops=()):
+    def publish(self, rid, items, *rest):
         if rid == at:
             self._link(rid, list(items)[:1], (), ())  # part of the record is linked
             os.write(fd, b"x")
             os.kill(os.getpid(), signal.SIGKILL)
-        real(self, rid, items, more, drops)
+        real(self, rid, items, *rest)
 
     OverlayWriter.publish = publish
     w = mpwal.Writer(path, TABLES, enactor="none", log_age=1000)
