@@ -7,6 +7,7 @@ records to the table files in the background. See README.md and DESIGN.md.
 
 import logging
 
+from . import _backend
 from ._platform import check_platform
 
 check_platform()  # a clear ImportError off Linux, before the modules that need it
@@ -24,6 +25,7 @@ from ._writer import Writer
 logging.getLogger("mpwal").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
+backend: str = _backend.BACKEND  # "native" or "python": which backend runs the hot paths
 
 __all__ = [
     "Writer", "Reader", "Snapshot", "Record", "IndexTable", "ValueTable",

@@ -98,7 +98,7 @@ from typing import Any
 
 import posix_ipc
 
-from . import _fileio as fileio
+from . import _backend, _fileio as fileio
 from ._errors import StorageError
 
 MAGIC = 0x4C41_5750_4D00_0001  # "\x01\0MPWAL" little-endian
@@ -204,6 +204,19 @@ def _make_lookups(seg: _Segment, read_value: Callable[[int, int], bytes | None] 
                   limits: dict[int, int] | None = None,
                   slow: Callable[[int, int], Any] | None = None,
                   ) -> tuple[Callable[..., list[Any]], Callable[[int, int], Any]]:
+    """``seg``'s (find_many, value_now): the native backend's (``mpwal._native.Lookups``, the
+    C twin), or the Python reference's (``_python_lookups``, which says what they do)."""
+    if _backend.native is not None:
+        lk = _backend.native.Lookups(seg.m, seg.shift, seg.slots_end, Torn, MISS, RETRY,
+                                     read_value, limits, slow)
+        return lk.find_many, lk.value_now
+    return _python_lookups(seg, read_value, limits, slow)
+
+
+def _python_lookups(seg: _Segment, read_value: Callable[[int, int], bytes | None] | None = None,
+                  limits: dict[int, int] | None = None,
+                  slow: Callable[[int, int], Any] | None = None,
+                  ) -> tuple[Callable[..., list[Any]], Callable[[int, int], Any]]:
     """The overlay lookup, as two closures over the segment's layout (``find_many`` and
     ``value_now``): the readers' hot paths, so the layout sits in locals and the header words
     are written by number (0 struct, 7 committed, 15 ndrops, 16 enacting; HEADER_WORDS 512,
@@ -284,7 +297,7 @@ def _make_lookups(seg: _Segment, read_value: Callable[[int, int], bytes | None] 
 
     def value_now(table: int, index: int) -> Any:
         limit = limit_of(table)
-        if limit is None or type(index) is not int or not 0 <= index < limit:
+        if limit is None or type(index) is not int or not 0 <= index < limit or type(table) is not int:
             return slow(table, index) if slow is not None else RETRY
         s = q[0]
         if s & 1:

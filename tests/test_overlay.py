@@ -962,7 +962,7 @@ def stale_find(r, w, key, mark, garbage):
     about to read): (the answer, or the exception class it raised; the words it loaded)."""
     real = r.q
     r.q = StaleLoads(real, w.where[key] + 2, lambda: _free_and_reuse(w, key, garbage))
-    r.find_many, r.value_now = overlay._make_lookups(r)  # closures over the word view
+    r.find_many, r.value_now = overlay._python_lookups(r)  # closures over the word view
     try:
         try:
             got = r.find(*key, mark)
@@ -971,7 +971,7 @@ def stale_find(r, w, key, mark, garbage):
         return got, r.q.loads
     finally:
         r.q = real
-        r.find_many, r.value_now = overlay._make_lookups(r)
+        r.find_many, r.value_now = overlay._python_lookups(r)
 
 
 @pytest.mark.parametrize("case", ["self-loop", "two-cycle", "rising", "falling-chain", "random"])

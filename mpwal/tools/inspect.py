@@ -52,7 +52,7 @@ from typing import TextIO
 
 import posix_ipc
 
-from .. import _fileio as fileio
+from .. import _backend, _fileio as fileio
 from .. import _overlay as ov
 from .._errors import Error, WriterLockedError
 from .._format import (
@@ -384,6 +384,7 @@ def _inspect_report(db: _Db) -> dict:
         "writer": {"alive": alive},
         "segments": _segments_info(realpath, alive),
         "snapshots": read_pins(db.path),
+        "backend": {"name": _backend.BACKEND, "why_python": _backend.why_python},
         "changed": bool(db.changed or db.queues_moved()),
     }
 
@@ -542,6 +543,8 @@ def _print_inspect(r: dict, out: TextIO) -> None:
 
     _print_segments(r["database"], r["segments"], out)
     _print_snapshots(r["snapshots"], out)
+    b = r["backend"]
+    print(f"backend: {b['name']}" + (f" ({b['why_python']})" if b["why_python"] else ""), file=out)
     if r["changed"]:
         print("note: the database changed while it was read (a live writer or enactor); "
               "the numbers above may mix two moments", file=out)

@@ -1,0 +1,50 @@
+"""Which backend runs the hot paths: ``"native"`` (``mpwal._native``, C) or ``"python"``.
+
+The Python code is the reference; the native backend must give the same bytes and answers
+(DESIGN invariant 9). ``MPWAL_BACKEND=python`` forces the reference; ``MPWAL_NATIVE_PATH``
+loads the extension from a file instead (the tests' AddressSanitizer build). When the extension was
+not built (no C compiler or Python headers at install time) or does not import, mpwal runs
+the Python backend and says why, once, as a warning; ``mpwal inspect`` shows it too.
+
+What the native backend covers so far: the readers' overlay lookups (``_overlay._make_lookups``:
+``value()``, ``values()`` and every lookup at a watermark).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+
+native: ModuleType | None = None
+
+
+def _load_from(path: str) -> ModuleType:
+    """The extension module built at ``path`` (``MPWAL_NATIVE_PATH``), as ``mpwal._native``."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location("mpwal._native", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no extension module at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["mpwal._native"] = module
+    return module
+
+
+why_python: str | None = None  # why the Python backend runs, when it does
+
+if os.environ.get("MPWAL_BACKEND", "").lower() == "python":
+    why_python = "MPWAL_BACKEND=python"
+else:
+    try:
+        if os.environ.get("MPWAL_NATIVE_PATH"):  # a build of _native.c elsewhere (the tests'
+            native = _load_from(os.environ["MPWAL_NATIVE_PATH"])  # sanitizer builds)
+        else:
+            from . import _native as native  # type: ignore[attr-defined, no-redef]
+    except ImportError as e:
+        why_python = f"the native extension is not available ({e})"
+        warnings.warn(f"mpwal runs its Python backend: {why_python}; reinstall with a C compiler "
+                      "and the Python headers for the native one", RuntimeWarning, stacklevel=2)
+
+BACKEND: str = "python" if native is None else "native"

@@ -1,0 +1,346 @@
+/*
+ * mpwal._native: the readers' overlay lookups in C, the twin of _make_lookups in
+ * mpwal/_overlay.py, which is the reference (same names, same answers, same layout).
+ *
+ * The layout and the memory-ordering contract are written at the top of _overlay.py. Here
+ * every word a reader loads from shared memory is an acquire load (C11 atomics), in the
+ * order the contract gives: struct, committed, the slot's tag then index and head, the
+ * version node's words, enacting, struct again. A word index outside the segment raises
+ * IndexError and a chain whose record ids do not fall raises Torn: both mean the lookup
+ * walked bytes a structural change freed, and the caller retries (as in Python).
+ *
+ * One object per mapped segment: Lookups(mapping, shift, slots_end, torn, miss, retry,
+ * read_value, limits, slow). It holds a read-only buffer of the mapping for its life.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#define HEADER_WORDS 512
+#define SLOT_WORDS 4
+#define W_STRUCT 0
+#define W_COMMITTED 7
+#define W_NDROPS 15
+#define W_ENACTING 16
+#define DROP_BASE 64
+#define MAX_DROPS 128
+#define HASH_K 0x9E3779B97F4A7C15ULL
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;       /* the segment's mapping, read only */
+    const uint64_t *q;    /* its words */
+    Py_ssize_t nwords;
+    unsigned shift;       /* 64 - log2(nslots) */
+    Py_ssize_t slots_end; /* word just past the slots */
+    PyObject *torn;       /* the Torn exception class */
+    PyObject *miss;       /* the MISS sentinel */
+    PyObject *retry;      /* the RETRY sentinel */
+    PyObject *read_value; /* reader's table-file lookup, or None */
+    PyObject *limits;     /* dict: value table -> slots, or None */
+    PyObject *slow;       /* reader's slow path, or None */
+} Lookups;
+
+/* One acquire load of word i; -1 (with IndexError set) when i is outside the segment. */
+static inline int load(const Lookups *s, Py_ssize_t i, uint64_t *out) {
+    if (i < 0 || i >= s->nwords) {
+        PyErr_SetString(PyExc_IndexError, "overlay word outside the segment (freed bytes)");
+        return -1;
+    }
+    *out = atomic_load_explicit((_Atomic uint64_t *)&s->q[i], memory_order_acquire);
+    return 0;
+}
+
+/* The newest record id <= w_mark that dropped `table` and is not enacted, or 0 (dropped_at). */
+static int dropped_at(const Lookups *s, uint64_t table, uint64_t w_mark, uint64_t *out) {
+    uint64_t n, t, r, best = 0;
+    if (load(s, W_NDROPS, &n) < 0) return -1;
+    if (n > MAX_DROPS) n = MAX_DROPS;
+    for (uint64_t i = 0; i < n; i++) {
+        if (load(s, DROP_BASE + 2 * (Py_ssize_t)i, &t) < 0) return -1;
+        if (t != table) continue;
+        if (load(s, DROP_BASE + 2 * (Py_ssize_t)i + 1, &r) < 0) return -1;
+        if (best < r && r <= w_mark) best = r;
+    }
+    *out = best;
+    return 0;
+}
+
+/* The probe: 1 and the version's data location (loc, 0 = removed) when a version <= w_mark
+ * exists; 0 when the overlay has none (the table file, or a pending drop); -1 on error. */
+static int probe(const Lookups *s, uint64_t table, uint64_t index, uint64_t w_mark,
+                 uint64_t *loc_out) {
+    uint64_t h = ((index ^ (table << 47)) * HASH_K) >> s->shift;
+    Py_ssize_t w = (Py_ssize_t)h * SLOT_WORDS + HEADER_WORDS;
+    uint64_t tag = table + 1, t, idx, n, rid, below;
+    for (;;) {
+        if (load(s, w + 1, &t) < 0) return -1;
+        if (!t) return 0;
+        if (t == tag) {
+            if (load(s, w, &idx) < 0) return -1;
+            if (idx == index) break;
+        }
+        w += SLOT_WORDS;
+        if (w == s->slots_end) w = HEADER_WORDS;
+    }
+    if (load(s, w + 2, &n) < 0 || load(s, (Py_ssize_t)n, &rid) < 0) return -1;
+    below = UINT64_MAX;
+    while (rid > w_mark) { /* newer than the watermark: walk to older versions */
+        below = rid;
+        if (load(s, (Py_ssize_t)n + 2, &n) < 0) return -1;
+        if (!n) return 0;
+        if (load(s, (Py_ssize_t)n, &rid) < 0) return -1;
+        if (rid >= below) {
+            PyErr_SetString(s->torn, "record ids do not fall along a chain (freed bytes)");
+            return -1;
+        }
+    }
+    if (load(s, (Py_ssize_t)n + 1, loc_out) < 0) return -1;
+    /* a pending drop newer than the version hides it */
+    uint64_t nd, d;
+    if (load(s, W_NDROPS, &nd) < 0) return -1;
+    if (nd) {
+        if (dropped_at(s, table, w_mark, &d) < 0) return -1;
+        if (d > rid) *loc_out = 0;
+    }
+    return 1;
+}
+
+/* The bytes at loc (end << 32 | start) of the mapping, or None for 0. */
+static PyObject *data_at(const Lookups *s, uint64_t loc) {
+    if (!loc) Py_RETURN_NONE;
+    uint64_t start = loc & 0xFFFFFFFFu, end = loc >> 32;
+    if (end < start || (Py_ssize_t)end > s->view.len) {
+        PyErr_SetString(PyExc_IndexError, "overlay data outside the segment (freed bytes)");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)s->view.buf + start, (Py_ssize_t)(end - start));
+}
+
+static int as_u64(PyObject *o, uint64_t *out) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    *out = v;
+    return 0;
+}
+
+/* find_many(table, indices, w_mark, read) -> list (see _overlay._make_lookups) */
+static PyObject *find_many(Lookups *s, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t table, w_mark, index, loc, d;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "find_many(table, indices, w_mark, read)");
+        return NULL;
+    }
+    if (as_u64(args[0], &table) < 0 || as_u64(args[2], &w_mark) < 0) return NULL;
+    PyObject *read = args[3];
+    PyObject *seq = PySequence_Fast(args[1], "indices must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(count);
+    if (!out) goto fail;
+    int dropped_checked = 0;
+    uint64_t dropped = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item;
+        if (as_u64(items[i], &index) < 0) goto fail;
+        int got = probe(s, table, index, w_mark, &loc);
+        if (got < 0) goto fail;
+        if (got) {
+            item = data_at(s, loc);
+        } else {
+            if (!dropped_checked) {
+                if (dropped_at(s, table, w_mark, &d) < 0) goto fail;
+                dropped = d;
+                dropped_checked = 1;
+            }
+            if (dropped) {
+                item = Py_NewRef(Py_None);
+            } else if (read == Py_None) {
+                item = Py_NewRef(s->miss);
+            } else {
+                item = PyObject_CallFunctionObjArgs(read, args[0], items[i], NULL);
+            }
+        }
+        if (!item) goto fail;
+        PyList_SET_ITEM(out, i, item);
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_XDECREF(out);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyObject *call_slow(Lookups *s, PyObject *table, PyObject *index) {
+    if (s->slow == Py_None) return Py_NewRef(s->retry);
+    return PyObject_CallFunctionObjArgs(s->slow, table, index, NULL);
+}
+
+/* value_now(table, index): a reader's whole value() (see _overlay._make_lookups) */
+static PyObject *value_now(Lookups *s, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t table, index, st, st2, w_mark, loc, enacting, d;
+    PyObject *data;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "value_now(table, index)");
+        return NULL;
+    }
+    /* the argument check: a value table, an int index inside it; else the slow path, which
+     * raises the precise error */
+    if (s->limits == Py_None || !PyLong_CheckExact(args[1]) || !PyLong_CheckExact(args[0]))
+        return call_slow(s, args[0], args[1]);
+    PyObject *limit = PyDict_GetItemWithError(s->limits, args[0]);
+    if (!limit) {
+        if (PyErr_Occurred()) return NULL;
+        return call_slow(s, args[0], args[1]);
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]), lim = PyLong_AsSsize_t(limit);
+    if ((i == -1 || lim == -1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        return call_slow(s, args[0], args[1]);
+    }
+    if (i < 0 || i >= lim) return call_slow(s, args[0], args[1]);
+    index = (uint64_t)i;
+    if (as_u64(args[0], &table) < 0) return NULL;
+
+    if (load(s, W_STRUCT, &st) < 0) return NULL;
+    if (st & 1) return call_slow(s, args[0], args[1]);
+    if (load(s, W_COMMITTED, &w_mark) < 0) return NULL;
+    int got = probe(s, table, index, w_mark, &loc);
+    if (got < 0) {
+        if (PyErr_ExceptionMatches(PyExc_IndexError) || PyErr_ExceptionMatches(s->torn)) {
+            PyErr_Clear(); /* freed bytes under a structural change: the slow path */
+            return call_slow(s, args[0], args[1]);
+        }
+        return NULL;
+    }
+    if (got) {
+        data = data_at(s, loc);
+        if (!data) {
+            if (!PyErr_ExceptionMatches(PyExc_IndexError)) return NULL;
+            PyErr_Clear();
+            return call_slow(s, args[0], args[1]);
+        }
+    } else {
+        if (dropped_at(s, table, w_mark, &d) < 0) return NULL;
+        if (d) {
+            data = Py_NewRef(Py_None);
+        } else {
+            if (s->read_value == Py_None) {
+                PyErr_SetString(PyExc_RuntimeError, "value_now needs a reader's read_value");
+                return NULL;
+            }
+            data = PyObject_CallFunctionObjArgs(s->read_value, args[0], args[1], NULL);
+            if (!data) return NULL;
+            if (load(s, W_ENACTING, &enacting) < 0) { Py_DECREF(data); return NULL; }
+            if (enacting > w_mark) { /* the enactor may be writing past W into that file */
+                Py_DECREF(data);
+                return call_slow(s, args[0], args[1]);
+            }
+        }
+    }
+    if (load(s, W_STRUCT, &st2) < 0) { Py_DECREF(data); return NULL; }
+    if (st2 != st) {
+        Py_DECREF(data);
+        return call_slow(s, args[0], args[1]);
+    }
+    return data;
+}
+
+static int Lookups_init(Lookups *s, PyObject *args, PyObject *kwds) {
+    PyObject *mapping, *torn, *miss, *retry, *read_value, *limits, *slow;
+    unsigned shift;
+    Py_ssize_t slots_end;
+    (void)kwds;
+    if (!PyArg_ParseTuple(args, "OInOOOOOO", &mapping, &shift, &slots_end, &torn, &miss,
+                          &retry, &read_value, &limits, &slow))
+        return -1;
+    if (s->view.obj || s->torn) {
+        PyErr_SetString(PyExc_TypeError, "Lookups is initialised once");
+        return -1;
+    }
+    s->torn = Py_NewRef(torn); s->miss = Py_NewRef(miss); s->retry = Py_NewRef(retry);
+    s->read_value = Py_NewRef(read_value); s->limits = Py_NewRef(limits);
+    s->slow = Py_NewRef(slow);
+    if (s->limits != Py_None && !PyDict_Check(s->limits)) {
+        PyErr_SetString(PyExc_TypeError, "limits must be a dict or None");
+        return -1;
+    }
+    if (PyObject_GetBuffer(mapping, &s->view, PyBUF_SIMPLE) < 0) {
+        s->view.obj = NULL;
+        return -1;
+    }
+    if (s->view.len % 8 || (uintptr_t)s->view.buf % 8 || shift < 1 || shift > 63 ||
+        slots_end <= HEADER_WORDS || slots_end > s->view.len / 8) {
+        PyErr_SetString(PyExc_ValueError, "not an overlay segment's mapping");
+        return -1;
+    }
+    s->q = (const uint64_t *)s->view.buf;
+    s->nwords = s->view.len / 8;
+    s->shift = shift;
+    s->slots_end = slots_end;
+    return 0;
+}
+
+static int Lookups_traverse(Lookups *s, visitproc visit, void *arg) {
+    Py_VISIT(s->torn); Py_VISIT(s->miss); Py_VISIT(s->retry);
+    Py_VISIT(s->read_value); Py_VISIT(s->limits); Py_VISIT(s->slow);
+    return 0;
+}
+
+static int Lookups_clear(Lookups *s) {
+    Py_CLEAR(s->torn); Py_CLEAR(s->miss); Py_CLEAR(s->retry);
+    Py_CLEAR(s->read_value); Py_CLEAR(s->limits); Py_CLEAR(s->slow);
+    return 0;
+}
+
+static void Lookups_dealloc(Lookups *s) {
+    PyObject_GC_UnTrack(s);
+    Lookups_clear(s);
+    if (s->view.obj) PyBuffer_Release(&s->view);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyMethodDef Lookups_methods[] = {
+    {"find_many", (PyCFunction)(void (*)(void))find_many, METH_FASTCALL,
+     "find_many(table, indices, w_mark, read): each index's data at w_mark"},
+    {"value_now", (PyCFunction)(void (*)(void))value_now, METH_FASTCALL,
+     "value_now(table, index): a reader's whole value() at the current watermark"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LookupsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mpwal._native.Lookups",
+    .tp_basicsize = sizeof(Lookups),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The overlay lookups of one mapped segment (see mpwal/_overlay.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Lookups_init,
+    .tp_dealloc = (destructor)Lookups_dealloc,
+    .tp_traverse = (traverseproc)Lookups_traverse,
+    .tp_clear = (inquiry)Lookups_clear,
+    .tp_methods = Lookups_methods,
+};
+
+static struct PyModuleDef native_module = {
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "mpwal._native",
+    .m_doc = "mpwal's native hot paths; mpwal/_overlay.py is the reference they must match.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&LookupsType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m) return NULL;
+    Py_INCREF(&LookupsType);
+    if (PyModule_AddObject(m, "Lookups", (PyObject *)&LookupsType) < 0) {
+        Py_DECREF(&LookupsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,262 @@
+"""The native backend (mpwal/_native.c) against its Python reference (DESIGN invariant 9).
+
+Differential tests build overlays with the writer's own code, then ask both backends' lookups
+(``_overlay._python_lookups`` and ``mpwal._native.Lookups``) the same questions at many
+watermarks, and compare every answer byte for byte. Reference counts must not move over many
+calls. The extension is also built with AddressSanitizer and UndefinedBehaviorSanitizer, and the
+engine's overlay, reader and snapshot tests run against that build.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mpwal
+from mpwal import _backend, _overlay as overlay
+from mpwal._overlay import MISS, RETRY, OverlayReader, OverlayWriter, Torn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+native = _backend.native
+FORCED_PYTHON = os.environ.get("MPWAL_BACKEND", "").lower() == "python"
+# CI builds the native backend: there a missing one fails these tests, unless the run forces
+# the Python backend (the suite's second run)
+needs_native = pytest.mark.skipif(native is None and (not os.environ.get("CI") or FORCED_PYTHON),
+                                  reason=f"no native backend here ({_backend.why_python})")
+
+
+def test_backend_is_named_and_native_in_ci():
+    """``mpwal.backend`` names the backend; CI must have built the native one (unless it forces
+    the Python one)."""
+    assert mpwal.backend in ("native", "python")
+    assert (mpwal.backend == "python") == (native is None)
+    if os.environ.get("CI") and not FORCED_PYTHON:
+        assert mpwal.backend == "native", _backend.why_python
+
+
+def both(seg, read_value=None, limits=None, slow=None):
+    """(python (find_many, value_now), native (find_many, value_now)) of one segment."""
+    ref = overlay._python_lookups(seg, read_value, limits, slow)
+    lk = native.Lookups(seg.m, seg.shift, seg.slots_end, Torn, MISS, RETRY, read_value, limits,
+                        slow)
+    return ref, (lk.find_many, lk.value_now)
+
+
+def table_file(table, index):
+    """A stand-in for a table file: the same answer from both backends, from the key."""
+    return b"file:%d:%d" % (table, index)
+
+
+records = st.lists(
+    st.tuples(
+        st.lists(st.tuples(st.integers(1, 2), st.integers(0, 40),
+                           st.one_of(st.none(), st.binary(max_size=40))), max_size=6),
+        st.lists(st.integers(1, 3), max_size=1),  # drops
+        st.booleans()),  # free what is enacted after this record
+    min_size=1, max_size=25)
+
+
+@needs_native
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(recs=records, data=st.data())
+def test_native_lookups_answer_as_the_python_reference(tmp_path, recs, data):
+    """Random records (values, removals, drops) published and partly freed: at every watermark
+    and for every key, find_many (with and without a table reader) and value_now give the same
+    answers in both backends."""
+    real = os.path.realpath(str(tmp_path))
+    gen = data.draw(st.integers(1, 1 << 20))
+    w = OverlayWriter(real, gen, 64, 1 << 16)
+    try:
+        rid = 0
+        for items, drops, free in recs:
+            kv = {}
+            for t, i, d in items:
+                kv[(t, i)] = d
+            if not w.room_for(len(kv), OverlayWriter.blob_size(kv.values())) or \
+                    len(w.pending_drops) + len(drops) > overlay.MAX_DROPS:
+                break
+            rid += 1
+            w.publish(rid, kv.items(), drops=drops)
+            if free and rid > 1:
+                enacted = data.draw(st.integers(0, rid - 1))
+                w.q[overlay.ENACTED] = w.q[overlay.ENACTING] = max(w.q[overlay.ENACTED], enacted)
+                w.free_enacted(w.q[overlay.ENACTED])
+        r = OverlayReader(w.name)
+        try:
+            limits = {1: 1000, 2: 1000, 3: 1000}
+            slow_calls = []
+
+            def slow(t, i):
+                slow_calls.append((t, i))
+                return "slow"
+
+            (pf, pv), (nf, nv) = both(r, table_file, limits, slow)
+            keys = list(range(41))
+            for mark in range(0, rid + 2):
+                for t in (1, 2, 3):
+                    assert pf(t, keys, mark, None) == nf(t, keys, mark, None), (t, mark)
+                    assert pf(t, keys, mark, table_file) == nf(t, keys, mark, table_file)
+            for t in (1, 2, 3):
+                for i in keys:
+                    assert pv(t, i) == nv(t, i), (t, i)
+            # arguments the fast path leaves to the slow one
+            for t, i in ((9, 1), (1, -1), (1, 1000), (1, True), (True, 1), (1, 1 << 70), (1, 2.0)):
+                assert pv(t, i) == nv(t, i) == "slow", (t, i)
+        finally:
+            r.release()
+    finally:
+        w.retire(overlay.CLOSED)
+
+
+@needs_native
+def test_native_lookups_raise_as_the_reference_on_freed_bytes(tmp_path):
+    """A chain whose ids rise raises Torn; a node word past the segment raises IndexError;
+    value_now turns both into its slow path."""
+    real = os.path.realpath(str(tmp_path))
+    w = OverlayWriter(real, 1, 16, 4096)
+    try:
+        w.publish(1, [((1, 1), b"a")])
+        w.publish(2, [((1, 1), b"b")])
+        head = w.q[w.where[(1, 1)] + 2]
+        older = w.q[head + 2]
+        w.q[older] = 5  # a "newer" id below: rising along the chain
+        (pf, pv), (nf, nv) = both(w, table_file, {1: 100}, lambda t, i: "slow")
+        for f in (pf, nf):
+            with pytest.raises(Torn):
+                f(1, [1], 1, None)
+        assert pv(1, 1) == nv(1, 1) == b"b"  # (the head is at the current watermark)
+        w.q[head + 2] = len(w.m) // 8 + 5  # older points past the segment
+        for f in (pf, nf):
+            with pytest.raises(IndexError):
+                f(1, [1], 1, None)
+    finally:
+        w.retire(overlay.CLOSED)
+
+
+@needs_native
+def test_native_lookups_keep_reference_counts(tmp_path):
+    """Thousands of calls leave the reference counts of the sentinels, the arguments and the
+    callbacks as they were, and no memory behind."""
+    import tracemalloc
+    real = os.path.realpath(str(tmp_path))
+    w = OverlayWriter(real, 1, 64, 1 << 16)
+    try:
+        w.publish(1, [((1, i), b"v%d" % i) for i in range(10)] + [((1, 10), None)], drops=[2])
+        limits = {1: 1000, 2: 1000}
+
+        def slow(t, i):
+            return None
+
+        lk = native.Lookups(w.m, w.shift, w.slots_end, Torn, MISS, RETRY, table_file, limits, slow)
+        keys = list(range(20))
+        watched = (MISS, RETRY, Torn, table_file, slow, limits, keys, None)
+
+        def run(n):
+            for _ in range(n):
+                lk.find_many(1, keys, 1, None)
+                lk.find_many(1, keys, 1, table_file)
+                lk.find_many(2, keys, 1, table_file)
+                for i in (0, 10, 15, 5000):
+                    lk.value_now(1, i)
+                lk.value_now(9, 1)
+
+        run(100)
+        gc.collect()
+        before = [sys.getrefcount(o) for o in watched]
+        tracemalloc.start()
+        snap1 = tracemalloc.take_snapshot()
+        run(3000)
+        gc.collect()
+        snap2 = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        assert [sys.getrefcount(o) for o in watched] == before
+        grown = sum(s.size_diff for s in snap2.compare_to(snap1, "filename"))
+        assert grown < 64 << 10, f"{grown} bytes more after 3000 rounds"
+        lk = None
+        gc.collect()
+    finally:
+        w.retire(overlay.CLOSED)
+
+
+def _sanitizer_runtime(name: str) -> str | None:
+    """The path of gcc's lib{name}.so, or None."""
+    try:
+        out = subprocess.run(["gcc", f"-print-file-name=lib{name}.so"], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("multiprocess")
+def test_engine_tests_pass_on_a_sanitizer_build(tmp_path):
+    """_native.c built with AddressSanitizer and UndefinedBehaviorSanitizer (every report fatal),
+    and the overlay, reader, snapshot and native tests run against that build."""
+    if FORCED_PYTHON:
+        pytest.skip("the Python backend's run (the native run builds and tests this)")
+    asan = _sanitizer_runtime("asan")
+    if shutil.which("gcc") is None or asan is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs gcc with AddressSanitizer to test the native backend")
+        pytest.skip("no gcc with AddressSanitizer here")
+    out = str(tmp_path / "_native_asan.so")
+    include = sysconfig.get_paths()["include"]
+    subprocess.run(["gcc", "-std=c11", "-O1", "-g", "-fno-omit-frame-pointer", "-fPIC", "-shared",
+                    "-fsanitize=address,undefined", "-fno-sanitize-recover=all", f"-I{include}",
+                    os.path.join(ROOT, "mpwal", "_native.c"), "-o", out], check=True, timeout=120)
+    env = dict(os.environ, MPWAL_NATIVE_PATH=out, LD_PRELOAD=asan,
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",  # CPython's own allocations
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+    env.pop("MPWAL_BACKEND", None)
+    tests = [os.path.join(ROOT, "tests", f) for f in
+             ("test_native.py", "test_overlay.py", "test_readers.py", "test_snapshots.py")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "-p", "no:xdist", "-W", "ignore::pytest.PytestUnknownMarkWarning",
+                           "-k", "not sanitizer", *tests],
+                          cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True,
+                          timeout=600)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert "passed" in proc.stdout and "ERROR: AddressSanitizer" not in proc.stderr, tail
+    assert "runtime error" not in proc.stderr, tail
+
+
+def test_sanitizer_build_is_the_one_loaded(tmp_path):
+    """MPWAL_NATIVE_PATH loads the extension from that file (what the sanitizer test relies on);
+    a missing file falls back to the Python backend with one warning that says why."""
+    code = ("import warnings, mpwal; from mpwal import _backend; "
+            "print(mpwal.backend, _backend.why_python is not None)")
+    env = dict(os.environ, MPWAL_NATIVE_PATH=str(tmp_path / "missing.so"))
+    env.pop("MPWAL_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["python", "True"], proc.stdout + proc.stderr
+    assert proc.stderr.count("mpwal runs its Python backend") == 1, proc.stderr
+    env = dict(os.environ, MPWAL_BACKEND="python")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.split() == ["python", "True"] and "Python backend" not in proc.stderr
+
+
+def test_inspect_says_which_backend_runs(db, capsys):
+    """``mpwal inspect`` names the backend, and why it is the Python one when it is."""
+    import json
+
+    from mpwal.tools import cli
+    mpwal.Writer(db, [mpwal.ValueTable(1, slot_size=8)]).close()
+    assert cli.main(["inspect", db]) == 0
+    want = "backend: native" if native is not None else f"backend: python ({_backend.why_python})"
+    assert want in capsys.readouterr().out
+    assert cli.main(["inspect", "--json", db]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == {
+        "name": mpwal.backend, "why_python": _backend.why_python}
