@@ -894,7 +894,7 @@ def machine() -> str:
     parts = [f"machine: {platform.platform()}", f"CPU: {cpu}, {os.cpu_count()} cores",
              f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
              f"LMDB {lmdb.version() if lmdb else '(not installed)'}, "
-             f"mpwal {mpwal.__version__}",
+             f"mpwal {mpwal.__version__} ({mpwal.backend} backend)",
              f"temporary directories under {ARGS.dir or tempfile.gettempdir()}"]
     return "\n".join(parts)
 
