@@ -37,6 +37,7 @@ from ._errors import CorruptionError, StorageError, storage_error
 from ._format import LOG_PREFIX, LogScan, first_record_id
 from ._overlay import ENACTED, ENACTING, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
 from ._pins import ReaderTable
+from ._tables import set_floors
 from ._queues import ENACTOR_LOCK, QueueStore, file_lock, log_path
 
 log = logging.getLogger("mpwal")
@@ -358,6 +359,9 @@ class Enactor:
         if not self.queues.finish_log(head, epoch, self.enacted):
             self.current = None
             return
+        # the tables hold every record through ``enacted`` now, and the log will be cleaned:
+        # the metadata keeps that id too, so a lost queue state cannot restart record ids
+        set_floors(self.path, 0, self.enacted)
         log.debug("enacted log%d through record %d", head, self.enacted)
         self.current = None
         self.data = b""

@@ -111,11 +111,21 @@ class Publisher:
         except StorageError as e:
             log.warning("cannot grow the overlay: %s", e)
             return False
-        new.copy_from(old)  # no reader knows the new generation yet
-        self.queues.set_generation(gen)
-        old.retire(SUPERSEDED_STATE, gen)
-        new.q[ENACTED] = max(new.q[ENACTED], old.q[ENACTED])
-        new.q[ENACTING] = max(new.q[ENACTING], old.q[ENACTING])
+        try:
+            new.copy_from(old)  # no reader knows the new generation yet
+            new.q[ENACTED] = max(new.q[ENACTED], old.q[ENACTED])
+            new.q[ENACTING] = max(new.q[ENACTING], old.q[ENACTING])
+            # the old generation names its successor before the queue state does, so a reader
+            # (or a pinning snapshot) that finds the old one retired moves on, and one that
+            # reads the queue state finds the new one live
+            old.retire(SUPERSEDED_STATE, gen)
+            self.queues.set_generation(gen)
+            new.q[ENACTED] = max(new.q[ENACTED], old.q[ENACTED])  # the enactor may have moved
+            new.q[ENACTING] = max(new.q[ENACTING], old.q[ENACTING])
+        except BaseException:
+            new.retire(CLOSED)
+            new.release()
+            raise  # the writer stops (its caller): old is retired or the state is in doubt
         self.ov = new
         old.release()
         log.debug("overlay grew to generation %d: %d slots, %d heap bytes", gen, nslots, heap)

@@ -48,11 +48,15 @@ def log_path(path: str, log_id: int) -> str:
 
 
 def log_ids(path: str) -> list[int]:
-    """Ids of the ``log{N}`` files in ``path``."""
+    """Ids of the ``log{N}`` files in ``path``: only names this code makes (``log`` and the id
+    in ASCII digits, no leading zero), so a stray ``log00`` or ``log²`` is no log of ours and
+    can never alias a real one."""
     out = []
     for name in os.listdir(path):
-        if name.startswith("log") and name[3:].isdigit():
-            out.append(int(name[3:]))
+        digits = name[3:]
+        if name.startswith("log") and digits.isascii() and digits.isdigit() \
+                and name == f"log{int(digits)}":
+            out.append(int(digits))
     return sorted(out)
 
 

@@ -318,10 +318,16 @@ class Reader:
                     if self._epoch() != pinned.epoch:  # a writer opened meanwhile: its replay
                         self._attach()  # may have written the tables under that read
                         continue
+                    if not snap._holds_enactor(0):  # an enactor may have passed it meanwhile
+                        raise snap._expired("the enactor may have passed it")
                     return out
                 if private.last < self._floor:  # the logs lost records we showed (power loss)
                     self._floor = private.last
-                return from_logs(private)
+                out = from_logs(private)
+                if self._stamp() != private.stamp:  # a writer came and enacted under the read
+                    self._attach()
+                    continue
+                return out
             q = seg.q
             s = q[STRUCT]
             if s == SUPERSEDED:
@@ -373,12 +379,14 @@ class Reader:
                 if now - since > GIVE_UP_SECONDS or _stopped(q[WRITER_PID]):
                     view = self._stuck_view(seg, s, None if snap is None else snap.record_id)
                     if view is not None:
+                        out = from_logs(view)
                         if snap is None:
                             self._floor = max(self._floor, view.last)
                             self._set_fast(None)  # back to the segment once it catches up
-                        elif q[ENACTING] > snap.record_id and not snap._holds_enactor(0):
-                            raise snap._expired("the enactor passed it")
-                        return from_logs(view)
+                        elif (q[ENACTING] > snap.record_id or seg.q[STRUCT] == SUPERSEDED) \
+                                and not snap._holds_enactor(0):
+                            raise snap._expired("the enactor passed it")  # (after the read)
+                        return out
             time.sleep(0)
 
     # -- lookups -----------------------------------------------------------------------------
@@ -568,6 +576,7 @@ class Snapshot:
             raise
         self._closed = False
         reader._snapshots.add(self)
+        _live_snapshots.add(self)
 
     def _pin(self) -> int:
         """Pin the reader's current watermark: store it, pass the barrier, and check that the
@@ -578,7 +587,12 @@ class Snapshot:
             if self._pins is not None:
                 self._pinned_at = self._pins.pin(self._slot, self._fd, w_mark)
             seg = r._seg
-            if seg is None or seg.q[ENACTING] <= w_mark:
+            if seg is None:
+                return w_mark
+            if seg.q[STRUCT] == SUPERSEDED or seg.q[STATE] != LIVE:  # it grew, or its writer
+                r._recover()  # went: pin again against the generation that is current
+                continue
+            if seg.q[ENACTING] <= w_mark:
                 return w_mark
         raise DatabaseError("the enactor kept passing every watermark this snapshot tried; "
                             "try again")
@@ -648,3 +662,25 @@ class Snapshot:
 
     def __repr__(self) -> str:
         return f"<mpwal.Snapshot at record {getattr(self, 'record_id', '?')}>"
+
+
+_live_snapshots: weakref.WeakSet[Snapshot] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A child inherits its parent's snapshot descriptors, and with them the OFD locks that
+    make their pins live: close them here (without unpinning: the parent's pins stay), so a
+    pin goes when the reader that took it dies, whatever children it left. The child's copies
+    of those snapshots are closed."""
+    for snap in list(_live_snapshots):
+        if snap._fd >= 0:
+            try:
+                os.close(snap._fd)
+            except OSError:
+                pass
+            snap._fd = -1
+        snap._closed = True
+    _live_snapshots.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

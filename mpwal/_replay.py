@@ -35,7 +35,7 @@ from ._format import Record
 from ._logs import read_logs
 from ._overlay import stale_segments, supersede_segment
 from ._queues import ENACTOR_LOCK, QueueStore, file_lock, log_ids, log_path
-from ._tables import epoch_floor, set_epoch_floor
+from ._tables import epoch_floor, replayed_through, set_floors
 
 log = logging.getLogger("mpwal")
 ENACTOR_WAIT = 30.0  # seconds an enactor of the last writer gets to let go of its lock
@@ -59,7 +59,9 @@ def replay(path: str, queues: QueueStore, writer_pid: int, sync_data: bool,
                             "and reopen") from None
     try:
         st = queues.read() or st  # again, now that no enactor works
-        done = st.last_cleaned_record
+        kept = replayed_through(path)  # what the tables held at the last replay, should the
+        loaded = loaded or kept > 0  # queue state have been lost since
+        done = max(st.last_cleaned_record, kept)
         # (without a queue file, the logs alone say where the prefix starts)
         logs = read_logs(path, start=done + 1 if loaded else None)  # I/O error: raises
         for lid, why in logs.ignored:
@@ -82,7 +84,7 @@ def replay(path: str, queues: QueueStore, writer_pid: int, sync_data: bool,
             queues.replayed(last)  # before any log is truncated
             start_generation(generation, last)
             st = queues.reset(generation, lambda: _truncate_all_logs(path))
-            set_epoch_floor(path, st.log_epoch_floor)  # fsynced: it outlives the queue state
+            set_floors(path, st.log_epoch_floor, last)  # fsynced: they outlive the queue state
         if count:
             log.debug("replayed %d records of %s through record %d", count, path, last)
         return last

@@ -7,9 +7,11 @@ Metadata: ``mpwal.meta`` in the database directory, JSON::
 
 ``mpwal`` is the on-disk format version; a newer one is refused. ``database_id`` is random,
 made when the database is created; every log file names it in its header (``_format.py``).
-``log_epoch_floor`` (when present) repeats the queue state's: the epoch of the last writer open,
-below which every log is stale; it is kept here too so that losing the queue state cannot
-make an old log current again.
+``log_epoch_floor`` and ``replayed_through`` (when present) repeat the queue state's epoch
+floor (the epoch of the last writer open, below which every log is stale) and the last record
+id known to be in the tables (replay and the enactor's finished logs); they are kept here too
+so that losing the queue state can neither make an old log current again nor start record ids
+again below used ones.
 Format 1 (mpwal 0.1) had no id and no log headers: the first writer open upgrades it, once
 replay has emptied its logs (``upgrade_meta``). Table ids are one u16 namespace shared by both
 kinds.
@@ -161,20 +163,33 @@ def database_id(path: str) -> bytes | None:
     return _load_meta(path)[1]
 
 
+# the counters the metadata keeps a copy of, so that they survive the loss of the queue state
+COUNTERS = ("log_epoch_floor", "replayed_through")
+
+
 def epoch_floor(path: str) -> int:
-    """The epoch floor kept in the metadata (``set_epoch_floor``); 0 if there is none."""
-    return _load_meta(path)[2]
+    """The epoch floor kept in the metadata (``set_floors``); 0 if there is none."""
+    return _load_meta(path)[2]["log_epoch_floor"]
 
 
-def set_epoch_floor(path: str, floor: int) -> None:
-    """Keep the epoch floor in the metadata too (fsynced), so that it survives the loss of
-    the queue state: logs of older epochs stay stale, and new epochs stay above theirs."""
+def replayed_through(path: str) -> int:
+    """The last record id known to be in the tables (set by replay, and by the enactor when it
+    finishes a log), as the metadata keeps it; 0 if none."""
+    return _load_meta(path)[2]["replayed_through"]
+
+
+def set_floors(path: str, epoch: int, replayed: int) -> None:
+    """Keep the epoch floor and the last replayed record id in the metadata too (fsynced), so
+    that they survive the loss of the queue state: logs of older epochs stay stale, new epochs
+    stay above theirs, and record ids never start again below ids that were used."""
     catalog, ident, old = _load_meta(path)
-    if floor > old:
-        _write_meta(path, catalog, ident, floor)
+    new = {"log_epoch_floor": max(epoch, old["log_epoch_floor"]),
+           "replayed_through": max(replayed, old["replayed_through"])}
+    if new != old:
+        _write_meta(path, catalog, ident, new)
 
 
-def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None, int]:
+def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None, dict[str, int]]:
     meta = os.path.join(path, META_FILE)
     try:
         raw = fileio.read_file(meta)
@@ -194,24 +209,27 @@ def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None, int]:
         if version == FORMAT_VERSION and (not isinstance(dbid, str) or len(dbid) != 32):
             raise ValueError("no database_id of 32 hex digits")
         ident = bytes.fromhex(dbid) if isinstance(dbid, str) and version >= 2 else None
-        floor = doc.get("log_epoch_floor", 0)
-        if not isinstance(floor, int) or floor < 0:
-            raise ValueError(f"log_epoch_floor {floor!r} is not a count")
+        counters = {k: doc.get(k, 0) for k in COUNTERS}
+        for k, v in counters.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{k} {v!r} is not a count")
     except (ValueError, KeyError, TypeError, TableError) as e:
         raise DatabaseError(f"{meta} is damaged ({e}); restore it from a backup") from None
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise DatabaseError(
             f"{path} has on-disk format {version}, newer than this mpwal's {FORMAT_VERSION}: "
             "upgrade mpwal to open it")
-    return {t.id: t for t in tables}, ident, floor
+    return {t.id: t for t in tables}, ident, counters
 
 
-def _write_meta(path: str, catalog: dict[int, Table], ident: bytes | None, floor: int = 0) -> None:
+def _write_meta(path: str, catalog: dict[int, Table], ident: bytes | None,
+                counters: dict[str, int] | None = None) -> None:
     doc: dict = {"mpwal": FORMAT_VERSION if ident is not None else 1}
     if ident is not None:
         doc["database_id"] = ident.hex()
-    if floor:
-        doc["log_epoch_floor"] = floor
+    for k, v in (counters or {}).items():
+        if v:
+            doc[k] = v
     doc["tables"] = [t.describe() for t in sorted(catalog.values(), key=lambda t: t.id)]
     try:
         fileio.write_file_atomic(os.path.join(path, META_FILE), json.dumps(doc).encode(), sync=True)
@@ -239,7 +257,7 @@ def merge_catalog(path: str, wanted: Iterable[Table]) -> dict[int, Table]:
     for t in wanted:
         if not isinstance(t, (IndexTable, ValueTable)):
             raise TableError(f"tables must be IndexTable or ValueTable, not {type(t).__name__}")
-    existing, ident, floor = _load_meta(path) if is_database(path) else ({}, os.urandom(16), 0)
+    existing, ident, floor = _load_meta(path) if is_database(path) else ({}, os.urandom(16), {})
     merged = dict(existing)
     for t in wanted:
         old = merged.get(t.id)

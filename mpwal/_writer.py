@@ -446,7 +446,12 @@ class Writer:
             raise BackpressureError(
                 f"one record of {need} bytes cannot fit in max_overlay_bytes="
                 f"{self.max_overlay_bytes}; split it or raise max_overlay_bytes")
-        if pub.grow(new_keys, need) and fits():
+        try:
+            grew = pub.grow(new_keys, need)
+        except BaseException as e:  # half grown: readers read the logs, the writer stops
+            self._in_doubt(e, "growing the overlay")
+            raise
+        if grew and fits():
             return
         self._appender.rotate()
         deadline = time.monotonic() + self.backpressure_timeout
