@@ -12,8 +12,10 @@ What the native backend covers so far: the readers' overlay lookups (``_overlay.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 
 native: ModuleType | None = None
@@ -48,3 +50,22 @@ else:
                       "and the Python headers for the native one", RuntimeWarning, stacklevel=2)
 
 BACKEND: str = "python" if native is None else "native"
+
+
+@contextlib.contextmanager
+def python_backend() -> Iterator[None]:
+    """Run the Python backend for a while, in this process and in those it starts meanwhile
+    (``MPWAL_BACKEND=python`` in the environment): segments mapped inside keep it. For the
+    benchmarks' side-by-side rows."""
+    global native
+    saved, env = native, os.environ.get("MPWAL_BACKEND")
+    native = None
+    os.environ["MPWAL_BACKEND"] = "python"
+    try:
+        yield
+    finally:
+        native = saved
+        if env is None:
+            os.environ.pop("MPWAL_BACKEND", None)
+        else:
+            os.environ["MPWAL_BACKEND"] = env

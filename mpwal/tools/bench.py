@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mpwal
+from mpwal import _backend
 
 lmdb: Any  # the optional binding, or None (imported so that mypy types it the same either way)
 try:
@@ -292,6 +293,9 @@ def figure_ingest(z: Sizes):
         wl = f"{per} value{'s' if per > 1 else ''}/record"
         rows.append(measure(wl, "mpwal (relaxed)", ingest_mpwal, per, z))
         rows.append(measure(wl, "mpwal (relaxed, enactor process)", ingest_mpwal, per, z, "process"))
+        if mpwal.backend == "native":
+            with _backend.python_backend():
+                rows.append(measure(wl, "mpwal (relaxed), Python backend", ingest_mpwal, per, z))
         rows.append(measure(wl, "SQLite WAL NORMAL", ingest_sqlite, per, z))
         rows.append(measure(wl, "LMDB sync off", ingest_lmdb, per, z, needs="lmdb"))
     return Figure("1. Ingestion: 100-byte values, one thread, one record per commit",
@@ -559,11 +563,19 @@ def reads_system(tmp: str, system: str, z: Sizes) -> dict[int, tuple]:
 
 def figure_reads(z: Sizes):
     rows = []
-    labels = {"mpwal": "mpwal", "sqlite": "SQLite WAL NORMAL", "lmdb": "LMDB"}
+    labels = {"mpwal": "mpwal", "mpwal-python": "mpwal, Python backend",
+              "sqlite": "SQLite WAL NORMAL", "lmdb": "LMDB"}
+    systems = ["mpwal"] + (["mpwal-python"] if mpwal.backend == "native" else []) + ["sqlite", "lmdb"]
     per_system = {}
-    for system in ("mpwal", "sqlite", "lmdb"):
-        needs = {"mpwal": "mpwal", "lmdb": "lmdb"}.get(system)
-        per_system[system] = measure("", labels[system], reads_system, system, z, needs=needs, raw=True)
+    for system in systems:
+        needs = {"lmdb": "lmdb"}.get(system)
+        if system == "mpwal-python":
+            with _backend.python_backend():
+                per_system[system] = measure("", labels[system], reads_system, "mpwal", z,
+                                             needs=needs, raw=True)
+        else:
+            per_system[system] = measure("", labels[system], reads_system, system, z, needs=needs,
+                                         raw=True)
     notes = [f"{z.read_keys:,} keys of 100 bytes written first; the writer process then keeps "
              "overwriting them in records of 100 (mpwal relaxed, SQLite NORMAL, LMDB sync off).",
              "Readers: mpwal r.value() / r.values(); SQLite SELECT … WHERE k = ? / k IN (100 keys); "
@@ -571,7 +583,7 @@ def figure_reads(z: Sizes):
     for nreaders in (1, 2):
         for kind, idx in (("value()", 0), ("values() ×100", 1)):
             wl = f"{nreaders} reader{'s' if nreaders > 1 else ''}, {kind}"
-            for system in ("mpwal", "sqlite", "lmdb"):
+            for system in systems:
                 got = per_system[system]
                 if isinstance(got, str):
                     rows.append(Row(wl, labels[system], None, got))
@@ -642,8 +654,11 @@ def lookups_lmdb(tmp: str, z: Sizes) -> dict:
 
 def figure_lookups(z: Sizes):
     wl = f"{z.read_keys:,} keys"
-    rows = [measure(wl, "mpwal (overlay)", lookups_mpwal, z),
-            measure(wl, "SQLite WAL NORMAL", lookups_sqlite, z),
+    rows = [measure(wl, "mpwal (overlay)", lookups_mpwal, z)]
+    if mpwal.backend == "native":
+        with _backend.python_backend():
+            rows.append(measure(wl, "mpwal (overlay), Python backend", lookups_mpwal, z))
+    rows += [measure(wl, "SQLite WAL NORMAL", lookups_sqlite, z),
             measure(wl, "LMDB", lookups_lmdb, z, needs="lmdb")]
     return Figure("6. Lookups in one process with the writer idle (mpwal: every key in the overlay)",
                   ["value()/s", "values() ×100, lookups/s"], rows,
