@@ -7,7 +7,8 @@ not built (no C compiler or Python headers at install time) or does not import, 
 the Python backend and says why, once, as a warning; ``mpwal inspect`` shows it too.
 
 What the native backend covers so far: the readers' overlay lookups (``_overlay._make_lookups``:
-``value()``, ``values()`` and every lookup at a watermark).
+``value()``, ``values()`` and every lookup at a watermark) and the writer's publish loop
+(``_overlay.OverlayWriter._link``: a record's versions written and linked).
 """
 
 from __future__ import annotations

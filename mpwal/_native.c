@@ -311,6 +311,125 @@ static PyMethodDef Lookups_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* link(mapping, record_id, keyed, off, where, newer, shift, slots_end): the writer's loop of
+ * _overlay.OverlayWriter._link (the reference): for each (key, data) of `keyed`, write the
+ * data, then the version node, then link it (a known key: its slot's head; a new key: an empty
+ * slot of its probe run, its tag last), updating the writer's `where` and `newer` dicts. The
+ * data and node stores are relaxed; the head and tag stores are releases, so a reader that
+ * sees a link sees what it leads to (the contract in _overlay.py). The caller allocated the
+ * blob at `off` and checked the room. */
+static int store(uint64_t *q, Py_ssize_t nwords, Py_ssize_t i, uint64_t v, memory_order order) {
+    if (i < 0 || i >= nwords) {
+        PyErr_SetString(PyExc_IndexError, "overlay word outside the segment");
+        return -1;
+    }
+    atomic_store_explicit((_Atomic uint64_t *)&q[i], v, order);
+    return 0;
+}
+
+static int set_int(PyObject *dict, PyObject *key, uint64_t v) {
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    if (!o) return -1;
+    int r = PyDict_SetItem(dict, key, o);
+    Py_DECREF(o);
+    return r;
+}
+
+static PyObject *native_link(PyObject *module, PyObject *args) {
+    PyObject *mapping, *keyed, *where, *newer;
+    unsigned long long record_id, off;
+    unsigned shift;
+    Py_ssize_t slots_end;
+    Py_buffer view;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OKO!KO!O!In", &mapping, &record_id, &PyList_Type, &keyed, &off,
+                          &PyDict_Type, &where, &PyDict_Type, &newer, &shift, &slots_end))
+        return NULL;
+    if (PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE) < 0) return NULL;
+    uint64_t *q = (uint64_t *)view.buf;
+    Py_ssize_t nwords = view.len / 8;
+    PyObject *result = NULL;
+    if (shift < 1 || shift > 63 || slots_end <= HEADER_WORDS || slots_end > nwords || off % 8) {
+        PyErr_SetString(PyExc_ValueError, "not an overlay segment's mapping");
+        goto done;
+    }
+    uint64_t pos = off;
+    Py_ssize_t n = PyList_GET_SIZE(keyed);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *pair = PyList_GET_ITEM(keyed, k);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "keyed holds ((table, index), data) pairs");
+            goto done;
+        }
+        PyObject *key = PyTuple_GET_ITEM(pair, 0), *d = PyTuple_GET_ITEM(pair, 1);
+        Py_ssize_t nw = (Py_ssize_t)(pos >> 3);
+        if (store(q, nwords, nw, record_id, memory_order_relaxed) < 0) goto done;
+        if (d == Py_None) {
+            if (store(q, nwords, nw + 1, 0, memory_order_relaxed) < 0) goto done;
+            pos += 24;
+        } else {
+            char *bytes;
+            Py_ssize_t len;
+            if (PyBytes_AsStringAndSize(d, &bytes, &len) < 0) goto done;
+            uint64_t start = pos + 24, end = start + (uint64_t)len;
+            if ((Py_ssize_t)end > view.len) {
+                PyErr_SetString(PyExc_IndexError, "overlay data outside the segment");
+                goto done;
+            }
+            memcpy((char *)view.buf + start, bytes, (size_t)len); /* the data before its node */
+            if (store(q, nwords, nw + 1, (end << 32) | start, memory_order_relaxed) < 0) goto done;
+            pos = (end + 7) & ~(uint64_t)7;
+        }
+        PyObject *wo = PyDict_GetItemWithError(where, key);
+        if (wo) { /* a known key: link with one release store of the head */
+            Py_ssize_t w = PyLong_AsSsize_t(wo);
+            if (w == -1 && PyErr_Occurred()) goto done;
+            if (w + 2 >= nwords || w < HEADER_WORDS) {
+                PyErr_SetString(PyExc_IndexError, "a slot outside the segment");
+                goto done;
+            }
+            uint64_t head = q[w + 2];
+            if (store(q, nwords, nw + 2, head, memory_order_relaxed) < 0) goto done;
+            PyObject *hk = PyLong_FromUnsignedLongLong(head);
+            if (!hk) goto done;
+            int r = set_int(newer, hk, (uint64_t)nw);
+            Py_DECREF(hk);
+            if (r < 0) goto done;
+            if (store(q, nwords, w + 2, (uint64_t)nw, memory_order_release) < 0) goto done;
+        } else { /* a new key: an empty slot of its probe run, its tag stored last */
+            if (PyErr_Occurred()) goto done;
+            if (store(q, nwords, nw + 2, 0, memory_order_relaxed) < 0) goto done;
+            if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
+                PyErr_SetString(PyExc_TypeError, "a key is (table, index)");
+                goto done;
+            }
+            uint64_t table, index;
+            if (as_u64(PyTuple_GET_ITEM(key, 0), &table) < 0 ||
+                as_u64(PyTuple_GET_ITEM(key, 1), &index) < 0) goto done;
+            uint64_t h = ((index ^ (table << 47)) * HASH_K) >> shift;
+            Py_ssize_t w = (Py_ssize_t)h * SLOT_WORDS + HEADER_WORDS;
+            while (q[w + 1]) {
+                w += SLOT_WORDS;
+                if (w == slots_end) w = HEADER_WORDS;
+            }
+            if (set_int(where, key, (uint64_t)w) < 0) goto done;
+            if (store(q, nwords, w, index, memory_order_relaxed) < 0 ||
+                store(q, nwords, w + 2, (uint64_t)nw, memory_order_relaxed) < 0 ||
+                store(q, nwords, w + 1, table + 1, memory_order_release) < 0) goto done;
+        }
+    }
+    result = PyLong_FromUnsignedLongLong(pos);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"link", native_link, METH_VARARGS,
+     "link(mapping, record_id, keyed, off, where, newer, shift, slots_end): publish's loop"},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject LookupsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "mpwal._native.Lookups",
@@ -330,6 +449,7 @@ static struct PyModuleDef native_module = {
     .m_name = "mpwal._native",
     .m_doc = "mpwal's native hot paths; mpwal/_overlay.py is the reference they must match.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__native(void) {

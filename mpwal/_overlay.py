@@ -654,6 +654,10 @@ class OverlayWriter(_Segment):
         if size:
             self.blobs.append((record_id, off, off + size, [key for key, _ in keyed]))
             self.used += size
+        if _backend.native is not None:  # the C twin of the loop below
+            _backend.native.link(m, record_id, keyed, off, where, newer, self.shift,
+                                 self.slots_end)
+            keyed = []
         pos = off
         shift = self.shift
         end = self.slots_end
