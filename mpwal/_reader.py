@@ -35,7 +35,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from ._errors import (ArgumentRangeError, ArgumentTypeError, ClosedError, DatabaseError,
                      SnapshotExpiredError)
@@ -188,13 +188,14 @@ class Reader:
         self._limits.clear()  # in place: the segment's value_now holds this dict
         self._limits.update(limits)
 
-    def _check_value_key(self, table: int, index: int) -> None:
-        """The slow path of argument checking: raise the precise error."""
+    def _check_key(self, table: int, key: int, kind: Literal["value", "index"]) -> None:
+        """The slow path of argument checking (a value slot or an index chunk): raise the
+        precise error, after looking for tables defined since this reader opened."""
         if self._closed:
             raise ClosedError("this Reader is closed; open a new mpwal.Reader")
         if table not in self._catalog and isinstance(table, int):
             self._refresh_catalog()
-        check_key(self._catalog, table, index, "value")
+        check_key(self._catalog, table, key, kind)
 
     def _stamp(self) -> Stamp:
         try:
@@ -408,7 +409,7 @@ class Reader:
     def _value_slow(self, table: int, index: int) -> bytes | None:
         limit = self._limits.get(table)
         if limit is None or type(index) is not int or not 0 <= index < limit:
-            self._check_value_key(table, index)
+            self._check_key(table, index, "value")
         return self._consistent(lambda seg, w: self._value_at(seg, w, table, index),
                                 lambda view: view.value(table, index))
 
@@ -423,11 +424,11 @@ class Reader:
                                     f"{type(indices).__name__}") from None
         limit = self._limits.get(table)
         if limit is None:
-            self._check_value_key(table, 0)
+            self._check_key(table, 0, "value")
             limit = self._limits[table]
         for i in out:
             if type(i) is not int or not 0 <= i < limit:
-                self._check_value_key(table, i)
+                self._check_key(table, i, "value")
         return out
 
     def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
@@ -442,16 +443,9 @@ class Reader:
 
     def index_chunk(self, table: int, chunk: int) -> bytes:
         """The 512 bytes of an index chunk (zeros where never written)."""
-        self._check_chunk(table, chunk)
+        self._check_key(table, chunk, "index")
         return self._consistent(lambda seg, w: self._chunk_at(seg, w, table, chunk),
                                 lambda view: view.chunk(table, chunk))
-
-    def _check_chunk(self, table: int, chunk: int) -> None:
-        if self._closed:
-            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
-        if table not in self._catalog and isinstance(table, int):
-            self._refresh_catalog()
-        check_key(self._catalog, table, chunk, "index")
 
     def _chunk_at(self, seg: OverlayReader, w_mark: int, table: int, chunk: int) -> bytes:
         data = seg.find(table, chunk, w_mark)
@@ -632,7 +626,7 @@ class Snapshot:
     def index_chunk(self, table: int, chunk: int) -> bytes:
         """The 512 bytes of an index chunk as of ``record_id``."""
         r = self._reader
-        r._check_chunk(table, chunk)
+        r._check_key(table, chunk, "index")
         return r._consistent(lambda seg, w: r._chunk_at(seg, w, table, chunk),
                              lambda view: view.chunk(table, chunk), self)
 

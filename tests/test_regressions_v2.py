@@ -48,6 +48,18 @@ def enact_all(path: str) -> int:
         e.close()
 
 
+def snapshot_read_through(files, read_value, s):
+    """``s.value(T, 0)`` with the reader's table reads going through ``read_value`` (a hook
+    that does, at that instant, what another process would); MISSING if it expired."""
+    files.read_value = read_value
+    try:
+        return s.value(T, 0)
+    except mpwal.SnapshotExpiredError:
+        return MISSING
+    finally:
+        del files.read_value
+
+
 def leftovers(path: str) -> list[str]:
     """This directory's segments still in /dev/shm, removed (so the ``db`` fixture's own check
     does not turn the test's failure into an error)."""
@@ -86,14 +98,9 @@ def test_a_snapshot_read_from_the_logs_as_it_expires_never_returns_newer_data(db
             passed.append(enact_all(db))  # an enactor passes the expired pin
         return real_read(tid, index)
 
-    files.read_value = read_value
     try:
-        try:
-            got = s.value(T, 0)
-        except mpwal.SnapshotExpiredError:
-            got = MISSING
+        got = snapshot_read_through(files, read_value, s)
     finally:
-        del files.read_value
         s.close()
         r.close()
     assert passed == [2]
@@ -130,14 +137,9 @@ def test_a_snapshot_answered_for_a_stopped_writer_never_returns_newer_data(db, m
     q = w._publisher.ov.q
     with w._lock:  # the writer is stopped in the middle of a structural window
         q[0] += 1
-        files.read_value = read_value
         try:
-            try:
-                got = s.value(T, 0)
-            except mpwal.SnapshotExpiredError:
-                got = MISSING
+            got = snapshot_read_through(files, read_value, s)
         finally:
-            del files.read_value
             q[0] += 1
     s.close()
     r.close()
