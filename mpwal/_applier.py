@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 
-from . import _fileio as fileio
+from . import _backend, _fileio as fileio
 from ._format import DROP_TABLE, INSERT_INDEX, INSERT_VALUE, Record, entries_of
 from ._tables import Table, TableFiles, ValueTable, load_catalog, record_problem
 
@@ -50,7 +50,7 @@ class Applier:
         self.path = path
         self.catalog: dict[int, Table] = load_catalog(path)
         self.files = TableFiles(path, self.catalog, writable=True)
-        self._slot_structs: dict[int, struct.Struct] = {}
+        self._sizes = slot_sizes(self.catalog)
 
     def problem(self, rec: Record) -> str | None:
         """Why a record read from a log cannot be applied (``tables.record_problem``), after
@@ -117,35 +117,49 @@ class Applier:
 
     def _write_values(self, values: dict[tuple[int, int], bytes | None]) -> None:
         """Write slots, joining runs of consecutive indices of a table into one pwrite."""
-        tables: dict[int, dict[int, bytes | None]] = {}
-        for (tid, index), data in values.items():
-            slots = tables.get(tid)
-            if slots is None:
-                slots = tables[tid] = {}
-            slots[index] = data
-        for tid, slots in tables.items():
-            slot = self._slot_struct(tid)  # u32 stored, then the data padded with zeros
-            pack = slot.pack
-            empty = pack(0, b"")
-            fd = self.files.fd(tid)
-            indices = sorted(slots)
-            n = len(indices)
-            i = 0
-            while i < n:
-                first = indices[i]
-                j = i + 1
-                while j < n and indices[j] == first + j - i:
-                    j += 1
-                run = map(slots.__getitem__, indices[i:j])
-                buf = b"".join([empty if d is None else pack(len(d) + 1, d) for d in run])
-                fileio.pwrite_all(fd, buf, first * slot.size)
-                i = j
-            self.files.dirty.add(tid)
+        native = _backend.native
+        runs_of = slot_runs if native is None else native.slot_runs  # the C twin
+        try:
+            runs = runs_of(values, self._sizes)
+        except KeyError:  # a table defined since: look again, once
+            for tid, _ in values:
+                self._table(tid)
+            self._sizes = slot_sizes(self.catalog)
+            runs = runs_of(values, self._sizes)
+        files = self.files
+        for tid, first, buf in runs:
+            fileio.pwrite_all(files.fd(tid), buf, first * (4 + self._sizes[tid]))
+            files.dirty.add(tid)
 
-    def _slot_struct(self, tid: int) -> struct.Struct:
-        st = self._slot_structs.get(tid)
-        if st is None:
-            t = self._table(tid)
-            assert isinstance(t, ValueTable)
-            st = self._slot_structs[tid] = struct.Struct(f"<I{t.slot_size}s")
-        return st
+
+def slot_sizes(catalog: dict[int, Table]) -> dict[int, int]:
+    """{value table: slot_size} of a catalog."""
+    return {tid: t.slot_size for tid, t in catalog.items() if isinstance(t, ValueTable)}
+
+
+def slot_runs(values: dict[tuple[int, int], bytes | None],
+              sizes: dict[int, int]) -> list[tuple[int, int, bytes]]:
+    """(table, first index, bytes) of each run of consecutive slots that ``values`` ({(table,
+    index): bytes, or None for an empty slot}) fills, in (table, index) order: each slot its
+    u32 ``stored`` (0 empty, else length + 1), then the value padded to ``sizes[table]`` bytes
+    (``_tables.py``). The reference of ``_native.slot_runs``."""
+    runs = []
+    keys = sorted(values)
+    n = len(keys)
+    i = 0
+    while i < n:
+        tid, first = keys[i]
+        size = sizes[tid]
+        slot = struct.Struct(f"<I{size}s")
+        j = i + 1
+        while j < n and keys[j] == (tid, first + j - i):
+            j += 1
+        parts = []
+        for key in keys[i:j]:
+            d = values[key]
+            if d is not None and len(d) > size:
+                raise ValueError(f"a {len(d)}-byte value does not fit a {size}-byte slot")
+            parts.append(slot.pack(0, b"") if d is None else slot.pack(len(d) + 1, d))
+        runs.append((tid, first, b"".join(parts)))
+        i = j
+    return runs

@@ -12,10 +12,9 @@
  * One object per mapped segment: Lookups(mapping, shift, slots_end, torn, miss, retry,
  * read_value, limits, slow). It holds a read-only buffer of the mapping for its life.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_native.h"
 #include <stdatomic.h>
-#include <stdint.h>
+#include <string.h>
 
 #define HEADER_WORDS 512
 #define SLOT_WORDS 4
@@ -311,13 +310,14 @@ static PyMethodDef Lookups_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-/* link(mapping, record_id, keyed, off, where, newer, shift, slots_end): the writer's loop of
- * _overlay.OverlayWriter._link (the reference): for each (key, data) of `keyed`, write the
- * data, then the version node, then link it (a known key: its slot's head; a new key: an empty
- * slot of its probe run, its tag last), updating the writer's `where` and `newer` dicts. The
- * data and node stores are relaxed; the head and tag stores are releases, so a reader that
- * sees a link sees what it leads to (the contract in _overlay.py). The caller allocated the
- * blob at `off` and checked the room. */
+/* link(mapping, record_id, items, more, off, where, newer, shift, slots_end) -> keys: the
+ * writer's loop of _overlay.OverlayWriter._link (the reference): for each (key, data) of the
+ * iterables `items` then `more`, write the data, then the version node, then link it (a known
+ * key: its slot's head; a new key: an empty slot of its probe run, its tag last), updating the
+ * writer's `where` and `newer` dicts. Returns the list of the keys, in order (the blob's, for
+ * freeing). The data and node stores are relaxed; the head and tag stores are releases, so a
+ * reader that sees a link sees what it leads to (the contract in _overlay.py). The caller
+ * allocated the blob at `off` (blob_size bytes) and checked the room. */
 static int store(uint64_t *q, Py_ssize_t nwords, Py_ssize_t i, uint64_t v, memory_order order) {
     if (i < 0 || i >= nwords) {
         PyErr_SetString(PyExc_IndexError, "overlay word outside the segment");
@@ -335,98 +335,285 @@ static int set_int(PyObject *dict, PyObject *key, uint64_t v) {
     return r;
 }
 
-static PyObject *native_link(PyObject *module, PyObject *args) {
-    PyObject *mapping, *keyed, *where, *newer;
-    unsigned long long record_id, off;
+typedef struct {
+    uint64_t *q;
+    Py_ssize_t nwords, len; /* words, bytes of the mapping */
+    uint64_t record_id, pos;
+    PyObject *where, *newer, *keys;
     unsigned shift;
     Py_ssize_t slots_end;
+} Linking;
+
+/* One (key, data) pair: its version written at L->pos and linked. */
+static int link_one(Linking *L, PyObject *pair) {
+    uint64_t *q = L->q;
+    Py_ssize_t nwords = L->nwords;
+    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        PyErr_SetString(PyExc_TypeError, "items hold ((table, index), data) pairs");
+        return -1;
+    }
+    PyObject *key = PyTuple_GET_ITEM(pair, 0), *d = PyTuple_GET_ITEM(pair, 1);
+    if (d != Py_None && !PyBytes_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "a version's data is bytes or None");
+        return -1;
+    }
+    if (PyList_Append(L->keys, key) < 0) return -1;
+    Py_ssize_t nw = (Py_ssize_t)(L->pos >> 3);
+    if (store(q, nwords, nw, L->record_id, memory_order_relaxed) < 0) return -1;
+    if (d == Py_None) {
+        if (store(q, nwords, nw + 1, 0, memory_order_relaxed) < 0) return -1;
+        L->pos += 24;
+    } else {
+        Py_ssize_t len = PyBytes_GET_SIZE(d);
+        uint64_t start = L->pos + 24, end = start + (uint64_t)len;
+        if (end > (uint64_t)L->len) {
+            PyErr_SetString(PyExc_IndexError, "overlay data outside the segment");
+            return -1;
+        }
+        /* the data before its node; plain bytes: no reader looks at them before the link */
+        memcpy((char *)q + start, PyBytes_AS_STRING(d), (size_t)len);
+        if (store(q, nwords, nw + 1, (end << 32) | start, memory_order_relaxed) < 0) return -1;
+        L->pos = (end + 7) & ~(uint64_t)7;
+    }
+    PyObject *wo = PyDict_GetItemWithError(L->where, key);
+    if (wo) { /* a known key: link with one release store of the head */
+        Py_ssize_t w = PyLong_AsSsize_t(wo);
+        if (w == -1 && PyErr_Occurred()) return -1;
+        if (w + 2 >= nwords || w < HEADER_WORDS) {
+            PyErr_SetString(PyExc_IndexError, "a slot outside the segment");
+            return -1;
+        }
+        uint64_t head = atomic_load_explicit((_Atomic uint64_t *)&q[w + 2], memory_order_relaxed);
+        if (store(q, nwords, nw + 2, head, memory_order_relaxed) < 0) return -1;
+        PyObject *hk = PyLong_FromUnsignedLongLong(head);
+        if (!hk) return -1;
+        int r = set_int(L->newer, hk, (uint64_t)nw);
+        Py_DECREF(hk);
+        if (r < 0) return -1;
+        return store(q, nwords, w + 2, (uint64_t)nw, memory_order_release);
+    }
+    /* a new key: an empty slot of its probe run, its tag stored last */
+    if (PyErr_Occurred()) return -1;
+    if (store(q, nwords, nw + 2, 0, memory_order_relaxed) < 0) return -1;
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a key is (table, index)");
+        return -1;
+    }
+    uint64_t table, index;
+    if (as_u64(PyTuple_GET_ITEM(key, 0), &table) < 0 || as_u64(PyTuple_GET_ITEM(key, 1), &index) < 0)
+        return -1;
+    uint64_t h = ((index ^ (table << 47)) * HASH_K) >> L->shift;
+    Py_ssize_t w = (Py_ssize_t)h * SLOT_WORDS + HEADER_WORDS;
+    for (Py_ssize_t probes = 0;; probes++) { /* the caller left an empty slot: bounded anyway */
+        if (w + 1 >= nwords || probes > L->slots_end) {
+            PyErr_SetString(PyExc_IndexError, "no empty overlay slot");
+            return -1;
+        }
+        if (!atomic_load_explicit((_Atomic uint64_t *)&q[w + 1], memory_order_relaxed)) break;
+        w += SLOT_WORDS;
+        if (w == L->slots_end) w = HEADER_WORDS;
+    }
+    if (set_int(L->where, key, (uint64_t)w) < 0) return -1;
+    if (store(q, nwords, w, index, memory_order_relaxed) < 0 ||
+        store(q, nwords, w + 2, (uint64_t)nw, memory_order_relaxed) < 0)
+        return -1;
+    return store(q, nwords, w + 1, table + 1, memory_order_release);
+}
+
+/* Every pair of an iterable (a dict's items, a list) through link_one. */
+static int link_all(Linking *L, PyObject *iterable) {
+    PyObject *it = PyObject_GetIter(iterable), *pair;
+    if (!it) return -1;
+    while ((pair = PyIter_Next(it))) {
+        int r = link_one(L, pair);
+        Py_DECREF(pair);
+        if (r < 0) {
+            Py_DECREF(it);
+            return -1;
+        }
+    }
+    Py_DECREF(it);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *native_link(PyObject *module, PyObject *args) {
+    PyObject *mapping, *items, *more;
+    Linking L = {0};
+    unsigned long long off;
     Py_buffer view;
     (void)module;
-    if (!PyArg_ParseTuple(args, "OKO!KO!O!In", &mapping, &record_id, &PyList_Type, &keyed, &off,
-                          &PyDict_Type, &where, &PyDict_Type, &newer, &shift, &slots_end))
+    if (!PyArg_ParseTuple(args, "OKOOKO!O!In", &mapping, &L.record_id, &items, &more, &off,
+                          &PyDict_Type, &L.where, &PyDict_Type, &L.newer, &L.shift, &L.slots_end))
         return NULL;
     if (PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE) < 0) return NULL;
-    uint64_t *q = (uint64_t *)view.buf;
-    Py_ssize_t nwords = view.len / 8;
+    L.q = (uint64_t *)view.buf;
+    L.len = view.len;
+    L.nwords = view.len / 8;
+    L.pos = off;
     PyObject *result = NULL;
-    if (shift < 1 || shift > 63 || slots_end <= HEADER_WORDS || slots_end > nwords || off % 8) {
+    if (L.shift < 1 || L.shift > 63 || L.slots_end <= HEADER_WORDS || L.slots_end > L.nwords ||
+        off % 8) {
         PyErr_SetString(PyExc_ValueError, "not an overlay segment's mapping");
         goto done;
     }
-    uint64_t pos = off;
-    Py_ssize_t n = PyList_GET_SIZE(keyed);
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *pair = PyList_GET_ITEM(keyed, k);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            PyErr_SetString(PyExc_TypeError, "keyed holds ((table, index), data) pairs");
-            goto done;
-        }
-        PyObject *key = PyTuple_GET_ITEM(pair, 0), *d = PyTuple_GET_ITEM(pair, 1);
-        Py_ssize_t nw = (Py_ssize_t)(pos >> 3);
-        if (store(q, nwords, nw, record_id, memory_order_relaxed) < 0) goto done;
-        if (d == Py_None) {
-            if (store(q, nwords, nw + 1, 0, memory_order_relaxed) < 0) goto done;
-            pos += 24;
-        } else {
-            char *bytes;
-            Py_ssize_t len;
-            if (PyBytes_AsStringAndSize(d, &bytes, &len) < 0) goto done;
-            uint64_t start = pos + 24, end = start + (uint64_t)len;
-            if ((Py_ssize_t)end > view.len) {
-                PyErr_SetString(PyExc_IndexError, "overlay data outside the segment");
-                goto done;
-            }
-            memcpy((char *)view.buf + start, bytes, (size_t)len); /* the data before its node */
-            if (store(q, nwords, nw + 1, (end << 32) | start, memory_order_relaxed) < 0) goto done;
-            pos = (end + 7) & ~(uint64_t)7;
-        }
-        PyObject *wo = PyDict_GetItemWithError(where, key);
-        if (wo) { /* a known key: link with one release store of the head */
-            Py_ssize_t w = PyLong_AsSsize_t(wo);
-            if (w == -1 && PyErr_Occurred()) goto done;
-            if (w + 2 >= nwords || w < HEADER_WORDS) {
-                PyErr_SetString(PyExc_IndexError, "a slot outside the segment");
-                goto done;
-            }
-            uint64_t head = q[w + 2];
-            if (store(q, nwords, nw + 2, head, memory_order_relaxed) < 0) goto done;
-            PyObject *hk = PyLong_FromUnsignedLongLong(head);
-            if (!hk) goto done;
-            int r = set_int(newer, hk, (uint64_t)nw);
-            Py_DECREF(hk);
-            if (r < 0) goto done;
-            if (store(q, nwords, w + 2, (uint64_t)nw, memory_order_release) < 0) goto done;
-        } else { /* a new key: an empty slot of its probe run, its tag stored last */
-            if (PyErr_Occurred()) goto done;
-            if (store(q, nwords, nw + 2, 0, memory_order_relaxed) < 0) goto done;
-            if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
-                PyErr_SetString(PyExc_TypeError, "a key is (table, index)");
-                goto done;
-            }
-            uint64_t table, index;
-            if (as_u64(PyTuple_GET_ITEM(key, 0), &table) < 0 ||
-                as_u64(PyTuple_GET_ITEM(key, 1), &index) < 0) goto done;
-            uint64_t h = ((index ^ (table << 47)) * HASH_K) >> shift;
-            Py_ssize_t w = (Py_ssize_t)h * SLOT_WORDS + HEADER_WORDS;
-            while (q[w + 1]) {
-                w += SLOT_WORDS;
-                if (w == slots_end) w = HEADER_WORDS;
-            }
-            if (set_int(where, key, (uint64_t)w) < 0) goto done;
-            if (store(q, nwords, w, index, memory_order_relaxed) < 0 ||
-                store(q, nwords, w + 2, (uint64_t)nw, memory_order_relaxed) < 0 ||
-                store(q, nwords, w + 1, table + 1, memory_order_release) < 0) goto done;
-        }
+    L.keys = PyList_New(0);
+    if (!L.keys) goto done;
+    if (link_all(&L, items) < 0 || link_all(&L, more) < 0) {
+        Py_CLEAR(L.keys);
+        goto done;
     }
-    result = PyLong_FromUnsignedLongLong(pos);
+    result = L.keys;
 done:
     PyBuffer_Release(&view);
     return result;
 }
 
+/* unlink(mapping, start, keys, newer, where, shift, slots_end): the twin of
+ * OverlayWriter._unlink, inside the writer's structural window: the versions of one enacted
+ * record's blob (at byte `start`, one per key of `keys`, in order) leave their chains. Each is
+ * its key's oldest: the version just newer than it (`newer`) gets older = 0, or, if it was the
+ * newest, the key's slot is removed by backward shift (remove_slot). Stores are relaxed: the
+ * window (struct odd, then even with a release) is what readers trust, not these words. */
+static int remove_slot(uint64_t *q, Py_ssize_t nwords, PyObject *where, PyObject *key,
+                       Py_ssize_t w, unsigned shift, Py_ssize_t slots_end) {
+    if (PyDict_DelItem(where, key) < 0) return -1;
+    Py_ssize_t hole = w, j = w;
+    for (Py_ssize_t probes = 0;; probes++) {
+        j += SLOT_WORDS;
+        if (j == slots_end) j = HEADER_WORDS;
+        if (j + 2 >= nwords || probes > slots_end) {
+            PyErr_SetString(PyExc_IndexError, "a slot outside the segment");
+            return -1;
+        }
+        uint64_t t = atomic_load_explicit((_Atomic uint64_t *)&q[j + 1], memory_order_relaxed);
+        if (!t) break;
+        uint64_t idx = atomic_load_explicit((_Atomic uint64_t *)&q[j], memory_order_relaxed);
+        Py_ssize_t h = (Py_ssize_t)(((idx ^ ((t - 1) << 47)) * HASH_K) >> shift) * SLOT_WORDS +
+                       HEADER_WORDS;
+        /* an entry stays when its home lies cyclically in (hole, j] */
+        if ((hole < j && hole < h && h <= j) || (hole > j && (h > hole || h <= j))) continue;
+        uint64_t head = atomic_load_explicit((_Atomic uint64_t *)&q[j + 2], memory_order_relaxed);
+        atomic_store_explicit((_Atomic uint64_t *)&q[hole], idx, memory_order_relaxed);
+        atomic_store_explicit((_Atomic uint64_t *)&q[hole + 2], head, memory_order_relaxed);
+        atomic_store_explicit((_Atomic uint64_t *)&q[hole + 1], t, memory_order_relaxed);
+        PyObject *moved = Py_BuildValue("(KK)", (unsigned long long)(t - 1),
+                                        (unsigned long long)idx);
+        if (!moved) return -1;
+        int r = set_int(where, moved, (uint64_t)hole);
+        Py_DECREF(moved);
+        if (r < 0) return -1;
+        hole = j;
+    }
+    atomic_store_explicit((_Atomic uint64_t *)&q[hole + 1], 0, memory_order_relaxed);
+    return 0;
+}
+
+static PyObject *native_unlink(PyObject *module, PyObject *args) {
+    PyObject *mapping, *keys, *newer, *where;
+    unsigned long long start;
+    unsigned shift;
+    Py_ssize_t slots_end;
+    Py_buffer view;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OKO!O!O!In", &mapping, &start, &PyList_Type, &keys, &PyDict_Type,
+                          &newer, &PyDict_Type, &where, &shift, &slots_end))
+        return NULL;
+    if (PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE) < 0) return NULL;
+    uint64_t *q = (uint64_t *)view.buf;
+    Py_ssize_t nwords = view.len / 8;
+    PyObject *result = NULL;
+    if (shift < 1 || shift > 63 || slots_end <= HEADER_WORDS || slots_end > nwords || start % 8) {
+        PyErr_SetString(PyExc_ValueError, "not an overlay segment's mapping");
+        goto done;
+    }
+    Py_ssize_t nw = (Py_ssize_t)(start >> 3);
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(keys); k++) {
+        PyObject *key = PyList_GET_ITEM(keys, k);
+        Py_INCREF(key); /* where's reference may go */
+        if (nw < 0 || nw + 2 >= nwords) {
+            PyErr_SetString(PyExc_IndexError, "a version outside the segment");
+            goto fail;
+        }
+        PyObject *nwo = PyLong_FromSsize_t(nw);
+        if (!nwo) goto fail;
+        PyObject *nno = PyDict_GetItemWithError(newer, nwo); /* newer.pop(nw, 0) */
+        Py_ssize_t nn = 0;
+        if (nno) {
+            nn = PyLong_AsSsize_t(nno);
+            if ((nn == -1 && PyErr_Occurred()) || PyDict_DelItem(newer, nwo) < 0) {
+                Py_DECREF(nwo);
+                goto fail;
+            }
+        }
+        Py_DECREF(nwo);
+        if (PyErr_Occurred()) goto fail;
+        if (nn) { /* the table file is below the newer version now */
+            if (nn < 0 || nn + 2 >= nwords) {
+                PyErr_SetString(PyExc_IndexError, "a version outside the segment");
+                goto fail;
+            }
+            atomic_store_explicit((_Atomic uint64_t *)&q[nn + 2], 0, memory_order_relaxed);
+        } else {
+            PyObject *wo = PyDict_GetItemWithError(where, key);
+            if (!wo) {
+                if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
+                goto fail;
+            }
+            Py_ssize_t w = PyLong_AsSsize_t(wo);
+            if (w == -1 && PyErr_Occurred()) goto fail;
+            if (w < HEADER_WORDS || w + 2 >= slots_end ||
+                remove_slot(q, nwords, where, key, w, shift, slots_end) < 0) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_IndexError, "a slot outside the segment");
+                goto fail;
+            }
+        }
+        Py_DECREF(key);
+        /* the next node follows this version's data */
+        uint64_t loc = atomic_load_explicit((_Atomic uint64_t *)&q[nw + 1], memory_order_relaxed);
+        nw = loc ? (Py_ssize_t)((((loc >> 32) + 7)) >> 3) : nw + 3;
+        continue;
+    fail:
+        Py_DECREF(key);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* blob_size(datas) -> int: the twin of OverlayWriter.blob_size, ring bytes of a record whose
+ * versions hold `datas` (bytes, or None for removed): each its node and its data padded to 8. */
+static PyObject *native_blob_size(PyObject *module, PyObject *datas) {
+    (void)module;
+    PyObject *it = PyObject_GetIter(datas), *d;
+    if (!it) return NULL;
+    uint64_t size = 0;
+    while ((d = PyIter_Next(it))) {
+        if (d == Py_None) {
+            size += 24;
+        } else if (PyBytes_Check(d)) {
+            size += (24 + 7 + (uint64_t)PyBytes_GET_SIZE(d)) & ~(uint64_t)7;
+        } else {
+            PyErr_SetString(PyExc_TypeError, "a version's data is bytes or None");
+            Py_DECREF(d);
+            Py_DECREF(it);
+            return NULL;
+        }
+        Py_DECREF(d);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromUnsignedLongLong(size);
+}
+
 static PyMethodDef module_methods[] = {
     {"link", native_link, METH_VARARGS,
-     "link(mapping, record_id, keyed, off, where, newer, shift, slots_end): publish's loop"},
+     "link(mapping, record_id, items, more, off, where, newer, shift, slots_end) -> keys"},
+    {"unlink", native_unlink, METH_VARARGS,
+     "unlink(mapping, start, keys, newer, where, shift, slots_end): free one enacted blob"},
+    {"blob_size", native_blob_size, METH_O, "blob_size(datas) -> int (OverlayWriter.blob_size)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -459,6 +646,12 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_INCREF(&LookupsType);
     if (PyModule_AddObject(m, "Lookups", (PyObject *)&LookupsType) < 0) {
         Py_DECREF(&LookupsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddFunctions(m, mpwal_record_methods) < 0 ||
+        PyModule_AddFunctions(m, mpwal_log_methods) < 0 ||
+        PyModule_AddFunctions(m, mpwal_tables_methods) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -92,7 +92,7 @@ import collections
 import hashlib
 import mmap
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -560,6 +560,9 @@ class OverlayWriter(_Segment):
     def blob_size(datas: Iterable[bytes | None]) -> int:
         """Ring bytes of a record whose versions hold ``datas`` (None: removed): each version
         is its node and its data, padded to 8 bytes."""
+        native = _backend.native
+        if native is not None:
+            return native.blob_size(datas)
         return sum([(NODE_BYTES + 7 + len(d)) & ~7 if d else NODE_BYTES for d in datas])
 
     def _alloc(self, n: int) -> int:
@@ -624,8 +627,8 @@ class OverlayWriter(_Segment):
                 pass
 
     # -- publishing --------------------------------------------------------------------------
-    def publish(self, record_id: int, items: Iterable[tuple[tuple[int, int], bytes | None]],
-                more: Iterable[tuple[tuple[int, int], bytes | None]] = (),
+    def publish(self, record_id: int, items: Collection[tuple[tuple[int, int], bytes | None]],
+                more: Collection[tuple[tuple[int, int], bytes | None]] = (),
                 drops: Iterable[int] = (), size: int | None = None) -> None:
         """Publish record ``record_id``: a version of each (key, data) of ``items`` then
         ``more`` (data None: removed) and its table drops; then raise the watermark. ``size``:
@@ -633,31 +636,40 @@ class OverlayWriter(_Segment):
         self._link(record_id, items, more, drops, size)
         self.q[COMMITTED] = record_id  # the release: every store of _link is visible before it
 
-    def _link(self, record_id: int, items: Iterable[tuple[tuple[int, int], bytes | None]],
-              more: Iterable[tuple[tuple[int, int], bytes | None]],
+    def _link(self, record_id: int, items: Collection[tuple[tuple[int, int], bytes | None]],
+              more: Collection[tuple[tuple[int, int], bytes | None]],
               drops: Iterable[int], size: int | None = None) -> None:
         """Steps 1-3 of publishing: everything but raising the watermark. Each version is its
         node followed by its data, so a lookup touches one place of the heap."""
-        keyed = list(items)
-        if more:
-            keyed.extend(more)
         where = self.where
-        if len(where) + len(keyed) > self.nslots - 1 and \
-                len(where) + sum(1 for key, _ in keyed if key not in where) > self.nslots - 1:
-            raise MemoryError("overlay slots full")  # callers check room_for() first
+        native = _backend.native
+        if native is None:
+            items, more = [*items, *more], ()
+        if len(where) + len(items) + len(more) > self.nslots - 1:
+            items, more = [*items, *more], ()
+            if len(where) + sum(1 for key, _ in items if key not in where) > self.nslots - 1:
+                raise MemoryError("overlay slots full")  # callers check room_for() first
         if size is None:
-            size = self.blob_size([d for _, d in keyed])
+            size = self.blob_size([d for _, d in [*items, *more]])
         off = self._alloc(size) if size else self.tail
+        if native is not None:  # the C twin of _link_versions
+            keys = native.link(self.m, record_id, items, more, off, where, self.newer,
+                               self.shift, self.slots_end)
+        else:
+            keys = [key for key, _ in items]
+            self._link_versions(record_id, items, off)
+        if size:
+            self.blobs.append((record_id, off, off + size, keys))
+            self.used += size
+        self._link_drops(record_id, drops)
+
+    def _link_versions(self, record_id: int, keyed: Iterable[tuple[tuple[int, int], bytes | None]],
+                       off: int) -> None:
+        """Steps 1 and 2 for each (key, data), its version written from ``off`` on."""
         q = self.q
         m = self.m
+        where = self.where
         newer = self.newer
-        if size:
-            self.blobs.append((record_id, off, off + size, [key for key, _ in keyed]))
-            self.used += size
-        if _backend.native is not None:  # the C twin of the loop below
-            _backend.native.link(m, record_id, keyed, off, where, newer, self.shift,
-                                 self.slots_end)
-            keyed = []
         pos = off
         shift = self.shift
         end = self.slots_end
@@ -691,6 +703,10 @@ class OverlayWriter(_Segment):
                 q[w] = index
                 q[w + 2] = nw
                 q[w + 1] = table + 1
+
+    def _link_drops(self, record_id: int, drops: Iterable[int]) -> None:
+        """Step 3 of publishing: a record's drops (pair, then ``ndrops``)."""
+        q = self.q
         for t in drops:
             if len(self.pending_drops) >= MAX_DROPS:
                 raise MemoryError(f"more than {MAX_DROPS} pending drops")  # the writer waits
@@ -699,7 +715,7 @@ class OverlayWriter(_Segment):
             q[i + 1] = record_id
             self.pending_drops.append((t, record_id))
             q[NDROPS] = len(self.pending_drops)
-        q[ENTRIES] = len(where)
+        q[ENTRIES] = len(self.where)
         q[HEAP_USED] = self.used
 
     def get(self, table: int, index: int) -> Any:
@@ -725,10 +741,10 @@ class OverlayWriter(_Segment):
         FREE_KEYS_PER_WINDOW keys (short for readers). A freed version is its key's oldest:
         the version just newer than it (``newer``) gets ``older = 0``, or, if it was the
         newest, the key leaves the hash."""
-        q = self.q
         blobs = self.blobs
         newer = self.newer
         where = self.where
+        native = _backend.native
         while blobs and blobs[0][0] <= enacted:
             with self._window:
                 done = 0
@@ -736,15 +752,11 @@ class OverlayWriter(_Segment):
                 for rid, start, _end, keys in blobs:
                     if rid > enacted or done >= FREE_KEYS_PER_WINDOW:
                         break
-                    nw = start >> 3
-                    for key in keys:
-                        nn = newer.pop(nw, 0)
-                        if nn:
-                            q[nn + 2] = 0  # the table file is below this version now
-                        else:
-                            self._remove_slot(key, where[key])
-                        loc = q[nw + 1]  # the next node follows the data
-                        nw = ((loc >> 32) + 7) >> 3 if loc else nw + NODE_BYTES // 8
+                    if native is not None:  # the C twin of _unlink
+                        native.unlink(self.m, start, keys, newer, where, self.shift,
+                                      self.slots_end)
+                    else:
+                        self._unlink(start, keys)
                     done += len(keys) + 1
                     last = rid
                 self._free_blobs_through(last)
@@ -753,6 +765,22 @@ class OverlayWriter(_Segment):
         if self.pending_drops and any(r <= enacted for _, r in self.pending_drops):
             with self._window:  # drops of records with no versions
                 self._set_drops([(t, r) for t, r in self.pending_drops if r > enacted])
+
+    def _unlink(self, start: int, keys: list[tuple[int, int]]) -> None:
+        """Unlink the versions of one enacted record's blob (at ``start``, one per key of
+        ``keys``) inside a structural window: each is its key's oldest."""
+        q = self.q
+        newer = self.newer
+        where = self.where
+        nw = start >> 3
+        for key in keys:
+            nn = newer.pop(nw, 0)
+            if nn:
+                q[nn + 2] = 0  # the table file is below this version now
+            else:
+                self._remove_slot(key, where[key])
+            loc = q[nw + 1]  # the next node follows the data
+            nw = ((loc >> 32) + 7) >> 3 if loc else nw + NODE_BYTES // 8
 
     def _remove_slot(self, key: tuple[int, int], w: int) -> None:
         """Remove a slot and backward-shift its probe run (inside a structural window): pull

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Protocol
 
+from . import _backend
 from ._errors import ArgumentRangeError, ArgumentTypeError, ClosedError, ValueTooLargeError
 from ._format import CHUNK_ENTRIES, encode_record
 from ._overlay import MAX_DROPS
@@ -70,13 +71,14 @@ class ChangeSet:
         t = check_key(self._catalog, table, 0, "value")
         size = t.slot_size
         limit = t.max_key
+        native = _backend.native
+        if native is not None:  # the C twin of the loop below, for pairs it needs no word on
+            if type(items) is not list and type(items) is not tuple:
+                items = self._pairs(items)
+            if native.gather(self._values, table, items, limit, size):
+                return
         values = {}  # all or nothing: merged into the record once every pair checked out
-        try:
-            pairs = iter(items)
-        except TypeError:
-            raise ArgumentTypeError(f"items must be an iterable of (index, data) pairs, not "
-                                    f"{type(items).__name__}") from None
-        for pair in pairs:
+        for pair in self._pairs(items):
             try:
                 index, data = pair
             except (TypeError, ValueError):
@@ -92,6 +94,14 @@ class ChangeSet:
                         f"slot_size {size}")
             values[(table, index)] = data
         self._values.update(values)
+
+    @staticmethod
+    def _pairs(items: Iterable[tuple[int, bytes | None]]) -> list[tuple[int, bytes | None]]:
+        try:
+            return items if type(items) is list else list(items)
+        except TypeError:
+            raise ArgumentTypeError(f"items must be an iterable of (index, data) pairs, not "
+                                    f"{type(items).__name__}") from None
 
     def insert_index(self, table: int, chunk: int, entry: int, value: int) -> None:
         """Set entry ``entry`` (0..63) of chunk ``chunk`` of index table ``table`` to a u64."""
@@ -135,6 +145,9 @@ class ChangeSet:
 
     def encode(self, record_id: int) -> bytes:
         """The log record of these changes under ``record_id`` (``_format.py``)."""
+        native = _backend.native
+        if native is not None:  # the C twin of encode_record
+            return native.encode(record_id, self._drops, self._chunks, self._values)
         return encode_record(record_id, self._drops, self._chunks, self._values)
 
 

@@ -1,4 +1,4 @@
-"""The native backend (mpwal/_native.c) against its Python reference (DESIGN invariant 9).
+"""The native backend's overlay (mpwal/_native.c) against its Python reference (DESIGN invariant 9).
 
 Differential tests build overlays with the writer's own code, then ask both backends' lookups
 (``_overlay._python_lookups`` and ``mpwal._native.Lookups``) the same questions at many
@@ -10,6 +10,7 @@ engine's overlay, reader and snapshot tests run against that build.
 from __future__ import annotations
 
 import gc
+import glob
 import os
 import shutil
 import subprocess
@@ -213,13 +214,15 @@ def test_engine_tests_pass_on_a_sanitizer_build(tmp_path):
     include = sysconfig.get_paths()["include"]
     subprocess.run(["gcc", "-std=c11", "-O1", "-g", "-fno-omit-frame-pointer", "-fPIC", "-shared",
                     "-fsanitize=address,undefined", "-fno-sanitize-recover=all", f"-I{include}",
-                    os.path.join(ROOT, "mpwal", "_native.c"), "-o", out], check=True, timeout=120)
+                    *sorted(glob.glob(os.path.join(ROOT, "mpwal", "_native*.c"))), "-lz", "-o", out],
+                   check=True, timeout=120)
     env = dict(os.environ, MPWAL_NATIVE_PATH=out, LD_PRELOAD=asan,
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",  # CPython's own allocations
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     env.pop("MPWAL_BACKEND", None)
     tests = [os.path.join(ROOT, "tests", f) for f in
-             ("test_native.py", "test_overlay.py", "test_readers.py", "test_snapshots.py")]
+             ("test_native.py", "test_native_writer.py", "test_applier.py", "test_overlay.py",
+              "test_readers.py", "test_snapshots.py")]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            "-p", "no:xdist", "-W", "ignore::pytest.PytestUnknownMarkWarning",
                            "-k", "not sanitizer", *tests],
