@@ -35,7 +35,8 @@ from . import _fileio as fileio
 from ._applier import BATCH_RECORDS, Applier, batches
 from ._errors import CorruptionError, StorageError, storage_error
 from ._format import LOG_PREFIX, LogScan, first_record_id
-from ._overlay import ENACTED, ENACTING, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, segment_name
+from ._overlay import (ENACTED, ENACTING, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, load_acquire,
+                       segment_name, store_fenced, store_release)
 from ._pins import ReaderTable
 from ._tables import set_floors
 from ._queues import ENACTOR_LOCK, QueueStore, file_lock, log_path
@@ -53,13 +54,13 @@ class _Progress:
         finally:
             shm.close_fd()
         self.q = memoryview(self.m).cast("Q")
-        if self.q[MAGIC_W] != MAGIC:
+        if load_acquire(self.m, self.q, MAGIC_W) != MAGIC:
             self.close()
             raise FileNotFoundError(name)
 
     @property
     def live(self) -> bool:
-        return self.q[STATE] == LIVE
+        return load_acquire(self.m, self.q, STATE) == LIVE
 
     def close(self) -> None:
         self.q.release()
@@ -322,8 +323,8 @@ class Enactor:
                 if oldest is not None and oldest < limit:
                     limit = max(oldest, self.enacted)
             p = self.progress
-            if p is not None and p.q[ENACTING] != limit:
-                p.q[ENACTING] = limit
+            if p is not None and p.q[ENACTING] != limit:  # before the batch's file writes
+                store_fenced(p.m, p.q, ENACTING, limit)
             if self.pins is None:
                 return limit
             self.pins.barrier()
@@ -340,10 +341,10 @@ class Enactor:
 
     def _publish(self, rid: int) -> None:
         p = self.progress
-        if p is not None and p.q[ENACTED] < rid:
-            p.q[ENACTED] = rid
+        if p is not None and p.q[ENACTED] < rid:  # after the batch's file writes
+            store_release(p.m, p.q, ENACTED, rid)
         if p is not None and p.q[ENACTING] < rid:
-            p.q[ENACTING] = rid
+            store_release(p.m, p.q, ENACTING, rid)
 
     # -- applying ----------------------------------------------------------------------------
     # -- the end of a log, cleaning ----------------------------------------------------------

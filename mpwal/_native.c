@@ -5,7 +5,10 @@
  * The layout and the memory-ordering contract are written at the top of _overlay.py. Here
  * every word a reader loads from shared memory is an acquire load (C11 atomics), in the
  * order the contract gives: struct, committed, the slot's tag then index and head, the
- * version node's words, enacting, struct again. A word index outside the segment raises
+ * version node's words, enacting, struct again; the last two after an acquire fence, so the
+ * data copied and the table file read before them are read before them (a seqlock reader's
+ * fence). The header words the Python code stores and loads go through store_release,
+ * store_fenced and load_acquire below. A word index outside the segment raises
  * IndexError and a chain whose record ids do not fall raises Torn: both mean the lookup
  * walked bytes a structural change freed, and the caller retries (as in Python).
  *
@@ -233,6 +236,7 @@ static PyObject *value_now(Lookups *s, PyObject *const *args, Py_ssize_t nargs) 
             }
             data = PyObject_CallFunctionObjArgs(s->read_value, args[0], args[1], NULL);
             if (!data) return NULL;
+            atomic_thread_fence(memory_order_acquire); /* the file's bytes read before enacting */
             if (load(s, W_ENACTING, &enacting) < 0) { Py_DECREF(data); return NULL; }
             if (enacting > w_mark) { /* the enactor may be writing past W into that file */
                 Py_DECREF(data);
@@ -240,6 +244,7 @@ static PyObject *value_now(Lookups *s, PyObject *const *args, Py_ssize_t nargs) 
             }
         }
     }
+    atomic_thread_fence(memory_order_acquire); /* the data copied before struct is checked */
     if (load(s, W_STRUCT, &st2) < 0) { Py_DECREF(data); return NULL; }
     if (st2 != st) {
         Py_DECREF(data);
@@ -583,6 +588,74 @@ done:
     return result;
 }
 
+/* store_release(mapping, word, value), store_fenced(mapping, word, value) and
+ * load_acquire(mapping, word) -> int: the header words the Python code stores and loads
+ * (_overlay._Segment.release, .fenced and .acquire), with the ordering the contract in
+ * _overlay.py gives them. A release store: every load and store before it is visible before
+ * it (committed, the end of a structural window, enacting, enacted, a segment's state). A
+ * fenced store: a relaxed store, then a release fence, so no later store is visible before it
+ * (the odd struct that opens a window, enacting before a batch's file writes). An acquire load,
+ * after an acquire fence: every load before it (data copied, a table file read) is made
+ * before it, and no later load before it (struct and enacting checked after a lookup). */
+static int header_word(PyObject *mapping, PyObject *word, int flags, Py_buffer *view,
+                       _Atomic uint64_t **at) {
+    Py_ssize_t i = PyLong_AsSsize_t(word);
+    if (i == -1 && PyErr_Occurred()) return -1;
+    if (PyObject_GetBuffer(mapping, view, flags) < 0) return -1;
+    if (i < 0 || i >= HEADER_WORDS || i >= view->len / 8) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_IndexError, "not a header word of the segment");
+        return -1;
+    }
+    *at = (_Atomic uint64_t *)view->buf + i;
+    return 0;
+}
+
+static PyObject *store_ordered(PyObject *const *args, Py_ssize_t nargs, int fenced) {
+    Py_buffer view;
+    _Atomic uint64_t *at;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "takes (mapping, word, value)");
+        return NULL;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(args[2]);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    if (header_word(args[0], args[1], PyBUF_WRITABLE, &view, &at) < 0) return NULL;
+    if (fenced) {
+        atomic_store_explicit(at, v, memory_order_relaxed);
+        atomic_thread_fence(memory_order_release);
+    } else {
+        atomic_store_explicit(at, v, memory_order_release);
+    }
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *native_store_release(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    return store_ordered(args, nargs, 0);
+}
+
+static PyObject *native_store_fenced(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    return store_ordered(args, nargs, 1);
+}
+
+static PyObject *native_load_acquire(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer view;
+    _Atomic uint64_t *at;
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "load_acquire(mapping, word)");
+        return NULL;
+    }
+    if (header_word(args[0], args[1], PyBUF_SIMPLE, &view, &at) < 0) return NULL;
+    atomic_thread_fence(memory_order_acquire); /* what was read before is read before it */
+    uint64_t v = atomic_load_explicit(at, memory_order_acquire);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(v);
+}
+
 /* blob_size(datas) -> int: the twin of OverlayWriter.blob_size, ring bytes of a record whose
  * versions hold `datas` (bytes, or None for removed): each its node and its data padded to 8. */
 static PyObject *native_blob_size(PyObject *module, PyObject *datas) {
@@ -613,6 +686,12 @@ static PyMethodDef module_methods[] = {
      "link(mapping, record_id, items, more, off, where, newer, shift, slots_end) -> keys"},
     {"unlink", native_unlink, METH_VARARGS,
      "unlink(mapping, start, keys, newer, where, shift, slots_end): free one enacted blob"},
+    {"store_release", (PyCFunction)(void (*)(void))native_store_release, METH_FASTCALL,
+     "store_release(mapping, word, value): a header word stored with release ordering"},
+    {"store_fenced", (PyCFunction)(void (*)(void))native_store_fenced, METH_FASTCALL,
+     "store_fenced(mapping, word, value): a header word stored, then a release fence"},
+    {"load_acquire", (PyCFunction)(void (*)(void))native_load_acquire, METH_FASTCALL,
+     "load_acquire(mapping, word) -> int: a header word loaded with acquire ordering"},
     {"blob_size", native_blob_size, METH_O, "blob_size(datas) -> int (OverlayWriter.blob_size)"},
     {NULL, NULL, 0, NULL},
 };

@@ -184,10 +184,10 @@ def supersede_segment(name: str, next_gen: int) -> None:
         if shm.size >= HEADER_BYTES:
             m = mmap.mmap(shm.fd, HEADER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             q = memoryview(m).cast("Q")
-            if q[MAGIC_W] == MAGIC:
+            if load_acquire(m, q, MAGIC_W) == MAGIC:
                 q[NEXT_GEN] = next_gen
-                q[STATE] = SUPERSEDED_STATE
-                q[STRUCT] = SUPERSEDED
+                store_release(m, q, STATE, SUPERSEDED_STATE)
+                store_release(m, q, STRUCT, SUPERSEDED)
             q.release()
             m.close()
     finally:
@@ -342,6 +342,32 @@ def _python_lookups(seg: _Segment, read_value: Callable[[int, int], bytes | None
     return find_many, value_now
 
 
+def store_release(m: mmap.mmap, q: memoryview, word: int, value: int) -> None:
+    """``q[word] = value`` as a release store: every load and store before it is visible
+    before it (Memory ordering, above). ``m`` is the mapping ``q`` is a view of."""
+    native = _backend.native
+    if native is None:
+        q[word] = value  # x86-64 (the Python backend's only machine) orders stores
+    else:
+        native.store_release(m, word, value)
+
+
+def store_fenced(m: mmap.mmap, q: memoryview, word: int, value: int) -> None:
+    """``q[word] = value``, then a release fence: no later store is visible before it."""
+    native = _backend.native
+    if native is None:
+        q[word] = value
+    else:
+        native.store_fenced(m, word, value)
+
+
+def load_acquire(m: mmap.mmap, q: memoryview, word: int) -> int:
+    """``q[word]`` as an acquire load after an acquire fence: every load before it (data
+    copied, a table file read) is made before it, and no later load before it."""
+    native = _backend.native
+    return q[word] if native is None else native.load_acquire(m, word)
+
+
 class _Segment:
     """A mapped segment and the layout numbers derived from its header."""
 
@@ -355,6 +381,18 @@ class _Segment:
         self.heap_start = self.slots_end * 8
         self.heap_bytes = self.q[HEAP_BYTES]
         self.find_many, self.value_now = _make_lookups(self)
+
+    def store_release(self, word: int, value: int) -> None:
+        """A header word stored with release ordering (the function ``store_release``)."""
+        store_release(self.m, self.q, word, value)
+
+    def store_fenced(self, word: int, value: int) -> None:
+        """A header word stored, then a release fence (the function ``store_fenced``)."""
+        store_fenced(self.m, self.q, word, value)
+
+    def load_acquire(self, word: int) -> int:
+        """A header word loaded with acquire ordering (the function ``load_acquire``)."""
+        return load_acquire(self.m, self.q, word)
 
     def bind_reader(self, read_value: Callable[[int, int], bytes | None], limits: dict[int, int],
                     slow: Callable[[int, int], Any]) -> None:
@@ -452,7 +490,7 @@ class OverlayReader(_Segment):
         finally:
             shm.close_fd()
         q = memoryview(m).cast("Q")
-        ok = len(q) >= HEADER_WORDS and q[MAGIC_W] == MAGIC and q[LAYOUT] == LAYOUT_VERSION
+        ok = len(q) >= HEADER_WORDS and load_acquire(m, q, MAGIC_W) == MAGIC and q[LAYOUT] == LAYOUT_VERSION
         q.release()
         if not ok:
             m.close()
@@ -470,8 +508,9 @@ class _Window:
         self.ov = ov
 
     def __enter__(self) -> OverlayWriter:
-        self.ov.q[STRUCT] += 1
-        return self.ov
+        ov = self.ov
+        ov.store_fenced(STRUCT, ov.q[STRUCT] + 1)  # odd before any store of the window
+        return ov
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -480,7 +519,7 @@ class _Window:
             q = ov.q
             q[ENTRIES] = len(ov.where)
             q[HEAP_USED] = ov.used
-            q[STRUCT] += 1
+            ov.store_release(STRUCT, q[STRUCT] + 1)  # even after every store of the window
         else:
             ov.retire(CLOSED)
 
@@ -517,11 +556,11 @@ class OverlayWriter(_Segment):
         q = memoryview(m).cast("Q")
         q[NSLOTS] = nslots
         q[HEAP_BYTES] = heap_bytes
-        q[MAGIC_W] = MAGIC
         q[LAYOUT] = LAYOUT_VERSION
         q[GENERATION] = generation
         q[WRITER_PID] = os.getpid()
         q[STATE] = LIVE
+        store_release(m, q, MAGIC_W, MAGIC)  # last: a reader that sees it sees the header
         q.release()
         super().__init__(name, m)
         self.generation = generation
@@ -634,7 +673,7 @@ class OverlayWriter(_Segment):
         ``more`` (data None: removed) and its table drops; then raise the watermark. ``size``:
         its ``blob_size``, if the caller has it already. The publish hot path."""
         self._link(record_id, items, more, drops, size)
-        self.q[COMMITTED] = record_id  # the release: every store of _link is visible before it
+        self.store_release(COMMITTED, record_id)  # every store of _link is visible before it
 
     def _link(self, record_id: int, items: Collection[tuple[tuple[int, int], bytes | None]],
               more: Collection[tuple[tuple[int, int], bytes | None]],
@@ -838,8 +877,7 @@ class OverlayWriter(_Segment):
 
     def retire(self, state: int, next_gen: int = 0) -> None:
         """Mark this generation dead for readers and remove its name; the mapping stays valid."""
-        q = self.q
-        q[NEXT_GEN] = next_gen
-        q[STATE] = state
-        q[STRUCT] = SUPERSEDED
+        self.q[NEXT_GEN] = next_gen
+        self.store_release(STATE, state)
+        self.store_release(STRUCT, SUPERSEDED)
         unlink_segment(self.name)

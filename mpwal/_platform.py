@@ -1,9 +1,11 @@
-"""Where mpwal runs: Linux, on x86-64.
+"""Where mpwal runs: Linux; on x86-64 with either backend, elsewhere with the native one.
 
-mpwal needs Linux for open file description locks, ``/dev/shm`` and ``fallocate``; the
-pure-Python backend also relies on x86-64's ordering of stores between processes for its
-shared-memory sequence lock (readers see a window's writes in the order the writer made them).
-``check_platform`` runs at ``import mpwal``; ``check_machine`` when a Writer or Reader opens.
+mpwal needs Linux for open file description locks, ``/dev/shm`` and ``fallocate``. The
+pure-Python backend also relies on x86-64's ordering of loads and stores between processes for
+the overlay's contract (``_overlay.py``: readers see the writer's stores in the order it made
+them); the native backend makes every ordered store and load of that contract a C11 release or
+acquire, which is what other processors (aarch64) need. ``check_platform`` runs at ``import
+mpwal``; ``check_machine`` when a Writer or Reader opens.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ def check_platform() -> None:
 
 
 def check_machine() -> None:
-    """Raise UnsupportedPlatformError on a processor the pure-Python backend cannot serve."""
+    """Raise UnsupportedPlatformError on a processor the running backend cannot serve: the
+    Python backend serves x86-64 only."""
+    from . import _backend  # (imported here: _backend warns at import, after the platform check)
     machine = platform.machine()
-    if machine not in SUPPORTED_MACHINES:
+    if machine not in SUPPORTED_MACHINES and _backend.native is None:
         raise UnsupportedPlatformError(
-            f"mpwal cannot open a database on {machine or 'an unknown machine'}: the pure-Python "
-            "backend relies on x86-64 store ordering for shared memory; other architectures "
-            "need the native backend, not yet built")
+            f"mpwal cannot open a database on {machine or 'an unknown machine'} with its Python "
+            f"backend ({_backend.why_python}): it relies on x86-64's ordering of shared-memory "
+            "stores; install mpwal with a C compiler and the Python headers for the native "
+            "backend, which orders them itself")

@@ -71,7 +71,7 @@ class Publisher:
     def absorb(self) -> None:
         """Free the versions of the records the enactor applied."""
         ov = self.ov
-        enacted = ov.q[ENACTED]
+        enacted = ov.load_acquire(ENACTED)
         pend = self.pending
         if not pend or pend[0][0] > enacted:
             return

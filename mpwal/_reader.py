@@ -164,7 +164,7 @@ class Reader:
                 except FileNotFoundError:
                     seg = None
                 if seg is not None:
-                    if seg.q[STATE] == LIVE:
+                    if seg.load_acquire(STATE) == LIVE:
                         self._use_segment(seg)
                         return
                     seg.release()
@@ -177,7 +177,7 @@ class Reader:
             self._seg.release()
         seg.bind_reader(self._files.read_value, self._limits, self._value_slow)
         self._seg = seg
-        self._set_fast(seg if seg.q[COMMITTED] >= self._floor else None)
+        self._set_fast(seg if seg.load_acquire(COMMITTED) >= self._floor else None)
         self._private = None
         self._refresh_catalog()
 
@@ -276,10 +276,10 @@ class Reader:
         """The segment was superseded, closed, or its writer died: find what to read now."""
         self.recoveries += 1
         seg = self._seg
-        if seg is not None and seg.q[0] == SUPERSEDED and seg.q[STATE] != LIVE and seg.q[NEXT_GEN]:
+        if seg is not None and seg.load_acquire(STRUCT) == SUPERSEDED and seg.q[STATE] != LIVE and seg.q[NEXT_GEN]:
             try:
                 nxt = OverlayReader(segment_name(self.path, seg.q[NEXT_GEN]))
-                if nxt.q[STATE] == LIVE:
+                if nxt.load_acquire(STATE) == LIVE:
                     self._use_segment(nxt)
                     return
                 nxt.release()
@@ -330,12 +330,12 @@ class Reader:
                     continue
                 return out
             q = seg.q
-            s = q[STRUCT]
+            s = seg.load_acquire(STRUCT)
             if s == SUPERSEDED:
                 self._recover()
                 continue
             if not s & 1:
-                w_mark = q[COMMITTED]
+                w_mark = seg.load_acquire(COMMITTED)
                 if snap is not None:
                     if w_mark < snap.record_id:
                         raise snap._expired("a new writer replayed the logs without records "
@@ -350,15 +350,15 @@ class Reader:
                 try:
                     out = at_mark(seg, w_mark)
                 except (Torn, IndexError):  # freed bytes under a structural change: again
-                    if q[STRUCT] == s:
+                    if seg.load_acquire(STRUCT) == s:
                         raise  # no change happened: a bug, not a race
                     continue
-                if q[ENACTING] > w_mark:
+                if seg.load_acquire(ENACTING) > w_mark:
                     if snap is not None and not snap._holds_enactor(spins):
                         raise snap._expired("the enactor passed it")
                     spins += 1  # a plain call looks again higher; a held pin: a transient
                     continue  # announcement the enactor lowers before it writes (_pins.py)
-                if q[STRUCT] == s:
+                if seg.load_acquire(STRUCT) == s:
                     if snap is None and w_mark >= self._floor and self._fast is not seg:
                         self._stuck = None
                         self._set_fast(seg)
@@ -384,7 +384,7 @@ class Reader:
                         if snap is None:
                             self._floor = max(self._floor, view.last)
                             self._set_fast(None)  # back to the segment once it catches up
-                        elif (q[ENACTING] > snap.record_id or seg.q[STRUCT] == SUPERSEDED) \
+                        elif (seg.load_acquire(ENACTING) > snap.record_id or seg.q[STRUCT] == SUPERSEDED) \
                                 and not snap._holds_enactor(0):
                             raise snap._expired("the enactor passed it")  # (after the read)
                         return out
@@ -583,10 +583,10 @@ class Snapshot:
             seg = r._seg
             if seg is None:
                 return w_mark
-            if seg.q[STRUCT] == SUPERSEDED or seg.q[STATE] != LIVE:  # it grew, or its writer
+            if seg.load_acquire(STRUCT) == SUPERSEDED or seg.q[STATE] != LIVE:  # it grew, or its writer
                 r._recover()  # went: pin again against the generation that is current
                 continue
-            if seg.q[ENACTING] <= w_mark:
+            if seg.load_acquire(ENACTING) <= w_mark:
                 return w_mark
         raise DatabaseError("the enactor kept passing every watermark this snapshot tried; "
                             "try again")

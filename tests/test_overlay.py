@@ -652,7 +652,8 @@ def free_watching(w, enacted, at_window_end):
 
     w.q = WatchedStores(w.q, after)
     try:
-        w.free_enacted(enacted)
+        with _backend.python_backend():  # the reference's stores, each through w.q (the native
+            w.free_enacted(enacted)  # backend stores struct in C: the differential tests)
     finally:
         w.q = w.q.q
     return len(ends)
