@@ -77,10 +77,15 @@ a snapshot whose pin the enactor no longer honours, refused).
 
 Memory ordering: the writer's and enactor's stores above are releases, and the reader's loads
 of ``struct``, ``committed``, ``head``, node words and ``enacting`` acquires, in that program
-order. Words are written as single aligned 8-byte stores through ``memoryview.cast('Q')``
-(``struct.pack_into`` would zero its target first). x86-64 (TSO) keeps stores in order and
-loads in order, which is all this needs; other architectures need the fences that the native
-backend emits with C11 atomics and pure Python cannot.
+order; the store that opens a window (``struct`` odd) and ``enacting`` before a batch are
+followed by a release fence (no later store passes them), and the reader's rechecks of
+``enacting`` and ``struct`` follow an acquire fence (the data it copied and the table file it
+read are read before them: a seqlock reader's fence). Words are written as single aligned
+8-byte stores through ``memoryview.cast('Q')`` (``struct.pack_into`` would zero its target
+first). The Python backend relies on x86-64 (TSO), which keeps stores in order and loads in
+order, and refuses other machines (``_platform.py``). The native backend makes each of these a
+C11 atomic: its lookups and publish loop in C, and the header words the Python code stores and
+loads through ``store_release``, ``store_fenced`` and ``load_acquire`` below.
 
 The hash is Fibonacci hashing of ``index ^ (table << 47)``: the top ``log2(nslots)`` bits of the
 64-bit product with 0x9E3779B97F4A7C15, so strided indices spread.
