@@ -2,7 +2,7 @@
 """Benchmarks: mpwal beside SQLite (WAL mode) and LMDB, on the same workloads, in one run.
 
     python scripts/bench.py              # every figure, full sizes (several minutes)
-    python scripts/bench.py --quick      # every figure, small sizes (under a minute on 2 cores)
+    python scripts/bench.py --quick      # every figure, small sizes (a minute or two on 2 cores)
     python scripts/bench.py --only ingest,reads --markdown
 
 Figures (``--only`` takes these names or their numbers):
@@ -16,15 +16,25 @@ Figures (``--only`` takes these names or their numbers):
 4. ``large``     64 KiB values, MB/s, beside a plain file fsynced as mpwal fsyncs its log
                  (every 64 MiB or every second).
 5. ``sustained`` ingestion for a minute (5 s with --quick) with enactment running; the directory's
-                 disk usage and mpwal's /dev/shm usage at the end.
+                 disk usage and mpwal's /dev/shm usage at the end, and the resident memory
+                 (VmRSS) of the writing process (a fresh one per system) at the start and at the
+                 end of the timed run.
 6. ``lookups``   point lookups in one process with the writer idle: mpwal answers every one from
                  the overlay in shared memory (the reader's best case).
+7. ``latency``   p50, p99 and max of each call's duration (time.perf_counter_ns), in µs: commits of
+                 1 and 100 values paced at half each system's own peak rate (mpwal relaxed, SQLite
+                 NORMAL, LMDB sync off), durable 1-value commits back to back (mpwal commit,
+                 SQLite FULL, LMDB sync on), and a reader process's value() and values() of 100
+                 keys while a writer process ingests records of 100.
 
-Every timed loop runs for a fixed time and counts what it finished (time.perf_counter). The
-column mpwal/this is mpwal's rate (its first row: the default configuration) divided by the
-row's, on the table's first column and the same workload: above 1 mpwal is faster. Each
-workload gets a fresh temporary directory, removed afterwards; mpwal writers are closed so their
-shared memory is unlinked. Nothing here asserts on timings.
+Every figure runs mpwal on its default backend and, when that is the native one, again on the
+Python backend ("…, Python backend" rows). Every timed loop runs for a fixed time and counts
+what it finished (time.perf_counter). The column mpwal/this compares each row with mpwal's
+first row of the same workload (the default configuration, native backend): on the table's
+first column, mpwal's rate divided by the row's; in figure 7, the row's p99 divided by mpwal's.
+Either way, above 1 mpwal is faster. Each workload gets a fresh temporary directory, removed
+afterwards; mpwal writers are closed so their shared memory is unlinked. Nothing here asserts
+on timings.
 
 LMDB is optional (``pip install mpwal[bench]``).
 """
@@ -33,9 +43,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import multiprocessing as mp
 import os
 import platform
+import queue
 import random
 import shutil
 import sqlite3
@@ -44,6 +56,7 @@ import tempfile
 import threading
 import time
 import traceback
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,13 +107,16 @@ class Sizes:
     large_s: float         # time limit per system, figure 4
     sustained_s: float     # figure 5
     enactor_process_row: bool  # figure 5 also runs mpwal with enactor="process"
-    keyspace: int = 1_000_000  # keys cycle over this range (figures 1, 2, 5)
+    latency_peak_s: float  # figure 7: the unpaced run that measures a system's peak rate
+    latency_s: float       # figure 7: each timed phase (paced commits, durable commits, reads)
+    keyspace: int = 1_000_000  # keys cycle over this range (figures 1, 2, 5, 7)
 
 
 FULL = Sizes(ingest_s=5, commit_s=5, read_keys=200_000, read_s=5, large_bytes=1 << 30,
-             large_s=60, sustained_s=60, enactor_process_row=True)
+             large_s=60, sustained_s=60, enactor_process_row=True, latency_peak_s=1, latency_s=5)
 QUICK = Sizes(ingest_s=0.5, commit_s=0.75, read_keys=20_000, read_s=0.5, large_bytes=64 << 20,
-              large_s=3, sustained_s=5, enactor_process_row=False)
+              large_s=3, sustained_s=5, enactor_process_row=False, latency_peak_s=0.25,
+              latency_s=0.75)
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -157,6 +173,94 @@ def run_threads(nthreads: int, seconds: float, make_step) -> tuple[int, float]:
     return sum(r[0] for r in results), max(r[1] for r in results)
 
 
+LATENCY_SAMPLE = 200_000   # durations kept per timed phase of figure 7; beyond it, a reservoir
+SPIN_NS = 200_000          # a paced call sleeps until this close to its time, then spins
+
+
+class Sample:
+    """The durations (ns) of one timed phase: every one up to LATENCY_SAMPLE, then a uniform
+    reservoir of that many (algorithm R); the count and the maximum exactly."""
+
+    def __init__(self) -> None:
+        self.kept = array("q")
+        self.seen = 0
+        self.max = 0
+        self.rng = random.Random(7)
+
+    def add(self, ns: int) -> None:
+        self.seen += 1
+        self.max = max(self.max, ns)
+        if len(self.kept) < LATENCY_SAMPLE:
+            self.kept.append(ns)
+        else:
+            j = self.rng.randrange(self.seen)
+            if j < LATENCY_SAMPLE:
+                self.kept[j] = ns
+
+    def summary(self) -> dict:
+        """p50 and p99 (nearest rank on the kept durations) and max, in µs."""
+        s = sorted(self.kept)
+        if not s:
+            return {}
+
+        def rank(q: float) -> float:
+            return s[max(0, math.ceil(q * len(s)) - 1)] / 1e3
+        return {"p50 µs": rank(0.50), "p99 µs": rank(0.99), "max µs": self.max / 1e3}
+
+
+def timed(fn: Callable[[Any], Any], record: Callable[[int], None]) -> Callable[[Any], Any]:
+    """``fn`` that also passes each call's own duration (perf_counter_ns) to ``record``."""
+    def call(arg):
+        t = time.perf_counter_ns()
+        got = fn(arg)
+        record(time.perf_counter_ns() - t)
+        return got
+    return call
+
+
+def run_paced(rate: float, seconds: float, step) -> tuple[int, float]:
+    """Call ``step(i)`` for i = 0, 1, … at ``rate`` calls/s for ``seconds``, each call at its
+    scheduled time t0 + i / rate (sleeping, then spinning, until it; at once when late); return
+    (calls, elapsed)."""
+    interval = 1e9 / rate
+    t0 = time.perf_counter_ns()
+    deadline = t0 + int(seconds * 1e9)
+    i = 0
+    while True:
+        due, now = t0 + int(i * interval), time.perf_counter_ns()
+        if now >= deadline:
+            return i, (now - t0) / 1e9
+        if due - now > SPIN_NS:
+            time.sleep((due - now - SPIN_NS) / 1e9)
+        while time.perf_counter_ns() < due:
+            pass
+        step(i)
+        i += 1
+
+
+RSS_FIELDS = ("VmRSS", "RssAnon", "RssShmem", "RssFile")  # all of it; anonymous, shared, file
+
+
+def rss_mib() -> dict[str, float]:
+    """This process's resident memory from /proc/self/status, in MiB: {RSS_FIELDS entry: MiB}
+    (empty without /proc)."""
+    got = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in RSS_FIELDS:
+                    got[name] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return got
+
+
+def rss_columns(start: dict[str, float], end: dict[str, float]) -> dict:
+    """Figure 5's RSS columns, and the parts of the resident memory at the end (for its notes)."""
+    return {"RSS start MiB": start.get("VmRSS"), "RSS end MiB": end.get("VmRSS"), "rss end": end}
+
+
 def dir_disk_bytes(path: str) -> int:
     """Bytes the files under ``path`` occupy on disk (allocated blocks)."""
     total = 0
@@ -209,6 +313,15 @@ def open_mpwal(db: str, durability: str = "relaxed", enactor: str | None = None)
                         sync_wal=True, sync_data=True, durability=durability, **kw)
 
 
+def mpwal_put(w, k0: int, per_record: int) -> None:
+    """One record of the values of keys k0 … k0 + per_record - 1."""
+    with w.record() as rec:
+        if per_record == 1:
+            rec.insert_value(VALUE_TABLE, k0, val(k0))
+        else:
+            rec.insert_values(VALUE_TABLE, [(k, val(k)) for k in range(k0, k0 + per_record)])
+
+
 def open_sqlite(db: str, sync: str) -> sqlite3.Connection:
     conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=30000")
@@ -250,14 +363,7 @@ def key_block(i: int, per_record: int, keyspace: int) -> int:
 def ingest_mpwal(tmp: str, per_record: int, z: Sizes, enactor: str | None = None) -> dict:
     w = open_mpwal(os.path.join(tmp, "db"), durability="relaxed", enactor=enactor)
     try:
-        def step(i):
-            k0 = key_block(i, per_record, z.keyspace)
-            with w.record() as rec:
-                if per_record == 1:
-                    rec.insert_value(VALUE_TABLE, k0, val(k0))
-                else:
-                    rec.insert_values(VALUE_TABLE, [(k, val(k)) for k in range(k0, k0 + per_record)])
-        n, dt = run_for(z.ingest_s, step)
+        n, dt = run_for(z.ingest_s, lambda i: mpwal_put(w, key_block(i, per_record, z.keyspace), per_record))
     finally:
         w.close()
     return {"records/s": n / dt, "values/s": n * per_record / dt}
@@ -291,11 +397,8 @@ def figure_ingest(z: Sizes):
     rows = []
     for per in (1, 100, 1000):
         wl = f"{per} value{'s' if per > 1 else ''}/record"
-        rows.append(measure(wl, "mpwal (relaxed)", ingest_mpwal, per, z))
+        rows += backends(wl, "mpwal (relaxed)", ingest_mpwal, per, z)
         rows.append(measure(wl, "mpwal (relaxed, enactor process)", ingest_mpwal, per, z, "process"))
-        if mpwal.backend == "native":
-            with _backend.python_backend():
-                rows.append(measure(wl, "mpwal (relaxed), Python backend", ingest_mpwal, per, z))
         rows.append(measure(wl, "SQLite WAL NORMAL", ingest_sqlite, per, z))
         rows.append(measure(wl, "LMDB sync off", ingest_lmdb, per, z, needs="lmdb"))
     return Figure("1. Ingestion: 100-byte values, one thread, one record per commit",
@@ -360,7 +463,7 @@ def figure_commit(z: Sizes):
     rows = []
     for nt in (1, 4):
         wl = f"{nt} thread{'s' if nt > 1 else ''}"
-        rows.append(measure(wl, "mpwal (commit)", commit_mpwal, nt, z))
+        rows += backends(wl, "mpwal (commit)", commit_mpwal, nt, z)
         rows.append(measure(wl, "SQLite WAL FULL", commit_sqlite, nt, z))
         rows.append(measure(wl, "LMDB sync on", commit_lmdb, nt, z, needs="lmdb"))
     return Figure("2. Durable commits: 1-value records, each commit returns once on disk",
@@ -381,8 +484,7 @@ def _writer_proc(system: str, db: str, nkeys: int, ready, ok, stop, count, out) 
         if system == "mpwal":
             w = open_mpwal(db, durability="relaxed")
             def put(k0):
-                with w.record() as rec:
-                    rec.insert_values(VALUE_TABLE, [(k, val(k)) for k in range(k0, k0 + per)])
+                mpwal_put(w, k0, per)
             close = w.close
         elif system == "sqlite":
             conn = open_sqlite(db, "NORMAL")
@@ -444,11 +546,12 @@ def lmdb_getters(env: Any) -> Getters:
 
 
 def _reader_proc(system: str, db: str, nkeys: int, seconds: float, seed: int, db_ready, rounds,
-                 out) -> None:
+                 latency: bool, out) -> None:
     """Once ``db_ready`` is set, open the store and say so on ``out``; then, for each event of
     ``rounds`` in turn, wait for it and do random lookups one key at a time for ``seconds``, then
     in batches of 100 for ``seconds``, and put (lookups/s single, lookups/s batched, wrong
-    answers) on ``out``."""
+    answers) on ``out``; with ``latency``, each call is timed and the two rates are instead
+    Sample summaries with the calls/s."""
     try:
         rng = random.Random(seed)
         keys = [rng.randrange(nkeys) for _ in range(20_000)]
@@ -458,18 +561,19 @@ def _reader_proc(system: str, db: str, nkeys: int, seconds: float, seed: int, db
             raise RuntimeError("the writer process did not write the keys within 300 s")
         if system == "mpwal":
             r = mpwal.Reader(db)
-            get = lambda k: r.value(VALUE_TABLE, k)                     # noqa: E731
-            get_many = lambda ks: r.values(VALUE_TABLE, ks)             # noqa: E731
+            get_one = lambda k: r.value(VALUE_TABLE, k)                 # noqa: E731
+            get_batch = lambda ks: r.values(VALUE_TABLE, ks)            # noqa: E731
             close = r.close
         elif system == "sqlite":
             conn = sqlite3.connect(db, isolation_level=None)
             conn.execute("PRAGMA busy_timeout=30000")
-            get, get_many = sqlite_getters(conn)
+            get_one, get_batch = sqlite_getters(conn)
             close = conn.close
         else:
             env = open_lmdb(db, sync=False, readonly=True)
-            get, get_many = lmdb_getters(env)
+            get_one, get_batch = lmdb_getters(env)
             close = env.close
+        get, get_many = get_one, get_batch
         try:
             out.put(("ready", seed))
 
@@ -490,9 +594,16 @@ def _reader_proc(system: str, db: str, nkeys: int, seconds: float, seed: int, db
             for go in rounds:
                 go.wait()
                 bad = 0
+                if latency:
+                    s1, s2 = Sample(), Sample()
+                    get, get_many = timed(get_one, s1.add), timed(get_batch, s2.add)
                 n1, dt1 = run_for(seconds, single)
                 n2, dt2 = run_for(seconds, batched)
-                out.put(("result", n1 * 100 / dt1, n2 * 100 / dt2, bad))
+                if latency:
+                    out.put(("result", {**s1.summary(), "calls/s": s1.seen / dt1},
+                             {**s2.summary(), "calls/s": s2.seen / dt2}, bad))
+                else:
+                    out.put(("result", n1 * 100 / dt1, n2 * 100 / dt2, bad))
         finally:
             close()
     except BaseException:  # noqa: BLE001 - reported by the parent
@@ -505,29 +616,67 @@ def child_error(who: str, tb: str) -> RuntimeError:
     return RuntimeError(f"{who}: {tb.strip().splitlines()[-1]}")
 
 
-def reads_system(tmp: str, system: str, z: Sizes) -> dict[int, tuple]:
-    """A writer process and two reader processes (started together; the readers open the store
-    once the writer has written the keys). Round 1: reader 0 reads alone; round 2: both read.
-    Returns {readers: (single lookups/s per process, batched lookups/s per process, writer
-    records/s meanwhile, wrong answers)}."""
+def _own_proc(fn, args: tuple, out) -> None:
+    """Put ("ok", ``fn(*args)``, the mpwal directories it made) or ("error", who, traceback) on
+    ``out``."""
+    try:
+        out.put(("ok", fn(*args), MPWAL_DIRS))
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        out.put(("error", f"process running {fn.__name__}", traceback.format_exc()))
+
+
+def in_own_process(tmp: str, fn, *args):
+    """``fn(tmp, *args)`` in a fresh (spawned) process, so that what it measures of its process
+    (its memory) is its own; waits for as long as the process lives."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_own_proc, args=(fn, (tmp, *args), out))
+    p.start()
+    try:
+        while True:
+            try:
+                tag, *rest = out.get(timeout=1)
+                break
+            except queue.Empty:
+                if not p.is_alive() and out.empty():
+                    raise RuntimeError(f"the process running {fn.__name__} died "
+                                       f"(exit code {p.exitcode})") from None
+    finally:
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if tag == "error":
+        raise child_error(*rest)
+    MPWAL_DIRS.extend(rest[1])
+    return rest[0]
+
+
+def read_rounds(tmp: str, system: str, z: Sizes, readers: tuple[int, ...], seconds: float,
+                latency: bool) -> dict[int, tuple[list, float]]:
+    """A writer process and max(``readers``) reader processes (started together; the readers
+    open the store once the writer has written the keys), then a round per entry n of
+    ``readers`` in which readers 0 … n-1 read, each phase for ``seconds`` (see _reader_proc).
+    Returns {n: (the n readers' results, writer records/s meanwhile)}."""
     ctx = mp.get_context("spawn")
     db = os.path.join(tmp, {"mpwal": "db", "sqlite": "db.sqlite", "lmdb": "db.lmdb"}[system])
     if system == "mpwal":
         MPWAL_DIRS.append(db)
     ready, ok, stop, count = ctx.Event(), ctx.RawValue("b", 0), ctx.Event(), ctx.RawValue("Q", 0)
     wout, out = ctx.Queue(), ctx.Queue()   # the writer's errors; the readers' messages
-    rounds = {1: ctx.Event(), 2: ctx.Event()}
+    rounds = {n: ctx.Event() for n in readers}
     procs = [ctx.Process(target=_writer_proc, args=(system, db, z.read_keys, ready, ok, stop, count, wout))]
-    procs += [ctx.Process(target=_reader_proc, args=(system, db, z.read_keys, z.read_s, seed, ready,
-                                                     [rounds[n] for n in (1, 2) if seed < n], out))
-              for seed in (0, 1)]
+    procs += [ctx.Process(target=_reader_proc, args=(system, db, z.read_keys, seconds, seed, ready,
+                                                     [rounds[n] for n in readers if seed < n],
+                                                     latency, out))
+              for seed in range(max(readers))]
     for p in procs:
         p.start()
 
     def collect(n):
         msgs: list[list[Any]] = []
         while len(msgs) < n:
-            tag, *rest = out.get(timeout=300 + 4 * z.read_s)
+            tag, *rest = out.get(timeout=300 + 4 * seconds)
             if tag == "error":
                 raise child_error(*rest)
             msgs.append(rest)
@@ -539,14 +688,12 @@ def reads_system(tmp: str, system: str, z: Sizes) -> dict[int, tuple]:
             raise RuntimeError("the writer process did not finish writing the keys within 300 s")
         if not ok.value:
             raise child_error(*wout.get(timeout=10)[1:])
-        collect(2)                     # both readers have opened the store
-        for nreaders in (1, 2):
+        collect(max(readers))          # every reader has opened the store
+        for nreaders in readers:
             c0, t0 = count.value, time.perf_counter()
             rounds[nreaders].set()
             msgs = collect(nreaders)
-            wrate = (count.value - c0) / (time.perf_counter() - t0)
-            result[nreaders] = (sum(m[0] for m in msgs) / nreaders, sum(m[1] for m in msgs) / nreaders,
-                                wrate, sum(m[2] for m in msgs))
+            result[nreaders] = (msgs, (count.value - c0) / (time.perf_counter() - t0))
     finally:
         for p in procs[1:]:
             p.join(5)
@@ -561,21 +708,32 @@ def reads_system(tmp: str, system: str, z: Sizes) -> dict[int, tuple]:
     return result
 
 
+def reads_system(tmp: str, system: str, z: Sizes) -> dict[int, tuple]:
+    """Figure 3's rounds: reader 0 alone, then both readers. Returns {readers: (single
+    lookups/s per process, batched lookups/s per process, writer records/s meanwhile, wrong
+    answers)}."""
+    result = {}
+    for n, (msgs, wrate) in read_rounds(tmp, system, z, (1, 2), z.read_s, latency=False).items():
+        result[n] = (sum(m[0] for m in msgs) / n, sum(m[1] for m in msgs) / n, wrate,
+                     sum(m[2] for m in msgs))
+    return result
+
+
+def each_reading_system(fn, z: Sizes) -> dict[str, Any]:
+    """``measure(…, raw=True)`` of ``fn(tmp, system, z)`` for mpwal (on both backends when the
+    native one runs), SQLite and LMDB: {row label: result, or the reason there is none}."""
+    got = {"mpwal": measure("", "mpwal", fn, "mpwal", z, raw=True)}
+    if mpwal.backend == "native":
+        with _backend.python_backend():
+            got["mpwal, Python backend"] = measure("", "mpwal, Python backend", fn, "mpwal", z, raw=True)
+    got["SQLite WAL NORMAL"] = measure("", "SQLite WAL NORMAL", fn, "sqlite", z, raw=True)
+    got["LMDB"] = measure("", "LMDB", fn, "lmdb", z, needs="lmdb", raw=True)
+    return got
+
+
 def figure_reads(z: Sizes):
     rows = []
-    labels = {"mpwal": "mpwal", "mpwal-python": "mpwal, Python backend",
-              "sqlite": "SQLite WAL NORMAL", "lmdb": "LMDB"}
-    systems = ["mpwal"] + (["mpwal-python"] if mpwal.backend == "native" else []) + ["sqlite", "lmdb"]
-    per_system = {}
-    for system in systems:
-        needs = {"lmdb": "lmdb"}.get(system)
-        if system == "mpwal-python":
-            with _backend.python_backend():
-                per_system[system] = measure("", labels[system], reads_system, "mpwal", z,
-                                             needs=needs, raw=True)
-        else:
-            per_system[system] = measure("", labels[system], reads_system, system, z, needs=needs,
-                                         raw=True)
+    per_system = each_reading_system(reads_system, z)
     notes = [f"{z.read_keys:,} keys of 100 bytes written first; the writer process then keeps "
              "overwriting them in records of 100 (mpwal relaxed, SQLite NORMAL, LMDB sync off).",
              "Readers: mpwal r.value() / r.values(); SQLite SELECT … WHERE k = ? / k IN (100 keys); "
@@ -583,15 +741,14 @@ def figure_reads(z: Sizes):
     for nreaders in (1, 2):
         for kind, idx in (("value()", 0), ("values() ×100", 1)):
             wl = f"{nreaders} reader{'s' if nreaders > 1 else ''}, {kind}"
-            for system in systems:
-                got = per_system[system]
+            for label, got in per_system.items():
                 if isinstance(got, str):
-                    rows.append(Row(wl, labels[system], None, got))
+                    rows.append(Row(wl, label, None, got))
                     continue
                 s = got[nreaders]
-                rows.append(Row(wl, labels[system], {"lookups/s/process": s[idx], "writer rec/s": s[2]}))
+                rows.append(Row(wl, label, {"lookups/s/process": s[idx], "writer rec/s": s[2]}))
                 if s[3]:
-                    notes.append(f"{labels[system]}, {nreaders} reader(s): {s[3]} lookups returned "
+                    notes.append(f"{label}, {nreaders} reader(s): {s[3]} lookups returned "
                                  "a missing or wrong value")
     return Figure("3. Point reads per reader process while a writer process ingests",
                   ["lookups/s/process", "writer rec/s"], rows, notes=notes)
@@ -654,12 +811,9 @@ def lookups_lmdb(tmp: str, z: Sizes) -> dict:
 
 def figure_lookups(z: Sizes):
     wl = f"{z.read_keys:,} keys"
-    rows = [measure(wl, "mpwal (overlay)", lookups_mpwal, z)]
-    if mpwal.backend == "native":
-        with _backend.python_backend():
-            rows.append(measure(wl, "mpwal (overlay), Python backend", lookups_mpwal, z))
+    rows = backends(wl, "mpwal (overlay)", lookups_mpwal, z)
     rows += [measure(wl, "SQLite WAL NORMAL", lookups_sqlite, z),
-            measure(wl, "LMDB", lookups_lmdb, z, needs="lmdb")]
+             measure(wl, "LMDB", lookups_lmdb, z, needs="lmdb")]
     return Figure("6. Lookups in one process with the writer idle (mpwal: every key in the overlay)",
                   ["value()/s", "values() ×100, lookups/s"], rows,
                   notes=["The reading process does nothing else; mpwal's keys were committed and not "
@@ -721,10 +875,10 @@ def large_lmdb(tmp: str, z: Sizes) -> dict:
 
 def figure_large(z: Sizes):
     wl = "64 KiB values"
-    rows = [measure(wl, "mpwal (relaxed)", large_mpwal, z),
-            measure(wl, f"plain file, fsync/{FILE_FSYNC_EVERY >> 20} MiB", large_file, z),
-            measure(wl, "SQLite WAL NORMAL", large_sqlite, z),
-            measure(wl, "LMDB sync off", large_lmdb, z, needs="lmdb")]
+    rows = backends(wl, "mpwal (relaxed)", large_mpwal, z)
+    rows += [measure(wl, f"plain file, fsync/{FILE_FSYNC_EVERY >> 20} MiB", large_file, z),
+             measure(wl, "SQLite WAL NORMAL", large_sqlite, z),
+             measure(wl, "LMDB sync off", large_lmdb, z, needs="lmdb")]
     return Figure(f"4. Large values: one 64 KiB value per record, up to {z.large_bytes >> 20} MiB "
                   f"or {z.large_s:g} s per system", ["MB/s"], rows,
                   notes=["MB = 10^6 bytes of values committed per second; timed: the commit loop only.",
@@ -736,28 +890,39 @@ def figure_large(z: Sizes):
 # -- figure 5: sustained ingestion with enactment ------------------------------------------------
 
 SUSTAINED_PER = 100
-SUSTAINED_NOTES: list[str] = []
 
 
 def sustained_mpwal(tmp: str, z: Sizes, enactor: str | None = None) -> dict:
     db = os.path.join(tmp, "db")
     w = open_mpwal(db, durability="relaxed", enactor=enactor)
     try:
-        def step(i):
-            k0 = key_block(i, SUSTAINED_PER, z.keyspace)
-            with w.record() as rec:
-                rec.insert_values(VALUE_TABLE, [(k, val(k)) for k in range(k0, k0 + SUSTAINED_PER)])
-        n, dt = run_for(z.sustained_s, step)
+        rss0 = rss_mib()
+        n, dt = run_for(z.sustained_s, lambda i: mpwal_put(w, key_block(i, SUSTAINED_PER, z.keyspace),
+                                                           SUSTAINED_PER))
+        rss1 = rss_mib()
         disk, (shm, shm_used) = dir_disk_bytes(tmp), shm_bytes(mpwal_shm_prefix(db))
         st = w.stats()
     finally:
         w.close()
-    SUSTAINED_NOTES.append(
-        f"mpwal{'' if enactor is None else f' (enactor={enactor})'} at the end: committed record "
-        f"{st['committed']:,}, enacted {st['enacted']:,}, {st['pending_bytes'] / 2**20:.1f} MiB of "
-        f"log not yet enacted, {st['rotations']} rotations, overlay generation {st['generation']}.")
     return {"records/s": n / dt, "values/s": n * SUSTAINED_PER / dt,
-            "disk MiB": disk / 2**20, "shm MiB": shm / 2**20, "shm used MiB": shm_used / 2**20}
+            "disk MiB": disk / 2**20, "shm MiB": shm / 2**20, "shm used MiB": shm_used / 2**20,
+            **rss_columns(rss0, rss1),
+            "stats": {k: st[k] for k in ("committed", "enacted", "pending_bytes", "rotations", "generation")}}
+
+
+def sustained_note(r: Row) -> str:
+    """A row's resident memory at the end by kind, and for mpwal what Writer.stats() said."""
+    m = r.metrics or {}
+    rss = m.get("rss end", {})
+    note = f"{r.system} at the end: RSS " + (
+        f"{rss['RssAnon']:.0f} MiB anonymous, {rss['RssShmem']:.0f} shared memory, "
+        f"{rss['RssFile']:.0f} file pages" if len(rss) == len(RSS_FIELDS) else "unknown")
+    if "stats" in m:
+        st = m["stats"]
+        note += (f"; committed record {st['committed']:,}, enacted {st['enacted']:,}, "
+                 f"{st['pending_bytes'] / 2**20:.1f} MiB of log not yet enacted, "
+                 f"{st['rotations']} rotations, overlay generation {st['generation']}")
+    return note + "."
 
 
 def sustained_sqlite(tmp: str, z: Sizes) -> dict:
@@ -767,11 +932,14 @@ def sustained_sqlite(tmp: str, z: Sizes) -> dict:
         def step(i):
             k0 = key_block(i, SUSTAINED_PER, z.keyspace)
             sqlite_put(conn, [(k, val(k)) for k in range(k0, k0 + SUSTAINED_PER)])
+        rss0 = rss_mib()
         n, dt = run_for(z.sustained_s, step)
+        rss1 = rss_mib()
         disk = dir_disk_bytes(tmp)
     finally:
         conn.close()
-    return {"records/s": n / dt, "values/s": n * SUSTAINED_PER / dt, "disk MiB": disk / 2**20}
+    return {"records/s": n / dt, "values/s": n * SUSTAINED_PER / dt, "disk MiB": disk / 2**20,
+            **rss_columns(rss0, rss1)}
 
 
 def sustained_lmdb(tmp: str, z: Sizes) -> dict:
@@ -781,27 +949,128 @@ def sustained_lmdb(tmp: str, z: Sizes) -> dict:
         def step(i):
             k0 = key_block(i, SUSTAINED_PER, z.keyspace)
             lmdb_put(env, [(lkey(k), val(k)) for k in range(k0, k0 + SUSTAINED_PER)])
+        rss0 = rss_mib()
         n, dt = run_for(z.sustained_s, step)
+        rss1 = rss_mib()
         disk = dir_disk_bytes(tmp)
     finally:
         env.close()
-    return {"records/s": n / dt, "values/s": n * SUSTAINED_PER / dt, "disk MiB": disk / 2**20}
+    return {"records/s": n / dt, "values/s": n * SUSTAINED_PER / dt, "disk MiB": disk / 2**20,
+            **rss_columns(rss0, rss1)}
 
 
 def figure_sustained(z: Sizes):
     wl = f"{z.sustained_s:g} s"
-    rows = [measure(wl, "mpwal (relaxed)", sustained_mpwal, z)]
+    rows = backends(wl, "mpwal (relaxed)", in_own_process, sustained_mpwal, z)
     if z.enactor_process_row:   # the enactor in its own process, off the writer's GIL
-        rows.append(measure(wl, "mpwal (relaxed, enactor=process)", sustained_mpwal, z, "process"))
-    rows += [measure(wl, "SQLite WAL NORMAL", sustained_sqlite, z),
-             measure(wl, "LMDB sync off", sustained_lmdb, z, needs="lmdb")]
+        rows.append(measure(wl, "mpwal (relaxed, enactor=process)", in_own_process, sustained_mpwal, z,
+                            "process"))
+    rows += [measure(wl, "SQLite WAL NORMAL", in_own_process, sustained_sqlite, z),
+             measure(wl, "LMDB sync off", in_own_process, sustained_lmdb, z, needs="lmdb")]
     return Figure(f"5. Sustained ingestion: records of {SUSTAINED_PER} values of 100 bytes for "
                   f"{z.sustained_s:g} s, keys cycling over {z.keyspace:,}",
-                  ["records/s", "values/s", "disk MiB", "shm MiB", "shm used MiB"], rows,
+                  ["records/s", "values/s", "disk MiB", "shm MiB", "shm used MiB", "RSS start MiB",
+                   "RSS end MiB"], rows,
                   notes=["mpwal's enactor (default: a thread of the writer) applies rotated logs to the "
                          "table files meanwhile. Disk: allocated bytes of the directory at the end, "
                          "before closing; shm: size and allocated bytes of mpwal's /dev/shm segments "
-                         "at the same moment."] + SUSTAINED_NOTES)
+                         "at the same moment.",
+                         "Each system writes in a fresh process of its own; RSS: that process's VmRSS "
+                         "just before and just after the timed loop, counting the pages of shared "
+                         "memory and of mapped files (mpwal's overlay, LMDB's map) it has touched."]
+                  + [sustained_note(r) for r in rows if r.metrics])
+
+
+# -- figure 7: latency percentiles -------------------------------------------------------------
+
+def commit_latency(step, z: Sizes, paced: bool) -> dict:
+    """Percentiles of the durations of ``step(i)`` (a commit each) over ``z.latency_s``, and the
+    calls/s: ``paced``, at half the peak rate that an unpaced run of ``z.latency_peak_s`` first
+    measures; else back to back."""
+    sample = Sample()
+    if paced:
+        n, dt = run_for(z.latency_peak_s, step)
+        calls, dt = run_paced(n / dt / 2, z.latency_s, timed(step, sample.add))
+    else:
+        calls, dt = run_for(z.latency_s, timed(step, sample.add))
+    return {**sample.summary(), "calls/s": calls / dt}
+
+
+def latency_mpwal(tmp: str, per_record: int, z: Sizes, durability: str, paced: bool) -> dict:
+    w = open_mpwal(os.path.join(tmp, "db"), durability=durability)
+    try:
+        return commit_latency(lambda i: mpwal_put(w, key_block(i, per_record, z.keyspace), per_record),
+                              z, paced)
+    finally:
+        w.close()
+
+
+def latency_sqlite(tmp: str, per_record: int, z: Sizes, sync: str, paced: bool) -> dict:
+    conn = open_sqlite(os.path.join(tmp, "db.sqlite"), sync)
+    try:
+        def step(i):
+            k0 = key_block(i, per_record, z.keyspace)
+            sqlite_put(conn, [(k, val(k)) for k in range(k0, k0 + per_record)])
+        return commit_latency(step, z, paced)
+    finally:
+        conn.close()
+
+
+def latency_lmdb(tmp: str, per_record: int, z: Sizes, sync: bool, paced: bool) -> dict:
+    env = open_lmdb(os.path.join(tmp, "db.lmdb"), sync)
+    try:
+        def step(i):
+            k0 = key_block(i, per_record, z.keyspace)
+            lmdb_put(env, [(lkey(k), val(k)) for k in range(k0, k0 + per_record)])
+        return commit_latency(step, z, paced)
+    finally:
+        env.close()
+
+
+def read_latency_system(tmp: str, system: str, z: Sizes) -> tuple[dict, dict, int]:
+    """Figure 3's processes with one reader, timing each call for ``z.latency_s`` per phase.
+    Returns (value() summary, values() ×100 summary, wrong answers), each summary with the
+    writer's records/s meanwhile."""
+    ((msgs, wrate),) = read_rounds(tmp, system, z, (1,), z.latency_s, latency=True).values()
+    one, batch, bad = msgs[0]
+    return {**one, "writer rec/s": wrate}, {**batch, "writer rec/s": wrate}, bad
+
+
+def figure_latency(z: Sizes):
+    rows = []
+    for per in (1, 100):
+        wl = f"commit, {per} value{'s' if per > 1 else ''}/record, half peak rate"
+        rows += backends(wl, "mpwal (relaxed)", latency_mpwal, per, z, "relaxed", True)
+        rows.append(measure(wl, "SQLite WAL NORMAL", latency_sqlite, per, z, "NORMAL", True))
+        rows.append(measure(wl, "LMDB sync off", latency_lmdb, per, z, False, True, needs="lmdb"))
+    wl = "durable commit, 1 value/record, back to back"
+    rows += backends(wl, "mpwal (commit)", latency_mpwal, 1, z, "commit", False)
+    rows.append(measure(wl, "SQLite WAL FULL", latency_sqlite, 1, z, "FULL", False))
+    rows.append(measure(wl, "LMDB sync on", latency_lmdb, 1, z, True, False, needs="lmdb"))
+    notes = ["Each call's own duration (time.perf_counter_ns around it): p50 and p99 by nearest rank "
+             f"over every call of the phase (beyond {LATENCY_SAMPLE:,}, a uniform sample of that "
+             "many), max over every call. mpwal/this: the row's p99 divided by mpwal's.",
+             f"Half peak rate: an unpaced run of {z.latency_peak_s:g} s measures the system's own peak, "
+             f"then one thread commits at half of it for {z.latency_s:g} s (calls/s), each commit "
+             "at its scheduled time; mpwal durability=\"relaxed\" with its default enactor "
+             "(a thread), SQLite synchronous=NORMAL, LMDB sync off. Durable: one thread, "
+             f"{z.latency_s:g} s; mpwal durability=\"commit\", SQLite FULL, LMDB sync on.",
+             f"Reads: figure 3's processes with one reader process, which times each value() of a "
+             f"random key and each values() of 100 for {z.latency_s:g} s apiece, while the writer "
+             f"process overwrites the {z.read_keys:,} keys in records of 100 (writer rec/s)."]
+    per_system = each_reading_system(read_latency_system, z)
+    for kind, idx in (("value()", 0), ("values() ×100", 1)):
+        wl = f"{kind} while a writer process ingests"
+        for label, got in per_system.items():
+            if isinstance(got, str):
+                rows.append(Row(wl, label, None, got))
+                continue
+            rows.append(Row(wl, label, got[idx]))
+            if got[2] and idx == 0:
+                notes.append(f"{label}: {got[2]} lookups returned a missing or wrong value")
+    return Figure("7. Latency: percentiles of each commit's and each read's duration",
+                  ["p50 µs", "p99 µs", "max µs", "calls/s", "writer rec/s"], rows, notes=notes,
+                  ratio_on="p99 µs", lower_is_better=True)
 
 
 # -- results and tables --------------------------------------------------------------------------
@@ -820,6 +1089,8 @@ class Figure:
     columns: list[str]
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
+    ratio_on: str | None = None    # the column mpwal/this compares (default: the first)
+    lower_is_better: bool = False  # that column is a time: mpwal/this = the row's / mpwal's
 
 
 def measure(workload: str, system: str, fn, *args, needs: str | None = None, raw: bool = False):
@@ -843,6 +1114,16 @@ def measure(workload: str, system: str, fn, *args, needs: str | None = None, raw
     return got if raw else Row(workload, system, got)
 
 
+def backends(workload: str, system: str, fn, *args, **kw) -> list:
+    """``measure`` on mpwal's default backend and, when that is the native one, again on the
+    Python backend (the row "<system>, Python backend")."""
+    rows = [measure(workload, system, fn, *args, **kw)]
+    if mpwal.backend == "native":
+        with _backend.python_backend():
+            rows.append(measure(workload, f"{system}, Python backend", fn, *args, **kw))
+    return rows
+
+
 def fmt(x) -> str:
     if x is None:
         return "–"
@@ -854,22 +1135,27 @@ def fmt(x) -> str:
 
 
 def render(fig: Figure, markdown: bool) -> str:
-    """The figure as a table: one row per (workload, system); mpwal/this = mpwal's rate divided
-    by this row's, on the first column, within the same workload."""
+    """The figure as a table: one row per (workload, system); mpwal/this compares each row with
+    the first mpwal row of its workload (the default configuration), on ``fig.ratio_on`` (the
+    first column unless said): mpwal's value divided by the row's, or with
+    ``fig.lower_is_better`` the row's divided by mpwal's; above 1 mpwal is faster."""
     head = ["workload", "system"] + fig.columns + ["mpwal/this"]
-    first = fig.columns[0]
-    mp_rate: dict = {}  # the first mpwal row of each workload (the default configuration)
+    col = fig.ratio_on or fig.columns[0]
+    mp_row: dict = {}  # the first mpwal row of each workload (the default configuration)
     for r in fig.rows:
         if r.system.startswith("mpwal") and r.metrics:
-            mp_rate.setdefault(r.workload, r.metrics.get(first))
+            mp_row.setdefault(r.workload, r)
     body: list[list[str] | tuple[str, str, str]] = []  # cells, or (workload, system, note)
     for r in fig.rows:
         if r.metrics is None:
             assert r.note is not None  # a row without numbers says why
             body.append((r.workload, r.system, r.note))
             continue
-        base, mine = mp_rate.get(r.workload), r.metrics.get(first)
-        ratio = "" if r.system.startswith("mpwal") or not base or not mine else f"{base / mine:.2f}×"
+        base_row = mp_row.get(r.workload)
+        base, mine = base_row.metrics.get(col) if base_row else None, r.metrics.get(col)
+        if fig.lower_is_better:
+            base, mine = mine, base
+        ratio = "" if base_row is r or not base or not mine else f"{base / mine:.2f}×"
         body.append([r.workload, r.system] + [fmt(r.metrics.get(c)) for c in fig.columns] + [ratio])
     out = [f"### {fig.title}" if markdown else fig.title, ""]
     if markdown:
@@ -915,15 +1201,17 @@ def machine() -> str:
 
 
 FIGURES = {"ingest": figure_ingest, "commit": figure_commit, "reads": figure_reads,
-           "large": figure_large, "sustained": figure_sustained, "lookups": figure_lookups}
+           "large": figure_large, "sustained": figure_sustained, "lookups": figure_lookups,
+           "latency": figure_latency}
 ARGS = argparse.Namespace(dir=None)
 
 
 def main(argv=None) -> int:
     global ARGS
     ap = argparse.ArgumentParser(prog="mpwal bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes: the whole run in under a minute")
-    ap.add_argument("--only", default="", help="comma-separated figures: " + ", ".join(FIGURES) + " (or 1-5)")
+    ap.add_argument("--quick", action="store_true", help="small sizes: the whole run in a minute or two")
+    ap.add_argument("--only", default="",
+                    help=f"comma-separated figures: {', '.join(FIGURES)} (or 1-{len(FIGURES)})")
     ap.add_argument("--dir", default=None, help="base directory for the temporary databases")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ARGS = ap.parse_args(argv)
