@@ -6,9 +6,18 @@ loads the extension from a file instead (the tests' AddressSanitizer build). Whe
 not built (no C compiler or Python headers at install time) or does not import, mpwal runs
 the Python backend and says why, once, as a warning; ``mpwal inspect`` shows it too.
 
-What the native backend covers so far: the readers' overlay lookups (``_overlay._make_lookups``:
-``value()``, ``values()`` and every lookup at a watermark) and the writer's publish loop
-(``_overlay.OverlayWriter._link``: a record's versions written and linked).
+What the native backend covers (each C function beside the Python function it is the twin of):
+
+* readers: the overlay lookups (``_overlay._make_lookups``: ``value()``, ``values()``, index
+  chunks and entries, snapshot reads: every lookup at a watermark);
+* the writer: gathering ``insert_values``'s pairs and encoding a record with its CRC
+  (``_record.ChangeSet``, ``_format.encode_record``), a record's overlay size and its publish
+  loop (``OverlayWriter.blob_size``, ``_link_versions``), freeing enacted versions
+  (``OverlayWriter._unlink``), and the contract's ordered header words (``_overlay``'s
+  ``store_release``, ``store_fenced``, ``load_acquire``: C11 atomics);
+* the log decoder that enactment, replay, readers' log reads and ``mpwal inspect`` share
+  (``_format.LogScan``: records and their ops decoded, CRCs checked, the reason a scan stops);
+* the enactor's applier: values packed into runs of table-file slots (``_applier.slot_runs``).
 """
 
 from __future__ import annotations

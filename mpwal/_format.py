@@ -45,7 +45,10 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterator
+from types import ModuleType
 from typing import NamedTuple
+
+from . import _backend
 
 BEGIN_RECORD = 1
 INSERT_INDEX = 2
@@ -150,6 +153,11 @@ def first_record_id(head: bytes) -> int | None:
     return _BEGIN.unpack_from(head)[1]
 
 
+# the native scan's batches: (records, bytes) of the first, doubling up to _NATIVE_BATCH
+_NATIVE_FIRST = (8, 64 << 10)
+_NATIVE_BATCH = (1024, 1 << 20)
+
+
 class LogScan:
     """Reads the records of one log held in memory, stopping at the first one that is not whole.
 
@@ -159,6 +167,8 @@ class LogScan:
     in ``buf``; every offset (``end``, a record's ``start`` and ``end``) counts from the start of
     ``buf``. A scan from 0 reads the log header first, if there is one: ``header`` is then its
     (database_id, epoch), and a header that does not verify ends the scan before any record.
+    With the native backend ``records()`` decodes in C (``_native_records``); ``_one`` and the
+    loop of ``records()`` are the reference it must match.
     """
 
     def __init__(self, buf, expect_id: int | None = None, start: int = 0):
@@ -183,6 +193,11 @@ class LogScan:
         if self.problem == "bad header":
             self.end = 0
             return
+        native = _backend.native  # (looked up now: _backend.python_backend() switches it)
+        if native is not None and pos >= 0 and (self.expect_id is None or type(self.expect_id) is int):
+            yield from self._native_records(native)
+            return
+        # the reference: one record at a time
         while pos < n:
             rec = self._one(buf, pos, n)
             if rec is None:
@@ -194,6 +209,29 @@ class LogScan:
             self.expect_id = rec.record_id + 1
             self.end = pos = rec.end
             yield rec
+
+    def _native_records(self, native: ModuleType) -> Iterator[Record]:
+        """records() in C (``_native.scan_log``, the twin of the loop above and of ``_one``): the
+        records come a batch per call, batches growing from a few records to _NATIVE_BATCH, so a
+        consumer that takes one record (or one applier batch) has not had the whole log decoded,
+        and ``end``, ``expect_id`` and ``problem`` move as the reference moves them: the problem
+        is noted once every good record before it was yielded."""
+        buf = self.buf
+        n = len(buf)
+        pos = self.end
+        most, size = _NATIVE_FIRST
+        while pos < n:
+            recs, pos, problem, problem_record = native.scan_log(buf, pos, self.expect_id, most, size,
+                                                                 Op, Record)
+            for rec in recs:
+                self.expect_id = rec.record_id + 1
+                self.end = rec.end
+                yield rec
+            if problem is not None:
+                self.problem = problem
+                self.problem_record = problem_record
+                return
+            most, size = min(2 * most, _NATIVE_BATCH[0]), min(2 * size, _NATIVE_BATCH[1])
 
     def _stop(self, why: str, rid: int | None = None) -> Record | None:
         """Note why the scan stops; returns None, the ``_one`` of a record that is not whole."""
