@@ -15,6 +15,20 @@
 #include <Python.h>
 #include <stdint.h>
 
+/* the log format's type bytes (_format.py's docstring is the spec) */
+#define BEGIN_RECORD 1
+#define INSERT_INDEX 2
+#define INSERT_VALUE 3
+#define END_RECORD 4
+#define DROP_TABLE 5
+#define REMOVED 0xFFFFFFFFu /* INSERT_VALUE length of a removal */
+#define BEGIN_SIZE 9  /* type, record id u64 */
+#define DROP_SIZE 3   /* type, table u16 */
+#define INDEX_SIZE 19 /* type, table u16, chunk u64, mask u64; then the entries */
+#define VALUE_SIZE 15 /* type, table u16, index u64, length u32; then the data */
+#define END_SIZE 5    /* type, crc32 u32 */
+#define ENTRY_BYTES 8
+
 extern PyMethodDef mpwal_record_methods[]; /* _native_record.c */
 extern PyMethodDef mpwal_log_methods[];    /* _native_log.c */
 extern PyMethodDef mpwal_tables_methods[]; /* _native_tables.c */

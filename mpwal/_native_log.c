@@ -26,18 +26,6 @@
 #include <string.h>
 #include <zlib.h>
 
-#define BEGIN_RECORD 1
-#define INSERT_INDEX 2
-#define INSERT_VALUE 3
-#define END_RECORD 4
-#define DROP_TABLE 5
-#define REMOVED 0xFFFFFFFFu
-#define BEGIN_SIZE 9  /* type, record id u64 */
-#define DROP_SIZE 3   /* type, table u16 */
-#define INDEX_SIZE 19 /* type, table u16, chunk u64, mask u64 */
-#define VALUE_SIZE 15 /* type, table u16, index u64, length u32 */
-#define END_SIZE 5    /* type, crc32 u32 */
-#define ENTRY_BYTES 8
 /* zlib.crc32 releases the GIL over more than 5 KiB; here only over a record this long (the
  * enactor is a thread of the writer process: its readers go on meanwhile) */
 #define CRC_NOGIL_BYTES (256u << 10)

@@ -22,13 +22,6 @@
 #include <string.h>
 #include <zlib.h>
 
-#define BEGIN_RECORD 1
-#define INSERT_INDEX 2
-#define INSERT_VALUE 3
-#define END_RECORD 4
-#define DROP_TABLE 5
-#define REMOVED 0xFFFFFFFFu
-
 /* -- gather ------------------------------------------------------------------------------- */
 
 static PyObject *gather(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
@@ -143,26 +136,26 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
     if (as_uint(args[0], UINT64_MAX, "record_id", &record_id) < 0) return NULL;
 
     /* the size first, checking every type on the way */
-    Py_ssize_t drop_n = PyList_GET_SIZE(drops), size = 9 + 3 * drop_n + 5;
+    Py_ssize_t drop_n = PyList_GET_SIZE(drops), size = BEGIN_SIZE + DROP_SIZE * drop_n + END_SIZE;
     Py_ssize_t pos = 0;
     PyObject *k, *c, *d;
     while (PyDict_Next(chunks, &pos, &k, &c)) {
         PyObject *entries;
         if (split_key(k, &t, &key) < 0 || split_chunk(c, &mask, &entries) < 0) return NULL;
-        size += 19 + 8 * __builtin_popcountll(mask);
+        size += INDEX_SIZE + ENTRY_BYTES * __builtin_popcountll(mask);
     }
     pos = 0;
     while (PyDict_Next(values, &pos, &k, &d)) {
         if (split_key(k, &t, &key) < 0) return NULL;
         if (d == Py_None) {
-            size += 15;
+            size += VALUE_SIZE;
         } else if (PyBytes_Check(d)) {
             if ((uint64_t)PyBytes_GET_SIZE(d) >= REMOVED) {
                 PyErr_SetString(PyExc_OverflowError, "a value of 4 GiB or more does not fit the log");
                 return NULL;
             }
-            if (size > PY_SSIZE_T_MAX - 15 - PyBytes_GET_SIZE(d)) return PyErr_NoMemory();
-            size += 15 + PyBytes_GET_SIZE(d);
+            if (size > PY_SSIZE_T_MAX - VALUE_SIZE - PyBytes_GET_SIZE(d)) return PyErr_NoMemory();
+            size += VALUE_SIZE + PyBytes_GET_SIZE(d);
         } else {
             PyErr_SetString(PyExc_TypeError, "a value is bytes or None");
             return NULL;
@@ -179,7 +172,7 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
     p = put_u64(p, record_id);
     for (Py_ssize_t i = 0; i < drop_n; i++) {
         if (as_uint(PyList_GET_ITEM(drops, i), 0xFFFF, "table", &t) < 0) goto fail;
-        ROOM(3);
+        ROOM(DROP_SIZE);
         *p++ = DROP_TABLE;
         p = put_u16(p, t);
     }
@@ -187,7 +180,7 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
     while (PyDict_Next(chunks, &pos, &k, &c)) {
         PyObject *entries;
         if (split_key(k, &t, &key) < 0 || split_chunk(c, &mask, &entries) < 0) goto fail;
-        ROOM(19 + 8 * __builtin_popcountll(mask));
+        ROOM(INDEX_SIZE + ENTRY_BYTES * __builtin_popcountll(mask));
         *p++ = INSERT_INDEX;
         p = put_u16(p, t);
         p = put_u64(p, key);
@@ -211,7 +204,7 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
     while (PyDict_Next(values, &pos, &k, &d)) {
         if (split_key(k, &t, &key) < 0) goto fail;
         if (d != Py_None && !PyBytes_Check(d)) goto changed;
-        ROOM(15 + (d == Py_None ? 0 : PyBytes_GET_SIZE(d)));
+        ROOM(VALUE_SIZE + (d == Py_None ? 0 : PyBytes_GET_SIZE(d)));
         *p++ = INSERT_VALUE;
         p = put_u16(p, t);
         p = put_u64(p, key);
@@ -224,7 +217,7 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
             p += len;
         }
     }
-    ROOM(5);
+    ROOM(END_SIZE);
     *p++ = END_RECORD;
     /* the CRC of every byte from BEGIN_RECORD through END_RECORD, in chunks zlib's uInt holds */
     uLong crc = crc32(0L, Z_NULL, 0);

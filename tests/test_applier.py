@@ -4,23 +4,18 @@ them to the table files."""
 from __future__ import annotations
 
 import gc
-import os
 import sys
 import tracemalloc
 
 import pytest
+from native_checks import native, needs_native
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mpwal
-from mpwal import _backend
 from mpwal._applier import BATCH_RECORDS, Applier, batches, slot_runs
 from mpwal._format import LogScan, encode_record
 
-native = _backend.native
-FORCED_PYTHON = os.environ.get("MPWAL_BACKEND", "").lower() == "python"
-needs_native = pytest.mark.skipif(native is None and (not os.environ.get("CI") or FORCED_PYTHON),
-                                  reason=f"no native backend here ({_backend.why_python})")
 
 TABLES = [mpwal.IndexTable(1), mpwal.ValueTable(3, slot_size=16)]
 

@@ -19,6 +19,7 @@ import sysconfig
 import tempfile
 
 import pytest
+from native_checks import FORCED_PYTHON, assert_no_leaks, native, needs_native
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,12 +28,6 @@ from mpwal import _backend, _overlay as overlay
 from mpwal._overlay import MISS, RETRY, OverlayReader, OverlayWriter, Torn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-native = _backend.native
-FORCED_PYTHON = os.environ.get("MPWAL_BACKEND", "").lower() == "python"
-# CI builds the native backend: there a missing one fails these tests, unless the run forces
-# the Python backend (the suite's second run)
-needs_native = pytest.mark.skipif(native is None and (not os.environ.get("CI") or FORCED_PYTHON),
-                                  reason=f"no native backend here ({_backend.why_python})")
 
 
 def test_backend_is_named_and_native_in_ci():
@@ -147,7 +142,6 @@ def test_native_lookups_raise_as_the_reference_on_freed_bytes(tmp_path):
 def test_native_lookups_keep_reference_counts(tmp_path):
     """Thousands of calls leave the reference counts of the sentinels, the arguments and the
     callbacks as they were, and no memory behind."""
-    import tracemalloc
     real = os.path.realpath(str(tmp_path))
     w = OverlayWriter(real, 1, 64, 1 << 16)
     try:
@@ -170,18 +164,7 @@ def test_native_lookups_keep_reference_counts(tmp_path):
                     lk.value_now(1, i)
                 lk.value_now(9, 1)
 
-        run(100)
-        gc.collect()
-        before = [sys.getrefcount(o) for o in watched]
-        tracemalloc.start()
-        snap1 = tracemalloc.take_snapshot()
-        run(3000)
-        gc.collect()
-        snap2 = tracemalloc.take_snapshot()
-        tracemalloc.stop()
-        assert [sys.getrefcount(o) for o in watched] == before
-        grown = sum(s.size_diff for s in snap2.compare_to(snap1, "filename"))
-        assert grown < 64 << 10, f"{grown} bytes more after 3000 rounds"
+        assert_no_leaks(run, watched)
         lk = None
         gc.collect()
     finally:

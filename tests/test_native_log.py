@@ -28,14 +28,9 @@ from mpwal._format import LogScan, Op, Record, encode_log_header, encode_record
 
 import fuzz_log
 from fuzz_log import agree
+from native_checks import assert_no_leaks, native, needs_native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-native = _backend.native
-FORCED_PYTHON = os.environ.get("MPWAL_BACKEND", "").lower() == "python"
-# as in test_native.py: CI builds the native backend, so there a missing one fails these tests
-# (unless the run forces the Python backend, where they skip)
-needs_native = pytest.mark.skipif(native is None and (not os.environ.get("CI") or FORCED_PYTHON),
-                                  reason=f"no native backend here ({_backend.why_python})")
 pytestmark = needs_native
 
 U16 = 0xFFFF
@@ -313,7 +308,6 @@ def test_decoder_keeps_reference_counts():
     """Thousands of scans (good, torn, bad CRC, bad type, out of sequence, hostile lengths)
     leave the reference counts of the classes, the buffers and None as they were, and no memory
     behind."""
-    import tracemalloc
     bufs = [LOG, LOG[:-3], LOG[:60], LOG[:len(HEADER) + 5], LOG[len(HEADER):],
             raw_record(1, value(1, 2, 0xFFFFFFFE)), raw_record(1, index(1, 2, U64, b"x")),
             raw_record(2, value(1, 2, 3, b"abc"), crc_ok=False), raw_record(3, b"\x09"),
@@ -333,18 +327,7 @@ def test_decoder_keeps_reference_counts():
                 except TypeError:
                     pass
 
-    run(100)
-    gc.collect()
-    before = [sys.getrefcount(o) for o in watched]
-    tracemalloc.start()
-    snap1 = tracemalloc.take_snapshot()
-    run(2000)
-    gc.collect()
-    snap2 = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    assert [sys.getrefcount(o) for o in watched] == before
-    grown = sum(s.size_diff for s in snap2.compare_to(snap1, "filename"))
-    assert grown < 64 << 10, f"{grown} bytes more after 2000 rounds"
+    assert_no_leaks(run, watched, rounds=2000)
 
 
 # -- the fuzz target, for a while -------------------------------------------------------------

@@ -5,14 +5,11 @@ reference counts do not move over many calls."""
 
 from __future__ import annotations
 
-import gc
-import os
-import sys
-import tracemalloc
 import zlib
 
 import crcmod
 import pytest
+from native_checks import assert_no_leaks, native, needs_native
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,10 +20,6 @@ from mpwal._overlay import OverlayWriter
 from mpwal._record import ChangeSet
 from mpwal._tables import IndexTable, ValueTable
 
-native = _backend.native
-FORCED_PYTHON = os.environ.get("MPWAL_BACKEND", "").lower() == "python"
-needs_native = pytest.mark.skipif(native is None and (not os.environ.get("CI") or FORCED_PYTHON),
-                                  reason=f"no native backend here ({_backend.why_python})")
 CATALOG = {1: ValueTable(1, slot_size=64), 2: ValueTable(2, slot_size=8), 3: IndexTable(3),
            65535: ValueTable(65535, slot_size=16)}
 crc32_ieee = crcmod.predefined.mkCrcFun("crc-32")  # the tests' independent CRC
@@ -150,15 +143,4 @@ def test_native_intake_keeps_reference_counts():
             except TypeError:
                 pass
 
-    run(100)
-    gc.collect()
-    before = [sys.getrefcount(o) for o in watched]
-    tracemalloc.start()
-    snap1 = tracemalloc.take_snapshot()
-    run(3000)
-    gc.collect()
-    snap2 = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    assert [sys.getrefcount(o) for o in watched] == before
-    grown = sum(s.size_diff for s in snap2.compare_to(snap1, "filename"))
-    assert grown < 64 << 10, f"{grown} bytes more after 3000 rounds"
+    assert_no_leaks(run, watched)
