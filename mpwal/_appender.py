@@ -27,6 +27,7 @@ from ._queues import QueueStore, log_path
 
 log = logging.getLogger("mpwal")
 MAX_UNSYNCED_LOGS = 64
+PRESYNC_BYTES = 1 << 20  # with sync_wal: fsync the appending log ahead, outside the lock, past this
 
 
 class Appender:
@@ -53,6 +54,7 @@ class Appender:
         self.log_id: int | None = None
         self.fd = -1
         self.bytes = 0
+        self.presynced = 0  # bytes of the appending log an fdatasync ahead of rotation covered
         self.since = 0.0  # when the appending log got its first record
         self.unsynced: list[int] = []  # fds of rotated logs not yet fsynced
         self.dir_dirty = False  # a log file was created and the directory not fsynced
@@ -114,7 +116,7 @@ class Appender:
         except BaseException as e:  # the queue state may name a log we do not hold: stop
             self.stop(e)
             raise
-        self.log_id, self.fd, self.bytes = lid, fd, 0
+        self.log_id, self.fd, self.bytes, self.presynced = lid, fd, 0, 0
         self.log_started(self.next_id)
 
     def rotate(self) -> None:
@@ -132,7 +134,7 @@ class Appender:
         except BaseException as e:  # the queue state may list this log as read while we
             self.stop(e)  # still hold it as appending: stop here
             raise
-        self.fd, self.log_id, self.bytes = -1, None, 0
+        self.fd, self.log_id, self.bytes, self.presynced = -1, None, 0, 0
         self.rotations += 1
         if self.sync_wal:
             os.close(fd)
@@ -150,6 +152,16 @@ class Appender:
                         os.close(f)
                     self.unsynced = []
         log.debug("rotated log%d into the read queue", lid)
+
+    def presync_fd(self) -> int | None:
+        """With ``sync_wal``: a duplicate of the appending log's descriptor to fdatasync now,
+        outside the writer's lock, once ``PRESYNC_BYTES`` more are written (or None). The
+        rotation's own fsync, under the lock, then has little left to write: commits do not
+        wait for a whole log to reach the disk."""
+        if not self.sync_wal or self.fd < 0 or self.bytes - self.presynced < PRESYNC_BYTES:
+            return None
+        self.presynced = self.bytes
+        return os.dup(self.fd)
 
     def take_for_flush(self) -> tuple[int, list[int], list[int]]:
         """For group commit (under the writer's lock): the last record id, duplicates of the

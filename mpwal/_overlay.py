@@ -779,22 +779,29 @@ class OverlayWriter(_Segment):
         return best
 
     # -- structural changes ------------------------------------------------------------------
-    def free_enacted(self, enacted: int) -> None:
+    def free_enacted(self, enacted: int, budget: int | None = None) -> bool:
         """Unlink the versions of the records up to ``enacted`` (oldest first), drop their
         pending drops and free their blobs, in structural windows of at most
         FREE_KEYS_PER_WINDOW keys (short for readers). A freed version is its key's oldest:
         the version just newer than it (``newer``) gets ``older = 0``, or, if it was the
-        newest, the key leaves the hash."""
+        newest, the key leaves the hash. ``budget``: stop once about that many versions are
+        freed (whole records; a commit frees a little at a time, so that no commit waits for
+        a whole batch of enactment). Returns whether everything up to ``enacted`` is free."""
         blobs = self.blobs
         newer = self.newer
         where = self.where
         native = _backend.native
+        freed = 0
         while blobs and blobs[0][0] <= enacted:
+            if budget is not None and freed >= budget:
+                return False  # later records' drops stay until their versions are gone
+            limit = FREE_KEYS_PER_WINDOW if budget is None else min(FREE_KEYS_PER_WINDOW,
+                                                                    budget - freed)
             with self._window:
                 done = 0
                 last = 0
                 for rid, start, _end, keys in blobs:
-                    if rid > enacted or done >= FREE_KEYS_PER_WINDOW:
+                    if rid > enacted or done >= limit:
                         break
                     if native is not None:  # the C twin of _unlink
                         native.unlink(self.m, start, keys, newer, where, self.shift,
@@ -806,9 +813,11 @@ class OverlayWriter(_Segment):
                 self._free_blobs_through(last)
                 if self.pending_drops and any(r <= last for _, r in self.pending_drops):
                     self._set_drops([(t, r) for t, r in self.pending_drops if r > last])
+            freed += done
         if self.pending_drops and any(r <= enacted for _, r in self.pending_drops):
             with self._window:  # drops of records with no versions
                 self._set_drops([(t, r) for t, r in self.pending_drops if r > enacted])
+        return True
 
     def _unlink(self, start: int, keys: list[tuple[int, int]]) -> None:
         """Unlink the versions of one enacted record's blob (at ``start``, one per key of

@@ -68,16 +68,16 @@ class Publisher:
         self.pending.append((rid, nbytes))
         self.pending_bytes += nbytes
 
-    def absorb(self) -> None:
-        """Free the versions of the records the enactor applied."""
+    def absorb(self, budget: int | None = None) -> None:
+        """Free the versions of the records the enactor applied: about ``budget`` of them at
+        most (None: all; see ``OverlayWriter.free_enacted``)."""
         ov = self.ov
         enacted = ov.load_acquire(ENACTED)
         pend = self.pending
-        if not pend or pend[0][0] > enacted:
-            return
         while pend and pend[0][0] <= enacted:
             self.pending_bytes -= pend.popleft()[1]
-        ov.free_enacted(enacted)
+        if (ov.blobs and ov.blobs[0][0] <= enacted) or ov.pending_drops:
+            ov.free_enacted(enacted, budget)
 
     # -- room --------------------------------------------------------------------------------
     def fits(self, new_keys: int, need: int, drops: list[int], nbytes: int,

@@ -56,6 +56,8 @@ from ._tables import IndexTable, ValueTable
 log = logging.getLogger("mpwal")
 
 _live_writers: weakref.WeakSet[Writer] = weakref.WeakSet()
+FREE_PER_COMMIT = 256  # overlay versions a commit frees at least, when the enactor applied them
+FREE_PER_TICK = 8192  # and the housekeeping thread every 20 ms
 _LEFT_BY_FAILED_OPEN = re.compile(r"(writer|queue|enactor)\.lock|readers|(index|value)\d+\.tbl|"
                                   r"(mpwal\.meta|queues)\.tmp\d+")
 
@@ -422,10 +424,11 @@ class Writer:
             self._handing = self._handoff.start_log(first_record_id)
 
     # -- room: absorbing enactment, growing, waiting ----------------------------------------
-    def _absorb(self) -> None:
-        """Free the overlay versions of records the enactor applied (invariant 2)."""
+    def _absorb(self, budget: int | None = None) -> None:
+        """Free the overlay versions of records the enactor applied (invariant 2): about
+        ``budget`` of them at most (None: all)."""
         try:
-            self._publisher.absorb()
+            self._publisher.absorb(budget)
         except BaseException as e:
             self._in_doubt(e, "freeing enacted versions")
             raise
@@ -433,13 +436,17 @@ class Writer:
     def _make_room(self, new_keys: int, need: int, drops: list[int], nbytes: int) -> None:
         """Room for ``new_keys`` entries and ``need`` overlay bytes, and ``nbytes`` more log
         bytes (backpressure): absorb enactment, else grow the overlay, else wait for the
-        enactor."""
-        self._absorb()
+        enactor. A commit frees at most twice the versions it adds (FREE_PER_COMMIT at least)
+        unless it is short of room: freeing keeps up, and no commit waits for a whole batch."""
+        self._absorb(max(FREE_PER_COMMIT, 2 * new_keys))
         pub = self._publisher
 
         def fits() -> bool:
             return pub.fits(new_keys, need, drops, nbytes, self.max_pending_bytes)
 
+        if fits():
+            return
+        self._absorb()
         if fits():
             return
         if need + new_keys * 64 > self.max_overlay_bytes // 2:
@@ -497,21 +504,38 @@ class Writer:
 
     # -- background work ---------------------------------------------------------------------
     def _housekeeping(self) -> None:
-        """Absorb enactment, rotate old logs and keep an enactor running, every 20 ms."""
+        """Absorb enactment, rotate old logs, fsync the appending log ahead of its rotation
+        (``Appender.presync_fd``) and keep an enactor running, every 20 ms."""
         while not self._stop.wait(0.02):
             try:
                 with self._lock:
                     if self._closed or self._failed is not None:
                         continue
-                    self._absorb()
+                    self._absorb(FREE_PER_TICK)
                     if self._appender.older_than(self.log_age):
                         self._appender.rotate()
+                    presync = self._appender.presync_fd()
+                if presync is not None:
+                    self._presync(presync)
                 if not self._closed:
                     self._supervisor.supervise()
             except StorageError:
                 pass  # recorded in _failed; the next commit reports it
             except Exception:  # never let housekeeping die silently
                 log.exception("mpwal housekeeping")
+
+    def _presync(self, fd: int) -> None:
+        """fdatasync the appending log (a duplicate descriptor) outside the lock. Not a fault
+        site (its timing is the housekeeping thread's): a failure stops the writer as a failed
+        rotation would, since the kernel may have dropped the pages it could not write."""
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            with self._lock:
+                if self._failed is None:
+                    self._fail(e, "syncing the appending log")
+        finally:
+            os.close(fd)
 
     def _drain_here(self) -> None:
         """Enact and clean everything left, in this process, if no other enactor is at work."""

@@ -508,3 +508,47 @@ def test_handoff_is_whole_logs_only(db, monkeypatch):
         wait_for(lambda: w.stats()["enacted"] == 60)
         wait_for(lambda: w.stats()["overlay_entries"] == 0)
         assert read_state(w, 100) == expected_state(60, 100, 5)
+
+
+def test_appending_log_is_synced_ahead_outside_the_lock_and_a_failure_stops_the_writer(db, monkeypatch):
+    """With sync_wal, the housekeeping thread fdatasyncs the appending log once PRESYNC_BYTES
+    more are in it, without the writer's lock (commits go on meanwhile), so the rotation's
+    fsync under the lock has little left. A failed one stops the writer: the kernel may have
+    dropped the pages it could not write, and a later fsync would not say so."""
+    from mpwal import _appender, _writer
+    monkeypatch.setattr(_appender, "PRESYNC_BYTES", 1024)
+    held = []
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1]
+        if name.startswith("log"):
+            held.append(w._lock._is_owned())
+            if fail:
+                raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(_writer.os, "fdatasync", fdatasync)
+    fail = False
+    w = mpwal.Writer(db, TABLES, enactor="none", log_age=1000)
+    try:
+        for rid in range(1, 41):
+            with w.record() as rec:
+                rec.insert_value(VALUE_TABLE, rid, b"v" * 60)
+        wait_for(lambda: held)
+        assert held and not any(held), "presync ran under the writer's lock"
+        fail = True
+        n = len(held)
+        for rid in range(41, 81):
+            with w.record() as rec:
+                rec.insert_value(VALUE_TABLE, rid, b"v" * 60)
+        wait_for(lambda: len(held) > n)
+        wait_for(lambda: w._failed is not None)
+        with pytest.raises(mpwal.WriterFailedError, match="syncing the appending log"):
+            with w.record() as rec:
+                rec.insert_value(VALUE_TABLE, 99, b"x")
+    finally:
+        w.close()
+    with mpwal.Writer(db, TABLES, enactor="none") as w2:  # committed records replay
+        assert w2.last_record_id == 80
+        assert w2.value(VALUE_TABLE, 80) == b"v" * 60

@@ -734,6 +734,27 @@ def test_free_enacted_between_windows_keeps_later_versions(ov, monkeypatch):
     assert seen == [b"new", b"new"] and not w.pending_drops and not w.where
 
 
+def test_freeing_on_a_budget_frees_whole_records_oldest_first_and_keeps_their_drops(ov):
+    """A budget stops freeing after about that many versions, at a record's end: the rest stay
+    linked and visible, and a drop stays until every version before it is gone (else readers
+    would see the dropped table's older versions again); the next call goes on."""
+    w = ov()
+    for rid in range(1, 6):
+        pub(w, rid, *(((1, rid * 10 + i), b"r%d" % rid) for i in range(4)),
+            drops=[2] if rid == 4 else ())
+    pub(w, 6, ((2, 1), b"after the drop"))
+    assert w.free_enacted(5, budget=6) is False  # two records of 4 versions (one window)
+    assert [b[0] for b in w.blobs] == [3, 4, 5, 6]
+    assert w.get(1, 11) is MISS and w.get(1, 31) == b"r3" and w.pending_drops == [(2, 4)]
+    check_writer(w)
+    assert w.free_enacted(5, budget=4) is False  # record 3 only: the drop of 4 stays
+    assert w.pending_drops == [(2, 4)] and [b[0] for b in w.blobs] == [4, 5, 6]
+    assert w.free_enacted(5) is True
+    assert [b[0] for b in w.blobs] == [6] and w.pending_drops == []
+    assert w.get(2, 1) == b"after the drop"
+    check_writer(w)
+
+
 def test_stores_of_a_window_are_all_inside_it(ov):
     """Every store of free_enacted (slots shifted, chains cut, drops removed, counters) is made
     while struct is odd, between the store that makes it odd and the one that makes it even."""
