@@ -20,6 +20,7 @@ from ._tables import Table, TableFiles, ValueTable, load_catalog, record_problem
 
 BATCH_RECORDS = 512
 BATCH_BYTES = 4 << 20
+BATCH_CHANGES = 8192  # values and chunks per batch: the enactor thread holds the GIL that long
 _U64 = struct.Struct("<Q")
 
 # what a writer hands its enactor thread per record: (record id, {(table, index): bytes or
@@ -28,17 +29,20 @@ Handed = tuple[int, dict, list, tuple]
 
 
 def batches(records: Iterable[Record]) -> Iterator[list[Record]]:
-    """Group records, in order, into batches of at most BATCH_RECORDS records or BATCH_BYTES
-    bytes; a record that drops a table starts a new batch."""
+    """Group records, in order, into batches of at most BATCH_RECORDS records, BATCH_BYTES
+    bytes or BATCH_CHANGES changes (a record is never split); a record that drops a table
+    starts a new batch."""
     batch: list[Record] = []
-    size = 0
+    size = changes = 0
     for rec in records:
         drops = bool(rec.ops) and rec.ops[0].kind == DROP_TABLE  # drops come first in a record
-        if batch and (drops or len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES):
+        if batch and (drops or len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES
+                      or changes >= BATCH_CHANGES):
             yield batch
-            batch, size = [], 0
+            batch, size, changes = [], 0, 0
         batch.append(rec)
         size += rec.end - rec.start
+        changes += len(rec.ops)
     if batch:
         yield batch
 

@@ -32,7 +32,7 @@ import filelock
 import posix_ipc
 
 from . import _fileio as fileio
-from ._applier import BATCH_RECORDS, Applier, batches
+from ._applier import BATCH_CHANGES, BATCH_RECORDS, Applier, batches
 from ._errors import CorruptionError, StorageError, storage_error
 from ._format import LOG_PREFIX, LogScan, first_record_id
 from ._overlay import (ENACTED, ENACTING, ENACTOR_PID, LIVE, MAGIC, MAGIC_W, STATE, load_acquire,
@@ -263,7 +263,10 @@ class Enactor:
             return True
         end = self.pos + 1
         if not mem[self.pos][3]:  # a record with drops is applied alone
-            while end < len(mem) and end - self.pos < BATCH_RECORDS and not mem[end][3]:
+            changes = len(mem[self.pos][1]) + len(mem[self.pos][2])
+            while end < len(mem) and end - self.pos < BATCH_RECORDS and not mem[end][3] \
+                    and changes < BATCH_CHANGES:
+                changes += len(mem[end][1]) + len(mem[end][2])
                 end += 1
         limit = self._announce(mem[end - 1][0], None)
         while end > self.pos and mem[end - 1][0] > limit:

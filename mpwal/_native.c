@@ -319,7 +319,7 @@ static PyMethodDef Lookups_methods[] = {
  * writer's loop of _overlay.OverlayWriter._link (the reference): for each (key, data) of the
  * iterables `items` then `more`, write the data, then the version node, then link it (a known
  * key: its slot's head; a new key: an empty slot of its probe run, its tag last), updating the
- * writer's `where` and `newer` dicts. Returns the list of the keys, in order (the blob's, for
+ * writer's `where` and `newer` dicts. Returns the tuple of the keys, in order (the blob's, for
  * freeing). The data and node stores are relaxed; the head and tag stores are releases, so a
  * reader that sees a link sees what it leads to (the contract in _overlay.py). The caller
  * allocated the blob at `off` (blob_size bytes) and checked the room. */
@@ -467,7 +467,14 @@ static PyObject *native_link(PyObject *module, PyObject *args) {
         Py_CLEAR(L.keys);
         goto done;
     }
-    result = L.keys;
+    result = PyList_AsTuple(L.keys);
+    Py_CLEAR(L.keys);
+    if (result) { /* a tuple of untracked keys needs no tracking (see _native_record.c) */
+        int untracked = 1;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(result) && untracked; i++)
+            untracked = !PyObject_GC_IsTracked(PyTuple_GET_ITEM(result, i));
+        if (untracked && PyObject_GC_IsTracked(result)) PyObject_GC_UnTrack(result);
+    }
 done:
     PyBuffer_Release(&view);
     return result;
@@ -520,7 +527,7 @@ static PyObject *native_unlink(PyObject *module, PyObject *args) {
     Py_ssize_t slots_end;
     Py_buffer view;
     (void)module;
-    if (!PyArg_ParseTuple(args, "OKO!O!O!In", &mapping, &start, &PyList_Type, &keys, &PyDict_Type,
+    if (!PyArg_ParseTuple(args, "OKO!O!O!In", &mapping, &start, &PyTuple_Type, &keys, &PyDict_Type,
                           &newer, &PyDict_Type, &where, &shift, &slots_end))
         return NULL;
     if (PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE) < 0) return NULL;
@@ -532,8 +539,8 @@ static PyObject *native_unlink(PyObject *module, PyObject *args) {
         goto done;
     }
     Py_ssize_t nw = (Py_ssize_t)(start >> 3);
-    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(keys); k++) {
-        PyObject *key = PyList_GET_ITEM(keys, k);
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(keys); k++) {
+        PyObject *key = PyTuple_GET_ITEM(keys, k);
         Py_INCREF(key); /* where's reference may go */
         if (nw < 0 || nw + 2 >= nwords) {
             PyErr_SetString(PyExc_IndexError, "a version outside the segment");

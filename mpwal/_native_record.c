@@ -60,6 +60,11 @@ static PyObject *gather(PyObject *module, PyObject *const *args, Py_ssize_t narg
         PyObject *pair = PyTuple_GET_ITEM(pairs, k);
         PyObject *key = PyTuple_Pack(2, table, PyTuple_GET_ITEM(pair, 0));
         if (!key) goto done;
+        /* two ints: no cycle can pass through it, so the garbage collector need not track it
+         * (as its own untracking of such tuples would decide); then the record's dict, and the
+         * writer's dict of keys that takes these tuples, stay untracked too, and full
+         * collections do not walk every key the overlay holds */
+        if (PyObject_GC_IsTracked(key)) PyObject_GC_UnTrack(key);
         int r = PyDict_SetItem(values, key, PyTuple_GET_ITEM(pair, 1));
         Py_DECREF(key);
         if (r < 0) goto done; /* MemoryError: the pairs stored so far stay (a record of ints) */

@@ -574,7 +574,9 @@ class OverlayWriter(_Segment):
         self._window = _Window(self)
         self.heap_end = self.heap_start + heap_bytes
         # the ring: live blobs are [head, tail), or when wrapped [head, wrap) + [heap_start, tail)
-        self.blobs: collections.deque = collections.deque()  # (record_id, start, end, keys)
+        # (record_id, start, end, keys): a tuple of tuples of ints, which the garbage collector
+        # stops tracking, so that its full collections do not walk every key in the overlay
+        self.blobs: collections.deque = collections.deque()
         self.newer: dict[int, int] = {}  # node word -> the next newer node word of its key
         self.head = self.tail = self.heap_start
         self.wrap = 0
@@ -700,7 +702,7 @@ class OverlayWriter(_Segment):
             keys = native.link(self.m, record_id, items, more, off, where, self.newer,
                                self.shift, self.slots_end)
         else:
-            keys = [key for key, _ in items]
+            keys = tuple([key for key, _ in items])
             self._link_versions(record_id, items, off)
         if size:
             self.blobs.append((record_id, off, off + size, keys))
@@ -819,7 +821,7 @@ class OverlayWriter(_Segment):
                 self._set_drops([(t, r) for t, r in self.pending_drops if r > enacted])
         return True
 
-    def _unlink(self, start: int, keys: list[tuple[int, int]]) -> None:
+    def _unlink(self, start: int, keys: tuple[tuple[int, int], ...]) -> None:
         """Unlink the versions of one enacted record's blob (at ``start``, one per key of
         ``keys``) inside a structural window: each is its key's oldest."""
         q = self.q

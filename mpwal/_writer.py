@@ -367,7 +367,7 @@ class Writer:
                 # the record is committed from here on: it is in the log, replay keeps it
                 self._publisher.publish(rid, drops, values, images, len(data), need)
                 if self._handing is not None:
-                    self._handing.append((rid, values, images, drops))
+                    self._handing.append((rid, values, tuple(images), tuple(drops)))
             except BaseException as e:
                 if app.next_id == rid:
                     raise  # the append did not happen

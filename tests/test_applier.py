@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mpwal
-from mpwal._applier import BATCH_RECORDS, Applier, batches, slot_runs
+from mpwal._applier import BATCH_CHANGES, BATCH_RECORDS, Applier, batches, slot_runs
 from mpwal._format import LogScan, encode_record
 
 
@@ -120,3 +120,9 @@ def test_native_slot_runs_keep_reference_counts():
     tracemalloc.stop()
     assert [sys.getrefcount(o) for o in watched] == before
     assert sum(s.size_diff for s in snap2.compare_to(snap1, "filename")) < 64 << 10
+
+
+def test_batches_are_bounded_in_changes_and_never_split_a_record():
+    recs = records([([], {(3, i * 1000 + j): b"x" for j in range(1000)}) for i in range(20)])
+    sizes = [len(b) for b in batches(recs)]
+    assert sum(sizes) == 20 and max(sizes) == BATCH_CHANGES // 1000 + 1 and len(sizes) > 1

@@ -405,7 +405,7 @@ def test_publish_writes_each_node_then_its_data(ov):
     start = w.heap_start
     size = blob_size([d for _, d in values + images])
     assert size == 32 + 24 + 24 + 32 + 536
-    assert list(w.blobs) == [(9, start, start + size, [k for k, _ in values + images])]
+    assert list(w.blobs) == [(9, start, start + size, tuple(k for k, _ in values + images))]
     assert w.used == size == r.q[HEAP_USED]
     nodes = [start, start + 32, start + 56, start + 80, start + 112]
     words = [struct.unpack_from("<3Q", r.m, n) for n in nodes]
