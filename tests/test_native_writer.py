@@ -5,6 +5,7 @@ reference counts do not move over many calls."""
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import crcmod
@@ -144,3 +145,23 @@ def test_native_intake_keeps_reference_counts():
                 pass
 
     assert_no_leaks(run, watched)
+
+
+@needs_native
+def test_native_keys_leave_the_garbage_collector_alone(tmp_path):
+    """Keys the native gather makes and the blob's tuple of them are not tracked by the garbage
+    collector (nothing but ints in them), and neither is the writer's dict of keys: a full
+    collection walks none of the overlay's keys."""
+    import gc
+
+    cs = ChangeSet(CATALOG)
+    cs.insert_values(1, [(i, b"v") for i in range(50)])
+    assert not any(gc.is_tracked(k) for k in cs._values) and not gc.is_tracked(cs._values)
+    w = OverlayWriter(os.path.realpath(str(tmp_path)), 1, 256, 1 << 16)
+    try:
+        w.publish(1, cs._values.items(), size=OverlayWriter.blob_size(cs._values.values()))
+        keys = w.blobs[0][3]
+        assert keys == tuple(cs._values) and not gc.is_tracked(keys)
+        assert not gc.is_tracked(w.where)
+    finally:
+        w.retire(3)
