@@ -315,6 +315,14 @@ static PyMethodDef Lookups_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* Whether a writable mapping is an overlay segment's shape for (shift, slots_end): aligned,
+ * nslots = 2**(64 - shift) slots after the header, inside the mapping. */
+static int segment_shape(Py_buffer view, unsigned shift, Py_ssize_t slots_end) {
+    if ((uintptr_t)view.buf % 8 || shift < 34 || shift > 63) return 0; /* at most 2**30 slots */
+    Py_ssize_t nslots = (Py_ssize_t)1 << (64 - shift);
+    return slots_end == HEADER_WORDS + nslots * SLOT_WORDS && slots_end <= view.len / 8;
+}
+
 /* link(mapping, record_id, items, more, off, where, newer, shift, slots_end) -> keys: the
  * writer's loop of _overlay.OverlayWriter._link (the reference): for each (key, data) of the
  * iterables `items` then `more`, write the data, then the version node, then link it (a known
@@ -456,8 +464,7 @@ static PyObject *native_link(PyObject *module, PyObject *args) {
     L.nwords = view.len / 8;
     L.pos = off;
     PyObject *result = NULL;
-    if (L.shift < 1 || L.shift > 63 || L.slots_end <= HEADER_WORDS || L.slots_end > L.nwords ||
-        off % 8) {
+    if (!segment_shape(view, L.shift, L.slots_end) || off % 8 || off < (uint64_t)L.slots_end * 8) {
         PyErr_SetString(PyExc_ValueError, "not an overlay segment's mapping");
         goto done;
     }
@@ -511,6 +518,7 @@ static int remove_slot(uint64_t *q, Py_ssize_t nwords, PyObject *where, PyObject
         PyObject *moved = Py_BuildValue("(KK)", (unsigned long long)(t - 1),
                                         (unsigned long long)idx);
         if (!moved) return -1;
+        PyObject_GC_UnTrack(moved); /* two ints (see gather in _native_record.c) */
         int r = set_int(where, moved, (uint64_t)hole);
         Py_DECREF(moved);
         if (r < 0) return -1;
@@ -534,7 +542,7 @@ static PyObject *native_unlink(PyObject *module, PyObject *args) {
     uint64_t *q = (uint64_t *)view.buf;
     Py_ssize_t nwords = view.len / 8;
     PyObject *result = NULL;
-    if (shift < 1 || shift > 63 || slots_end <= HEADER_WORDS || slots_end > nwords || start % 8) {
+    if (!segment_shape(view, shift, slots_end) || start % 8 || start < (uint64_t)slots_end * 8) {
         PyErr_SetString(PyExc_ValueError, "not an overlay segment's mapping");
         goto done;
     }
@@ -597,13 +605,15 @@ done:
 
 /* store_release(mapping, word, value), store_fenced(mapping, word, value) and
  * load_acquire(mapping, word) -> int: the header words the Python code stores and loads
- * (_overlay._Segment.release, .fenced and .acquire), with the ordering the contract in
- * _overlay.py gives them. A release store: every load and store before it is visible before
- * it (committed, the end of a structural window, enacting, enacted, a segment's state). A
- * fenced store: a relaxed store, then a release fence, so no later store is visible before it
- * (the odd struct that opens a window, enacting before a batch's file writes). An acquire load,
- * after an acquire fence: every load before it (data copied, a table file read) is made
- * before it, and no later load before it (struct and enacting checked after a lookup). */
+ * (_overlay._Segment.store_release, .store_fenced and .load_acquire), with the ordering the
+ * contract in _overlay.py gives them. A release store: every load and store before it is
+ * visible before it (committed, enacted, enacting after a batch, a segment's state). A fenced
+ * store: a release store, then a release fence, so that no later store is visible before it
+ * either (struct, which opens and closes a structural window: the window's stores, and the
+ * reuse of the space it freed, are seen only with the struct value that covers them; enacting
+ * before a batch's file writes). An acquire load, after an acquire fence: every load before
+ * it (data copied, a table file read) is made before it, and no later load before it (struct
+ * and enacting checked after a lookup). */
 static int header_word(PyObject *mapping, PyObject *word, int flags, Py_buffer *view,
                        _Atomic uint64_t **at) {
     Py_ssize_t i = PyLong_AsSsize_t(word);
@@ -628,12 +638,8 @@ static PyObject *store_ordered(PyObject *const *args, Py_ssize_t nargs, int fenc
     unsigned long long v = PyLong_AsUnsignedLongLong(args[2]);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     if (header_word(args[0], args[1], PyBUF_WRITABLE, &view, &at) < 0) return NULL;
-    if (fenced) {
-        atomic_store_explicit(at, v, memory_order_relaxed);
-        atomic_thread_fence(memory_order_release);
-    } else {
-        atomic_store_explicit(at, v, memory_order_release);
-    }
+    atomic_store_explicit(at, v, memory_order_release);
+    if (fenced) atomic_thread_fence(memory_order_release);
     PyBuffer_Release(&view);
     Py_RETURN_NONE;
 }

@@ -167,7 +167,7 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
         }
     }
 
-    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size), *chunk_items = NULL, *held = NULL;
     if (!out) return NULL;
     unsigned char *base = (unsigned char *)PyBytes_AS_STRING(out), *p = base, *end = base + size;
 /* room for n more bytes, checked before each entry is written: the sizes above hold unless
@@ -181,10 +181,16 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
         *p++ = DROP_TABLE;
         p = put_u16(p, t);
     }
-    pos = 0;
-    while (PyDict_Next(chunks, &pos, &k, &c)) {
-        PyObject *entries;
+    /* the chunks from a snapshot of their items, each chunk's entries dict held: a lookup in
+     * it may run Python code (an int subclass's __eq__) that changes the record's dicts */
+    chunk_items = PyDict_Items(chunks);
+    if (!chunk_items) goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(chunk_items); i++) {
+        PyObject *item = PyList_GET_ITEM(chunk_items, i), *entries;
+        k = PyTuple_GET_ITEM(item, 0);
+        c = PyTuple_GET_ITEM(item, 1);
         if (split_key(k, &t, &key) < 0 || split_chunk(c, &mask, &entries) < 0) goto fail;
+        Py_XSETREF(held, Py_NewRef(entries));
         ROOM(INDEX_SIZE + ENTRY_BYTES * __builtin_popcountll(mask));
         *p++ = INSERT_INDEX;
         p = put_u16(p, t);
@@ -194,7 +200,7 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
             if (!(mask >> e & 1)) continue;
             PyObject *eo = PyLong_FromLong(e);
             if (!eo) goto fail;
-            PyObject *vo = PyDict_GetItemWithError(entries, eo);
+            PyObject *vo = PyDict_GetItemWithError(held, eo);
             Py_DECREF(eo);
             if (!vo) {
                 if (!PyErr_Occurred())
@@ -232,10 +238,16 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
         q += part;
     }
     p = put_u32(p, crc);
-    if (p == end) return out;
+    if (p == end) {
+        Py_XDECREF(held);
+        Py_DECREF(chunk_items);
+        return out;
+    }
 changed:
     PyErr_SetString(PyExc_RuntimeError, "a record's changes changed while it was encoded");
 fail:
+    Py_XDECREF(held);
+    Py_XDECREF(chunk_items);
     Py_DECREF(out);
     return NULL;
 #undef ROOM

@@ -16,7 +16,8 @@
 
 typedef struct {
     uint64_t table, index;
-    PyObject *data; /* borrowed from the values dict: no Python code runs while these live */
+    PyObject *data; /* a reference of its own: an allocation below may run a garbage
+                     * collection, whose finalizers could change the values dict */
 } Slot;
 
 static int by_key(const void *a, const void *b) {
@@ -65,11 +66,9 @@ static PyObject *slot_runs(PyObject *module, PyObject *const *args, Py_ssize_t n
         if (as_index(PyTuple_GET_ITEM(k, 0), &slots[m].table) < 0 ||
             as_index(PyTuple_GET_ITEM(k, 1), &slots[m].index) < 0)
             goto done;
-        slots[m++].data = d;
+        slots[m++].data = Py_NewRef(d);
     }
     qsort(slots, (size_t)m, sizeof(Slot), by_key);
-    /* check every size before building anything (the lookups below run no Python code: the
-     * keys are ints), so `slots` stays valid */
     out = PyList_New(0);
     if (!out) goto done;
     for (Py_ssize_t i = 0, j; i < m; i = j) {
@@ -82,7 +81,7 @@ static PyObject *slot_runs(PyObject *module, PyObject *const *args, Py_ssize_t n
             goto fail;
         }
         Py_ssize_t slot_size = PyLong_AsSsize_t(so);
-        if (slot_size < 0 || slot_size > (1 << 26)) {
+        if (slot_size < 1 || slot_size > (1 << 26)) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a slot_size is 1..2**26");
             Py_DECREF(tid);
             goto fail;
@@ -109,6 +108,7 @@ static PyObject *slot_runs(PyObject *module, PyObject *const *args, Py_ssize_t n
 fail:
     Py_CLEAR(out);
 done:
+    for (Py_ssize_t i = 0; i < m; i++) Py_DECREF(slots[i].data);
     PyMem_Free(slots);
     return out;
 }

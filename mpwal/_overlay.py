@@ -77,8 +77,9 @@ a snapshot whose pin the enactor no longer honours, refused).
 
 Memory ordering: the writer's and enactor's stores above are releases, and the reader's loads
 of ``struct``, ``committed``, ``head``, node words and ``enacting`` acquires, in that program
-order; the store that opens a window (``struct`` odd) and ``enacting`` before a batch are
-followed by a release fence (no later store passes them), and the reader's rechecks of
+order; the stores that open and close a window (``struct`` odd, then even) and ``enacting``
+before a batch are followed by a release fence (no later store passes them: not a window's
+own stores, nor the reuse of the ring space a window freed), and the reader's rechecks of
 ``enacting`` and ``struct`` follow an acquire fence (the data it copied and the table file it
 read are read before them: a seqlock reader's fence). Words are written as single aligned
 8-byte stores through ``memoryview.cast('Q')`` (``struct.pack_into`` would zero its target
@@ -358,7 +359,8 @@ def store_release(m: mmap.mmap, q: memoryview, word: int, value: int) -> None:
 
 
 def store_fenced(m: mmap.mmap, q: memoryview, word: int, value: int) -> None:
-    """``q[word] = value``, then a release fence: no later store is visible before it."""
+    """``q[word] = value`` as a release store, then a release fence: no store before it and no
+    later store is visible on the other side of it."""
     native = _backend.native
     if native is None:
         q[word] = value
@@ -392,7 +394,8 @@ class _Segment:
         store_release(self.m, self.q, word, value)
 
     def store_fenced(self, word: int, value: int) -> None:
-        """A header word stored, then a release fence (the function ``store_fenced``)."""
+        """A header word stored with release ordering, then a release fence (the function
+        ``store_fenced``)."""
         store_fenced(self.m, self.q, word, value)
 
     def load_acquire(self, word: int) -> int:
@@ -524,7 +527,8 @@ class _Window:
             q = ov.q
             q[ENTRIES] = len(ov.where)
             q[HEAP_USED] = ov.used
-            ov.store_release(STRUCT, q[STRUCT] + 1)  # even after every store of the window
+            ov.store_fenced(STRUCT, q[STRUCT] + 1)  # even after every store of the window,
+            # and before any later one (the reuse of what it freed)
         else:
             ov.retire(CLOSED)
 

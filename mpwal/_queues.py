@@ -25,7 +25,9 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -187,6 +189,27 @@ class QueueStore:
         self.lock = file_lock(path, QUEUE_LOCK)  # reentrant: replay nests transitions in it
         self.last: QueueState | None = None
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """``queue.lock`` for one transition, with Ctrl-C held off in the main thread until it
+        is over: a KeyboardInterrupt inside filelock's acquire or release could leave the
+        lock taken by a descriptor nobody releases, and every later transition of this
+        process waiting for it. The interrupt is raised when the transition ends."""
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            with self.lock:  # another thread, a nested transition, or an application's handler
+                yield
+            return
+        caught: list[int] = []
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+        try:
+            with self.lock:
+                yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if caught:
+                raise KeyboardInterrupt
+
     def epoch(self) -> int:
         """The epoch of the last state this process wrote (the writer's own, after replay)."""
         assert self.last is not None
@@ -200,7 +223,7 @@ class QueueStore:
     def _change(self, sync: bool = False) -> Iterator[QueueState]:
         """A writer's transition: load under the lock (or fall back on ``last``), let the caller
         change the state, save it unless the body raised."""
-        with self.lock:
+        with self._locked():
             st = load_queues(self.path) or self.last or QueueState()
             yield st
             save_queues(self.path, st, sync=sync)
@@ -211,7 +234,7 @@ class QueueStore:
         """A writer opens: bump the epoch (an enactor of the last one lets go of its lock),
         to above ``floor`` too (the metadata's copy, should the queue state have been lost).
         Returns the state and whether a queue file existed."""
-        with self.lock:
+        with self._locked():
             existed = load_queues(self.path) is not None
             with self._change() as st:
                 st.epoch = max(st.epoch, floor) + 1
@@ -266,7 +289,7 @@ class QueueStore:
         """The head ``log_id`` is enacted through record ``enacted`` and the tables are synced:
         it moves to cleanup (fsynced: replay must not start before it). False if it is not the
         head of ``epoch`` any more (a new writer replayed meanwhile)."""
-        with self.lock:
+        with self._locked():
             st = load_queues(self.path)
             if st is None or st.epoch != epoch or not st.read or st.read[0] != log_id:
                 return False
@@ -280,7 +303,7 @@ class QueueStore:
     def clean(self, truncate: Callable[[int], bool]) -> list[int]:
         """Truncate the cleanup logs in order (``truncate(id)``: False if the file is gone) and
         return them to the pool, keeping at most MAX_LOG_POOL_SIZE; returns the ids cleaned."""
-        with self.lock:
+        with self._locked():
             st = load_queues(self.path)
             if st is None or not st.cleanup:
                 return []

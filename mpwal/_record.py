@@ -115,7 +115,8 @@ class ChangeSet:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ArgumentTypeError(f"an index entry must be an int, not {type(value).__name__}")
             raise ArgumentRangeError(f"index entry value {value} is not a u64 (0..2**64-1)")
-        c = self._chunks.get((table, chunk))
+        entry, value = int(entry), int(value)  # plain ints (an int subclass's __eq__ could
+        c = self._chunks.get((table, chunk))  # run code while the record is encoded)
         if c is None:
             c = self._chunks[(table, chunk)] = [0, {}]
         c[0] |= 1 << entry

@@ -102,7 +102,7 @@ def test_native_slot_runs_keep_reference_counts():
     values = {(3, i): bytes([i]) * (i % 17) for i in range(0, 60, 1)}
     values[(3, 100)] = None
     sizes = {3: 16}
-    watched = (values, sizes, values[(3, 5)], None)
+    watched = (values, sizes, values[(3, 5)])
     for _ in range(100):
         native.slot_runs(values, sizes)
     gc.collect()

@@ -153,7 +153,7 @@ def test_native_lookups_keep_reference_counts(tmp_path):
 
         lk = native.Lookups(w.m, w.shift, w.slots_end, Torn, MISS, RETRY, table_file, limits, slow)
         keys = list(range(20))
-        watched = (MISS, RETRY, Torn, table_file, slow, limits, keys, None)
+        watched = (MISS, RETRY, Torn, table_file, slow, limits, keys)
 
         def run(n):
             for _ in range(n):

@@ -312,7 +312,7 @@ def test_decoder_keeps_reference_counts():
             raw_record(1, value(1, 2, 0xFFFFFFFE)), raw_record(1, index(1, 2, U64, b"x")),
             raw_record(2, value(1, 2, 3, b"abc"), crc_ok=False), raw_record(3, b"\x09"),
             mixed(1) + mixed(3), b"\x00" * 10]
-    watched = (Op, Record, None, *bufs)
+    watched = (Op, Record, *bufs)
 
     def run(n):
         for _ in range(n):

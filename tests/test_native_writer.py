@@ -130,7 +130,7 @@ def test_native_intake_keeps_reference_counts():
     data = [bytes([i]) * 10 for i in range(50)]
     pairs = [(i, d) for i, d in enumerate(data)] + [(60, None)]
     ch = {(3, 1): [0b101, {0: 1, 2: 2**64 - 1}]}
-    watched = (data[0], data[-1], pairs, ch, None, True, False)
+    watched = (data[0], data[-1], pairs, ch)
 
     def run(n):
         for _ in range(n):
@@ -165,3 +165,79 @@ def test_native_keys_leave_the_garbage_collector_alone(tmp_path):
         assert not gc.is_tracked(w.where)
     finally:
         w.retire(3)
+
+
+# -- what a review of the native code found (each failed before its fix) ----------------------
+
+@needs_native
+def test_native_encode_holds_what_python_code_may_free_during_a_lookup():
+    """An entry key whose __eq__ runs during encode's lookup and replaces the chunk's entries
+    (ChangeSet now stores plain ints, so only a direct call can do this): encode holds what it
+    reads, and gives bytes or an error, never reads freed memory (was a segfault)."""
+    chunks: dict = {}
+
+    class Evil(int):
+        __hash__ = int.__hash__
+
+        def __eq__(self, other):
+            c = chunks.get((3, 0))
+            if c is not None:
+                c[1] = {}
+                chunks.clear()
+                junk.extend(b"\xff" * 2230 for _ in range(64))  # reuse the freed memory
+            return int(self) == other
+
+    junk: list = []
+    entries = {e: e for e in range(2, 64)}
+    entries[Evil(1)] = 1
+    chunks[(3, 0)] = [sum(1 << e for e in range(1, 64)), entries]
+    try:
+        out = native.encode(7, [], chunks, {})
+    except RuntimeError:
+        return
+    assert LogScan(out).records() is not None and len(out) == 9 + 19 + 8 * 63 + 5
+
+
+@needs_native
+def test_native_slot_runs_hold_the_values_a_finalizer_clears():
+    """A garbage collection inside slot_runs (its allocations) runs a finalizer that empties the
+    values dict: the packed bytes are still the values' (was a use-after-free)."""
+    import gc
+
+    from mpwal._applier import slot_runs
+    values = {(t, 0): bytes([t]) * 4000 for t in range(1, 4)}
+    sizes = {t: 4096 for t in range(1, 4)}
+    expect = slot_runs(dict(values), sizes)
+
+    class Bomb:
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            values.clear()
+
+    keep = [(i, i, i) for i in range(3000)]  # drain the tuple free list
+    gc.collect()
+    gc.disable()
+    Bomb()
+    old = gc.get_threshold()
+    gc.set_threshold(1)
+    gc.enable()
+    try:
+        runs = native.slot_runs(values, sizes)
+    finally:
+        gc.set_threshold(*old)
+    assert runs == expect and keep
+
+
+@needs_native
+def test_native_link_and_unlink_refuse_a_segment_of_another_shape():
+    """A shift that does not match slots_end (the hash would land outside the slots), a
+    misplaced blob offset: a ValueError, not a write or read out of bounds (was a segfault)."""
+    m = bytearray(8192)
+    with pytest.raises(ValueError):
+        native.link(m, 1, [((0, 5), None)], (), 4096 + 64, {}, {}, 2, 520)
+    with pytest.raises(ValueError):  # the right shape (16 slots), a blob inside the slots
+        native.link(m, 1, [((0, 5), None)], (), 4096 + 64, {}, {}, 60, 512 + 64)
+    with pytest.raises(ValueError):
+        native.unlink(m, 4096, ((0, 5),), {}, {(0, 5): 512}, 2, 520)

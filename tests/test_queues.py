@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+
+import pytest
 
 from mpwal import _fileio as fileio
 from mpwal._fileio import FaultPlan
@@ -93,3 +96,32 @@ def test_a_damaged_state_file_falls_back_on_the_last_state_seen(tmp_path):
     q.rotate(0)
     st = load_queues(q.path)
     assert (st.epoch, st.read, st.appending) == (1, [0], None)
+
+
+def test_ctrl_c_during_a_transition_waits_for_its_end(tmp_path):
+    """A SIGINT that arrives while a transition holds queue.lock (here: while the state is
+    being saved) is raised as KeyboardInterrupt once the transition is over: the state is
+    saved and the lock released, so the next transition of this process does not wait for a
+    lock nobody will let go of."""
+    import signal
+
+    from mpwal import _queues
+    qs = QueueStore(str(tmp_path))
+    qs.new_epoch(os.getpid(), True)
+    real_save = _queues.save_queues
+
+    def save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs at the next bytecode boundaries, in here
+        real_save(*args, **kwargs)
+
+    _queues.save_queues = save
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            qs.start_log()
+    finally:
+        _queues.save_queues = real_save
+    assert not qs.lock.is_locked
+    assert load_queues(str(tmp_path)).appending is not None  # the transition happened whole
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    qs.rotate(load_queues(str(tmp_path)).appending)  # and the next one takes the lock
