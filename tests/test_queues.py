@@ -116,12 +116,14 @@ def test_ctrl_c_during_a_transition_waits_for_its_end(tmp_path):
         real_save(*args, **kwargs)
 
     _queues.save_queues = save
-    try:
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # (ignored, if started
+    try:  # from a shell's background job)
         with pytest.raises(KeyboardInterrupt):
             qs.start_log()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         _queues.save_queues = real_save
+        signal.signal(signal.SIGINT, inherited)
     assert not qs.lock.is_locked
     assert load_queues(str(tmp_path)).appending is not None  # the transition happened whole
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     qs.rotate(load_queues(str(tmp_path)).appending)  # and the next one takes the lock
