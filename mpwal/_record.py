@@ -97,6 +97,7 @@ class ChangeSet:
 
     @staticmethod
     def _pairs(items: Iterable[tuple[int, bytes | None]]) -> list[tuple[int, bytes | None]]:
+        """``items`` as a list (taken once: a generator is read only here)."""
         try:
             return items if type(items) is list else list(items)
         except TypeError:
