@@ -9,7 +9,8 @@ the Python backend and says why, once, as a warning; ``mpwal inspect`` shows it 
 What the native backend covers (each C function beside the Python function it is the twin of):
 
 * readers: the overlay lookups (``_overlay._make_lookups``: ``value()``, ``values()``, index
-  chunks and entries, snapshot reads: every lookup at a watermark);
+  chunks and entries, snapshot reads: every lookup at a watermark), and ``value()``'s read of
+  a slot from a table file the reader has mapped (``TableFiles.read_value``'s mapped path);
 * the writer: gathering ``insert_values``'s pairs and encoding a record with its CRC
   (``_record.ChangeSet``, ``_format.encode_record``), a record's overlay size and its publish
   loop (``OverlayWriter.blob_size``, ``_link_versions``), freeing enacted versions

@@ -42,6 +42,8 @@ typedef struct {
     PyObject *read_value; /* reader's table-file lookup, or None */
     PyObject *limits;     /* dict: value table -> slots, or None */
     PyObject *slow;       /* reader's slow path, or None */
+    PyObject *maps;       /* dict: value table -> its file's read-only mmap (or None), or None */
+    PyObject *strides;    /* dict: value table -> bytes per slot (with maps) */
 } Lookups;
 
 /* One acquire load of word i; -1 (with IndexError set) when i is outside the segment. */
@@ -176,6 +178,39 @@ fail:
     return NULL;
 }
 
+/* The twin of TableFiles.read_value's mapped path (mpwal/_tables.py): slot `index` of value
+ * table `table` read from the file's read-only mapping, when the reader has mapped the file as
+ * far as the slot: the value's bytes, or None for an empty slot. NULL without an error: not
+ * mapped that far (or not at all), the caller asks read_value, which maps more or preads.
+ * The enactor may be writing the slot meanwhile: the caller's enacting check catches that. */
+static PyObject *table_slot(Lookups *s, PyObject *table, uint64_t index) {
+    PyObject *m = PyDict_GetItemWithError(s->maps, table), *so, *out = NULL;
+    if (!m || m == Py_None) return NULL;
+    if (!(so = PyDict_GetItemWithError(s->strides, table))) return NULL;
+    Py_ssize_t stride = PyLong_AsSsize_t(so);
+    if (stride < 5) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(m, &b, PyBUF_SIMPLE) < 0) { /* closed meanwhile: read_value knows */
+        PyErr_Clear();
+        return NULL;
+    }
+    /* index < the table's limit, and limit * stride <= 2**40: no overflow */
+    uint64_t off = index * (uint64_t)stride;
+    if (off + (uint64_t)stride <= (uint64_t)b.len) {
+        const unsigned char *p = (const unsigned char *)b.buf + off;
+        uint64_t stored = p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 24;
+        if (!stored || stored > (uint64_t)stride - 3)
+            out = Py_NewRef(Py_None);
+        else
+            out = PyBytes_FromStringAndSize((const char *)p + 4, (Py_ssize_t)stored - 1);
+    }
+    PyBuffer_Release(&b);
+    return out;
+}
+
 static PyObject *call_slow(Lookups *s, PyObject *table, PyObject *index) {
     if (s->slow == Py_None) return Py_NewRef(s->retry);
     return PyObject_CallFunctionObjArgs(s->slow, table, index, NULL);
@@ -234,7 +269,9 @@ static PyObject *value_now(Lookups *s, PyObject *const *args, Py_ssize_t nargs) 
                 PyErr_SetString(PyExc_RuntimeError, "value_now needs a reader's read_value");
                 return NULL;
             }
-            data = PyObject_CallFunctionObjArgs(s->read_value, args[0], args[1], NULL);
+            data = s->maps ? table_slot(s, args[0], index) : NULL;
+            if (!data && !PyErr_Occurred())
+                data = PyObject_CallFunctionObjArgs(s->read_value, args[0], args[1], NULL);
             if (!data) return NULL;
             atomic_thread_fence(memory_order_acquire); /* the file's bytes read before enacting */
             if (load(s, W_ENACTING, &enacting) < 0) { Py_DECREF(data); return NULL; }
@@ -254,12 +291,12 @@ static PyObject *value_now(Lookups *s, PyObject *const *args, Py_ssize_t nargs) 
 }
 
 static int Lookups_init(Lookups *s, PyObject *args, PyObject *kwds) {
-    PyObject *mapping, *torn, *miss, *retry, *read_value, *limits, *slow;
+    PyObject *mapping, *torn, *miss, *retry, *read_value, *limits, *slow, *tables = Py_None;
     unsigned shift;
     Py_ssize_t slots_end;
     (void)kwds;
-    if (!PyArg_ParseTuple(args, "OInOOOOOO", &mapping, &shift, &slots_end, &torn, &miss,
-                          &retry, &read_value, &limits, &slow))
+    if (!PyArg_ParseTuple(args, "OInOOOOOO|O", &mapping, &shift, &slots_end, &torn, &miss,
+                          &retry, &read_value, &limits, &slow, &tables))
         return -1;
     if (s->view.obj || s->torn) {
         PyErr_SetString(PyExc_TypeError, "Lookups is initialised once");
@@ -271,6 +308,15 @@ static int Lookups_init(Lookups *s, PyObject *args, PyObject *kwds) {
     if (s->limits != Py_None && !PyDict_Check(s->limits)) {
         PyErr_SetString(PyExc_TypeError, "limits must be a dict or None");
         return -1;
+    }
+    if (tables != Py_None) {
+        if (!PyTuple_Check(tables) || PyTuple_GET_SIZE(tables) != 2 ||
+            !PyDict_Check(PyTuple_GET_ITEM(tables, 0)) || !PyDict_Check(PyTuple_GET_ITEM(tables, 1))) {
+            PyErr_SetString(PyExc_TypeError, "tables must be (maps, strides) dicts or None");
+            return -1;
+        }
+        s->maps = Py_NewRef(PyTuple_GET_ITEM(tables, 0));
+        s->strides = Py_NewRef(PyTuple_GET_ITEM(tables, 1));
     }
     if (PyObject_GetBuffer(mapping, &s->view, PyBUF_SIMPLE) < 0) {
         s->view.obj = NULL;
@@ -291,12 +337,14 @@ static int Lookups_init(Lookups *s, PyObject *args, PyObject *kwds) {
 static int Lookups_traverse(Lookups *s, visitproc visit, void *arg) {
     Py_VISIT(s->torn); Py_VISIT(s->miss); Py_VISIT(s->retry);
     Py_VISIT(s->read_value); Py_VISIT(s->limits); Py_VISIT(s->slow);
+    Py_VISIT(s->maps); Py_VISIT(s->strides);
     return 0;
 }
 
 static int Lookups_clear(Lookups *s) {
     Py_CLEAR(s->torn); Py_CLEAR(s->miss); Py_CLEAR(s->retry);
     Py_CLEAR(s->read_value); Py_CLEAR(s->limits); Py_CLEAR(s->slow);
+    Py_CLEAR(s->maps); Py_CLEAR(s->strides);
     return 0;
 }
 

@@ -209,12 +209,16 @@ class Torn(Exception):
 def _make_lookups(seg: _Segment, read_value: Callable[[int, int], bytes | None] | None = None,
                   limits: dict[int, int] | None = None,
                   slow: Callable[[int, int], Any] | None = None,
+                  tables: tuple[dict, dict] | None = None,
                   ) -> tuple[Callable[..., list[Any]], Callable[[int, int], Any]]:
     """``seg``'s (find_many, value_now): the native backend's (``mpwal._native.Lookups``, the
-    C twin), or the Python reference's (``_python_lookups``, which says what they do)."""
+    C twin), or the Python reference's (``_python_lookups``, which says what they do).
+    ``tables``: the reader's (maps, strides) of its table files (``TableFiles.maps``, kept
+    current in place), from which the native value_now reads a slot itself where the file is
+    mapped, as ``read_value`` would."""
     if _backend.native is not None:
         lk = _backend.native.Lookups(seg.m, seg.shift, seg.slots_end, Torn, MISS, RETRY,
-                                     read_value, limits, slow)
+                                     read_value, limits, slow, tables)
         return lk.find_many, lk.value_now
     return _python_lookups(seg, read_value, limits, slow)
 
@@ -403,10 +407,11 @@ class _Segment:
         return load_acquire(self.m, self.q, word)
 
     def bind_reader(self, read_value: Callable[[int, int], bytes | None], limits: dict[int, int],
-                    slow: Callable[[int, int], Any]) -> None:
+                    slow: Callable[[int, int], Any], tables: tuple[dict, dict] | None = None) -> None:
         """Make ``value_now`` a reader's whole ``value()``: its table-file lookup, its argument
-        limits (kept up to date in place) and its slow path (see ``_make_lookups``)."""
-        self.find_many, self.value_now = _make_lookups(self, read_value, limits, slow)
+        limits (kept up to date in place), its slow path and its table files' mappings (see
+        ``_make_lookups``)."""
+        self.find_many, self.value_now = _make_lookups(self, read_value, limits, slow, tables)
 
     def find(self, table: int, index: int, w_mark: int) -> Any:
         """The data of one key at watermark ``w_mark`` (None: removed or dropped), or MISS:

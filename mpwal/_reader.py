@@ -47,7 +47,7 @@ from ._overlay import (COMMITTED, DURABLE, ENACTED, ENACTING, ENTRIES, GENERATIO
 from ._pins import DEFAULT_MAX_AGE, ReaderTable
 from ._platform import check_machine
 from ._queues import QUEUE_FILE, load_queues, writer_alive
-from ._tables import TableFiles, check_key, load_catalog, record_problem
+from ._tables import TableFiles, ValueTable, check_key, load_catalog, record_problem
 
 ZERO_CHUNK = bytes(CHUNK_BYTES)
 STUCK_SECONDS = 0.02  # a structural window open this long: is the writer alive, is it stopped?
@@ -138,6 +138,7 @@ class Reader:
             raise DatabaseError(f"{self.path} does not exist; open a Writer on it first")
         self._catalog = load_catalog(self.path)
         self._limits: dict[int, int] = {}  # value table -> max index, for the hot path's check
+        self._strides: dict[int, int] = {}  # value table -> bytes per slot, for its file reads
         self._refresh_catalog()
         self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
         self._queue_file = os.path.join(self.path, QUEUE_FILE)
@@ -175,7 +176,8 @@ class Reader:
     def _use_segment(self, seg: OverlayReader) -> None:
         if self._seg is not None:
             self._seg.release()
-        seg.bind_reader(self._files.read_value, self._limits, self._value_slow)
+        seg.bind_reader(self._files.read_value, self._limits, self._value_slow,
+                        (self._files.maps, self._strides))
         self._seg = seg
         self._set_fast(seg if seg.load_acquire(COMMITTED) >= self._floor else None)
         self._private = None
@@ -185,8 +187,10 @@ class Reader:
         """Tables added by a writer since we opened become readable."""
         self._catalog.update(load_catalog(self.path))
         limits = {tid: t.max_key for tid, t in self._catalog.items() if t.kind == "value"}
-        self._limits.clear()  # in place: the segment's value_now holds this dict
+        self._limits.clear()  # in place: the segment's value_now holds these dicts
         self._limits.update(limits)
+        self._strides.update({tid: t.stride for tid, t in self._catalog.items()
+                              if isinstance(t, ValueTable)})
 
     def _check_key(self, table: int, key: int, kind: Literal["value", "index"]) -> None:
         """The slow path of argument checking (a value slot or an index chunk): raise the

@@ -338,6 +338,12 @@ class TableFiles:
             return False
         return off >= (len(m) if m is not None else 0) and (m is None or len(m) < MAP_WINDOW)
 
+    @property
+    def maps(self) -> dict[int, mmap.mmap | None]:
+        """{table: the read-only mapping of its file so far, or None if it cannot be mapped},
+        changed in place as files are mapped further (the native lookups read slots from it)."""
+        return self._maps
+
     def read_value(self, tid: int, index: int) -> bytes | None:
         t = cast(ValueTable, self.catalog[tid])  # callers checked it is a value table
         stride = t.stride

@@ -293,3 +293,42 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+@needs_native
+def test_native_value_reads_table_files_as_the_python_reference(db):
+    """value() of enacted slots (values of every length, removed, never written, past the
+    file's end, in a table added later) is read by the native lookup from the reader's mapping
+    of the table file: the same answers as the Python reference's read_value, and no reference
+    count moves."""
+    tables = [mpwal.ValueTable(3, slot_size=16), mpwal.ValueTable(4, slot_size=1)]
+    want = {}
+    with mpwal.Writer(db, tables) as w:
+        for i in range(0, 300, 3):
+            d = bytes([i % 251]) * (i % 17) if i % 17 < 17 else None
+            with w.record() as rec:
+                rec.insert_value(3, i, d)
+                rec.insert_value(4, i, b"x" if i % 2 else b"")
+            want[(3, i)], want[(4, i)] = d, (b"x" if i % 2 else b"")
+        with w.record() as rec:
+            rec.insert_value(3, 30, None)  # removed after being written
+        want[(3, 30)] = None
+    with mpwal.Writer(db, [mpwal.ValueTable(5, slot_size=8)], enactor="none") as w:  # live,
+        with w.record() as rec:  # so readers use the segment; table 5 is new
+            rec.insert_value(5, 2, b"new")
+        keys = [(t, i) for t in (3, 4) for i in range(0, 320)] + [(3, 10**6), (5, 2), (5, 3)]
+        with mpwal.Reader(db) as r:
+            got = [r.value(t, i) for t, i in keys]
+            with _backend.python_backend():
+                with mpwal.Reader(db) as ref:
+                    assert [ref.value(t, i) for t, i in keys] == got
+            assert [got[k] for k, key in enumerate(keys) if key in want] == \
+                [want[key] for key in keys if key in want]
+            watched = (got[3], r._files.maps, r._strides)
+
+            def run(n):
+                for _ in range(n):
+                    for t, i in keys[::7]:
+                        r.value(t, i)
+
+            assert_no_leaks(run, watched, rounds=300)
