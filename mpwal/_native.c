@@ -129,55 +129,6 @@ static int as_u64(PyObject *o, uint64_t *out) {
     return 0;
 }
 
-/* find_many(table, indices, w_mark, read) -> list (see _overlay._make_lookups) */
-static PyObject *find_many(Lookups *s, PyObject *const *args, Py_ssize_t nargs) {
-    uint64_t table, w_mark, index, loc, d;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "find_many(table, indices, w_mark, read)");
-        return NULL;
-    }
-    if (as_u64(args[0], &table) < 0 || as_u64(args[2], &w_mark) < 0) return NULL;
-    PyObject *read = args[3];
-    PyObject *seq = PySequence_Fast(args[1], "indices must be a sequence");
-    if (!seq) return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    PyObject *out = PyList_New(count);
-    if (!out) goto fail;
-    int dropped_checked = 0;
-    uint64_t dropped = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item;
-        if (as_u64(items[i], &index) < 0) goto fail;
-        int got = probe(s, table, index, w_mark, &loc);
-        if (got < 0) goto fail;
-        if (got) {
-            item = data_at(s, loc);
-        } else {
-            if (!dropped_checked) {
-                if (dropped_at(s, table, w_mark, &d) < 0) goto fail;
-                dropped = d;
-                dropped_checked = 1;
-            }
-            if (dropped) {
-                item = Py_NewRef(Py_None);
-            } else if (read == Py_None) {
-                item = Py_NewRef(s->miss);
-            } else {
-                item = PyObject_CallFunctionObjArgs(read, args[0], items[i], NULL);
-            }
-        }
-        if (!item) goto fail;
-        PyList_SET_ITEM(out, i, item);
-    }
-    Py_DECREF(seq);
-    return out;
-fail:
-    Py_XDECREF(out);
-    Py_DECREF(seq);
-    return NULL;
-}
-
 /* The twin of TableFiles.read_value's mapped path (mpwal/_tables.py): slot `index` of value
  * table `table` read from the file's read-only mapping, when the reader has mapped the file as
  * far as the slot: the value's bytes, or None for an empty slot. NULL without an error: not
@@ -209,6 +160,63 @@ static PyObject *table_slot(Lookups *s, PyObject *table, uint64_t index) {
     }
     PyBuffer_Release(&b);
     return out;
+}
+
+/* find_many(table, indices, w_mark, read) -> list (see _overlay._make_lookups) */
+static PyObject *find_many(Lookups *s, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t table, w_mark, index, loc, d;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "find_many(table, indices, w_mark, read)");
+        return NULL;
+    }
+    if (as_u64(args[0], &table) < 0 || as_u64(args[2], &w_mark) < 0) return NULL;
+    PyObject *read = args[3];
+    PyObject *seq = PySequence_Fast(args[1], "indices must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(count);
+    if (!out) goto fail;
+    int dropped_checked = 0;
+    uint64_t dropped = 0;
+    /* the reader's own table-file read: slots come from its mappings here (table_slot) */
+    int ours = 0;
+    if (s->maps && read != Py_None && s->read_value != Py_None) {
+        ours = PyObject_RichCompareBool(read, s->read_value, Py_EQ);
+        if (ours < 0) goto fail;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item;
+        if (as_u64(items[i], &index) < 0) goto fail;
+        int got = probe(s, table, index, w_mark, &loc);
+        if (got < 0) goto fail;
+        if (got) {
+            item = data_at(s, loc);
+        } else {
+            if (!dropped_checked) {
+                if (dropped_at(s, table, w_mark, &d) < 0) goto fail;
+                dropped = d;
+                dropped_checked = 1;
+            }
+            if (dropped) {
+                item = Py_NewRef(Py_None);
+            } else if (read == Py_None) {
+                item = Py_NewRef(s->miss);
+            } else {
+                item = ours ? table_slot(s, args[0], index) : NULL;
+                if (!item && !PyErr_Occurred())
+                    item = PyObject_CallFunctionObjArgs(read, args[0], items[i], NULL);
+            }
+        }
+        if (!item) goto fail;
+        PyList_SET_ITEM(out, i, item);
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_XDECREF(out);
+    Py_DECREF(seq);
+    return NULL;
 }
 
 static PyObject *call_slow(Lookups *s, PyObject *table, PyObject *index) {

@@ -297,10 +297,10 @@ class _nullcontext:
 
 @needs_native
 def test_native_value_reads_table_files_as_the_python_reference(db):
-    """value() of enacted slots (values of every length, removed, never written, past the
-    file's end, in a table added later) is read by the native lookup from the reader's mapping
-    of the table file: the same answers as the Python reference's read_value, and no reference
-    count moves."""
+    """value() and values() of enacted slots (values of every length, removed, never written,
+    past the file's end, in a table added later) are read by the native lookups from the
+    reader's mapping of the table file: the same answers as the Python reference's read_value,
+    and no reference count moves."""
     tables = [mpwal.ValueTable(3, slot_size=16), mpwal.ValueTable(4, slot_size=1)]
     want = {}
     with mpwal.Writer(db, tables) as w:
@@ -319,9 +319,11 @@ def test_native_value_reads_table_files_as_the_python_reference(db):
         keys = [(t, i) for t in (3, 4) for i in range(0, 320)] + [(3, 10**6), (5, 2), (5, 3)]
         with mpwal.Reader(db) as r:
             got = [r.value(t, i) for t, i in keys]
+            batches = [r.values(t, list(range(0, 320))) for t in (3, 4)]
             with _backend.python_backend():
                 with mpwal.Reader(db) as ref:
                     assert [ref.value(t, i) for t, i in keys] == got
+                    assert [ref.values(t, list(range(0, 320))) for t in (3, 4)] == batches
             assert [got[k] for k, key in enumerate(keys) if key in want] == \
                 [want[key] for key in keys if key in want]
             watched = (got[3], r._files.maps, r._strides)
@@ -330,5 +332,6 @@ def test_native_value_reads_table_files_as_the_python_reference(db):
                 for _ in range(n):
                     for t, i in keys[::7]:
                         r.value(t, i)
+                    r.values(3, list(range(0, 320, 9)))
 
             assert_no_leaks(run, watched, rounds=300)
