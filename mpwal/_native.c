@@ -21,6 +21,8 @@
 
 #define HEADER_WORDS 512
 #define SLOT_WORDS 4
+#define NODE_WORDS 4 /* record_id, loc, older, newer */
+#define NODE_BYTES (NODE_WORDS * 8)
 #define W_STRUCT 0
 #define W_COMMITTED 7
 #define W_NDROPS 15
@@ -379,14 +381,15 @@ static int segment_shape(Py_buffer view, unsigned shift, Py_ssize_t slots_end) {
     return slots_end == HEADER_WORDS + nslots * SLOT_WORDS && slots_end <= view.len / 8;
 }
 
-/* link(mapping, record_id, items, more, off, where, newer, shift, slots_end) -> keys: the
- * writer's loop of _overlay.OverlayWriter._link (the reference): for each (key, data) of the
- * iterables `items` then `more`, write the data, then the version node, then link it (a known
- * key: its slot's head; a new key: an empty slot of its probe run, its tag last), updating the
- * writer's `where` and `newer` dicts. Returns the tuple of the keys, in order (the blob's, for
- * freeing). The data and node stores are relaxed; the head and tag stores are releases, so a
- * reader that sees a link sees what it leads to (the contract in _overlay.py). The caller
- * allocated the blob at `off` (blob_size bytes) and checked the room. */
+/* link(mapping, record_id, items, more, off, shift, slots_end) -> (keys, added): the
+ * writer's loop of _overlay.OverlayWriter._link_versions (the reference): for each (key, data)
+ * of the iterables `items` then `more`, write the data, then the version node, then link it
+ * (a known key, found by probing the hash: its slot's head, and the old head's `newer`; a new
+ * key: the empty slot that ends its probe run, its tag last). Returns the tuple of the keys, in
+ * order (the blob's, for freeing), and how many were new to the hash. The data and node stores
+ * are relaxed; the head and tag stores are releases, so a reader that sees a link sees what it
+ * leads to (the contract in _overlay.py). The caller allocated the blob at `off` (blob_size
+ * bytes) and checked the room. */
 static int store(uint64_t *q, Py_ssize_t nwords, Py_ssize_t i, uint64_t v, memory_order order) {
     if (i < 0 || i >= nwords) {
         PyErr_SetString(PyExc_IndexError, "overlay word outside the segment");
@@ -396,19 +399,45 @@ static int store(uint64_t *q, Py_ssize_t nwords, Py_ssize_t i, uint64_t v, memor
     return 0;
 }
 
-static int set_int(PyObject *dict, PyObject *key, uint64_t v) {
-    PyObject *o = PyLong_FromUnsignedLongLong(v);
-    if (!o) return -1;
-    int r = PyDict_SetItem(dict, key, o);
-    Py_DECREF(o);
-    return r;
+static uint64_t wload(const uint64_t *q, Py_ssize_t i) { /* the writer's own words: relaxed */
+    return atomic_load_explicit((_Atomic uint64_t *)&q[i], memory_order_relaxed);
+}
+
+/* The slot of (table, index), or the empty slot that ends its probe run (tag 0), as a word
+ * offset; -1 with an exception if the hash has no empty slot or the segment is inconsistent. */
+static Py_ssize_t slot_probe(const uint64_t *q, Py_ssize_t nwords, uint64_t table, uint64_t index,
+                        unsigned shift, Py_ssize_t slots_end) {
+    uint64_t h = ((index ^ (table << 47)) * HASH_K) >> shift;
+    Py_ssize_t w = (Py_ssize_t)h * SLOT_WORDS + HEADER_WORDS;
+    for (Py_ssize_t probes = 0;; probes++) {
+        if (w + 2 >= nwords || probes > slots_end) {
+            PyErr_SetString(PyExc_IndexError, "no empty overlay slot");
+            return -1;
+        }
+        uint64_t t = wload(q, w + 1);
+        if (!t || (t == table + 1 && wload(q, w) == index)) return w;
+        w += SLOT_WORDS;
+        if (w == slots_end) w = HEADER_WORDS;
+    }
+}
+
+/* A (table, index) key tuple's two numbers. */
+static int key_numbers(PyObject *key, uint64_t *table, uint64_t *index) {
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a key is (table, index)");
+        return -1;
+    }
+    if (as_u64(PyTuple_GET_ITEM(key, 0), table) < 0 || as_u64(PyTuple_GET_ITEM(key, 1), index) < 0)
+        return -1;
+    return 0;
 }
 
 typedef struct {
     uint64_t *q;
     Py_ssize_t nwords, len; /* words, bytes of the mapping */
     uint64_t record_id, pos;
-    PyObject *where, *newer, *keys;
+    PyObject *keys;
+    Py_ssize_t added;
     unsigned shift;
     Py_ssize_t slots_end;
 } Linking;
@@ -426,15 +455,19 @@ static int link_one(Linking *L, PyObject *pair) {
         PyErr_SetString(PyExc_TypeError, "a version's data is bytes or None");
         return -1;
     }
+    uint64_t table, index;
+    if (key_numbers(key, &table, &index) < 0) return -1;
     if (PyList_Append(L->keys, key) < 0) return -1;
     Py_ssize_t nw = (Py_ssize_t)(L->pos >> 3);
-    if (store(q, nwords, nw, L->record_id, memory_order_relaxed) < 0) return -1;
+    if (store(q, nwords, nw, L->record_id, memory_order_relaxed) < 0 ||
+        store(q, nwords, nw + 3, 0, memory_order_relaxed) < 0) /* no newer version yet */
+        return -1;
     if (d == Py_None) {
         if (store(q, nwords, nw + 1, 0, memory_order_relaxed) < 0) return -1;
-        L->pos += 24;
+        L->pos += NODE_BYTES;
     } else {
         Py_ssize_t len = PyBytes_GET_SIZE(d);
-        uint64_t start = L->pos + 24, end = start + (uint64_t)len;
+        uint64_t start = L->pos + NODE_BYTES, end = start + (uint64_t)len;
         if (end > (uint64_t)L->len) {
             PyErr_SetString(PyExc_IndexError, "overlay data outside the segment");
             return -1;
@@ -444,48 +477,21 @@ static int link_one(Linking *L, PyObject *pair) {
         if (store(q, nwords, nw + 1, (end << 32) | start, memory_order_relaxed) < 0) return -1;
         L->pos = (end + 7) & ~(uint64_t)7;
     }
-    PyObject *wo = PyDict_GetItemWithError(L->where, key);
-    if (wo) { /* a known key: link with one release store of the head */
-        Py_ssize_t w = PyLong_AsSsize_t(wo);
-        if (w == -1 && PyErr_Occurred()) return -1;
-        if (w + 2 >= nwords || w < HEADER_WORDS) {
-            PyErr_SetString(PyExc_IndexError, "a slot outside the segment");
+    Py_ssize_t w = slot_probe(q, nwords, table, index, L->shift, L->slots_end);
+    if (w < 0) return -1;
+    if (wload(q, w + 1)) { /* a known key: link with one release store of the head */
+        uint64_t head = wload(q, w + 2);
+        if (store(q, nwords, nw + 2, head, memory_order_relaxed) < 0 ||
+            store(q, nwords, (Py_ssize_t)head + 3, (uint64_t)nw, memory_order_relaxed) < 0)
             return -1;
-        }
-        uint64_t head = atomic_load_explicit((_Atomic uint64_t *)&q[w + 2], memory_order_relaxed);
-        if (store(q, nwords, nw + 2, head, memory_order_relaxed) < 0) return -1;
-        PyObject *hk = PyLong_FromUnsignedLongLong(head);
-        if (!hk) return -1;
-        int r = set_int(L->newer, hk, (uint64_t)nw);
-        Py_DECREF(hk);
-        if (r < 0) return -1;
         return store(q, nwords, w + 2, (uint64_t)nw, memory_order_release);
     }
-    /* a new key: an empty slot of its probe run, its tag stored last */
-    if (PyErr_Occurred()) return -1;
-    if (store(q, nwords, nw + 2, 0, memory_order_relaxed) < 0) return -1;
-    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
-        PyErr_SetString(PyExc_TypeError, "a key is (table, index)");
-        return -1;
-    }
-    uint64_t table, index;
-    if (as_u64(PyTuple_GET_ITEM(key, 0), &table) < 0 || as_u64(PyTuple_GET_ITEM(key, 1), &index) < 0)
-        return -1;
-    uint64_t h = ((index ^ (table << 47)) * HASH_K) >> L->shift;
-    Py_ssize_t w = (Py_ssize_t)h * SLOT_WORDS + HEADER_WORDS;
-    for (Py_ssize_t probes = 0;; probes++) { /* the caller left an empty slot: bounded anyway */
-        if (w + 1 >= nwords || probes > L->slots_end) {
-            PyErr_SetString(PyExc_IndexError, "no empty overlay slot");
-            return -1;
-        }
-        if (!atomic_load_explicit((_Atomic uint64_t *)&q[w + 1], memory_order_relaxed)) break;
-        w += SLOT_WORDS;
-        if (w == L->slots_end) w = HEADER_WORDS;
-    }
-    if (set_int(L->where, key, (uint64_t)w) < 0) return -1;
-    if (store(q, nwords, w, index, memory_order_relaxed) < 0 ||
+    /* a new key: the empty slot, its tag stored last */
+    if (store(q, nwords, nw + 2, 0, memory_order_relaxed) < 0 ||
+        store(q, nwords, w, index, memory_order_relaxed) < 0 ||
         store(q, nwords, w + 2, (uint64_t)nw, memory_order_relaxed) < 0)
         return -1;
+    L->added++;
     return store(q, nwords, w + 1, table + 1, memory_order_release);
 }
 
@@ -511,15 +517,15 @@ static PyObject *native_link(PyObject *module, PyObject *args) {
     unsigned long long off;
     Py_buffer view;
     (void)module;
-    if (!PyArg_ParseTuple(args, "OKOOKO!O!In", &mapping, &L.record_id, &items, &more, &off,
-                          &PyDict_Type, &L.where, &PyDict_Type, &L.newer, &L.shift, &L.slots_end))
+    if (!PyArg_ParseTuple(args, "OKOOKIn", &mapping, &L.record_id, &items, &more, &off,
+                          &L.shift, &L.slots_end))
         return NULL;
     if (PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE) < 0) return NULL;
     L.q = (uint64_t *)view.buf;
     L.len = view.len;
     L.nwords = view.len / 8;
     L.pos = off;
-    PyObject *result = NULL;
+    PyObject *result = NULL, *keys = NULL;
     if (!segment_shape(view, L.shift, L.slots_end) || off % 8 || off < (uint64_t)L.slots_end * 8) {
         PyErr_SetString(PyExc_ValueError, "not an overlay segment's mapping");
         goto done;
@@ -530,28 +536,29 @@ static PyObject *native_link(PyObject *module, PyObject *args) {
         Py_CLEAR(L.keys);
         goto done;
     }
-    result = PyList_AsTuple(L.keys);
+    keys = PyList_AsTuple(L.keys);
     Py_CLEAR(L.keys);
-    if (result) { /* a tuple of untracked keys needs no tracking (see _native_record.c) */
-        int untracked = 1;
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(result) && untracked; i++)
-            untracked = !PyObject_GC_IsTracked(PyTuple_GET_ITEM(result, i));
-        if (untracked && PyObject_GC_IsTracked(result)) PyObject_GC_UnTrack(result);
-    }
+    if (!keys) goto done;
+    /* a tuple of untracked keys needs no tracking (see _native_record.c) */
+    int untracked = 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(keys) && untracked; i++)
+        untracked = !PyObject_GC_IsTracked(PyTuple_GET_ITEM(keys, i));
+    if (untracked && PyObject_GC_IsTracked(keys)) PyObject_GC_UnTrack(keys);
+    result = Py_BuildValue("(Nn)", keys, L.added); /* steals keys */
 done:
     PyBuffer_Release(&view);
     return result;
 }
 
-/* unlink(mapping, start, keys, newer, where, shift, slots_end): the twin of
+/* unlink(mapping, start, keys, shift, slots_end) -> removed: the twin of
  * OverlayWriter._unlink, inside the writer's structural window: the versions of one enacted
  * record's blob (at byte `start`, one per key of `keys`, in order) leave their chains. Each is
- * its key's oldest: the version just newer than it (`newer`) gets older = 0, or, if it was the
- * newest, the key's slot is removed by backward shift (remove_slot). Stores are relaxed: the
- * window (struct odd, then even with a release) is what readers trust, not these words. */
-static int remove_slot(uint64_t *q, Py_ssize_t nwords, PyObject *where, PyObject *key,
-                       Py_ssize_t w, unsigned shift, Py_ssize_t slots_end) {
-    if (PyDict_DelItem(where, key) < 0) return -1;
+ * its key's oldest: the version just newer than it (its node's `newer`) gets older = 0, or, if
+ * it was the newest, the key's slot is removed by backward shift (remove_slot). Returns how
+ * many keys left the hash. Stores are relaxed: the window (struct odd, then even with a
+ * release) is what readers trust, not these words. */
+static int remove_slot(uint64_t *q, Py_ssize_t nwords, Py_ssize_t w, unsigned shift,
+                       Py_ssize_t slots_end) {
     Py_ssize_t hole = w, j = w;
     for (Py_ssize_t probes = 0;; probes++) {
         j += SLOT_WORDS;
@@ -560,24 +567,17 @@ static int remove_slot(uint64_t *q, Py_ssize_t nwords, PyObject *where, PyObject
             PyErr_SetString(PyExc_IndexError, "a slot outside the segment");
             return -1;
         }
-        uint64_t t = atomic_load_explicit((_Atomic uint64_t *)&q[j + 1], memory_order_relaxed);
+        uint64_t t = wload(q, j + 1);
         if (!t) break;
-        uint64_t idx = atomic_load_explicit((_Atomic uint64_t *)&q[j], memory_order_relaxed);
+        uint64_t idx = wload(q, j);
         Py_ssize_t h = (Py_ssize_t)(((idx ^ ((t - 1) << 47)) * HASH_K) >> shift) * SLOT_WORDS +
                        HEADER_WORDS;
         /* an entry stays when its home lies cyclically in (hole, j] */
         if ((hole < j && hole < h && h <= j) || (hole > j && (h > hole || h <= j))) continue;
-        uint64_t head = atomic_load_explicit((_Atomic uint64_t *)&q[j + 2], memory_order_relaxed);
         atomic_store_explicit((_Atomic uint64_t *)&q[hole], idx, memory_order_relaxed);
-        atomic_store_explicit((_Atomic uint64_t *)&q[hole + 2], head, memory_order_relaxed);
+        atomic_store_explicit((_Atomic uint64_t *)&q[hole + 2], wload(q, j + 2),
+                              memory_order_relaxed);
         atomic_store_explicit((_Atomic uint64_t *)&q[hole + 1], t, memory_order_relaxed);
-        PyObject *moved = Py_BuildValue("(KK)", (unsigned long long)(t - 1),
-                                        (unsigned long long)idx);
-        if (!moved) return -1;
-        PyObject_GC_UnTrack(moved); /* two ints (see gather in _native_record.c) */
-        int r = set_int(where, moved, (uint64_t)hole);
-        Py_DECREF(moved);
-        if (r < 0) return -1;
         hole = j;
     }
     atomic_store_explicit((_Atomic uint64_t *)&q[hole + 1], 0, memory_order_relaxed);
@@ -585,14 +585,14 @@ static int remove_slot(uint64_t *q, Py_ssize_t nwords, PyObject *where, PyObject
 }
 
 static PyObject *native_unlink(PyObject *module, PyObject *args) {
-    PyObject *mapping, *keys, *newer, *where;
+    PyObject *mapping, *keys;
     unsigned long long start;
     unsigned shift;
-    Py_ssize_t slots_end;
+    Py_ssize_t slots_end, removed = 0;
     Py_buffer view;
     (void)module;
-    if (!PyArg_ParseTuple(args, "OKO!O!O!In", &mapping, &start, &PyTuple_Type, &keys, &PyDict_Type,
-                          &newer, &PyDict_Type, &where, &shift, &slots_end))
+    if (!PyArg_ParseTuple(args, "OKO!In", &mapping, &start, &PyTuple_Type, &keys, &shift,
+                          &slots_end))
         return NULL;
     if (PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE) < 0) return NULL;
     uint64_t *q = (uint64_t *)view.buf;
@@ -604,56 +604,35 @@ static PyObject *native_unlink(PyObject *module, PyObject *args) {
     }
     Py_ssize_t nw = (Py_ssize_t)(start >> 3);
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(keys); k++) {
-        PyObject *key = PyTuple_GET_ITEM(keys, k);
-        Py_INCREF(key); /* where's reference may go */
-        if (nw < 0 || nw + 2 >= nwords) {
+        if (nw < slots_end || nw + 3 >= nwords) {
             PyErr_SetString(PyExc_IndexError, "a version outside the segment");
-            goto fail;
+            goto done;
         }
-        PyObject *nwo = PyLong_FromSsize_t(nw);
-        if (!nwo) goto fail;
-        PyObject *nno = PyDict_GetItemWithError(newer, nwo); /* newer.pop(nw, 0) */
-        Py_ssize_t nn = 0;
-        if (nno) {
-            nn = PyLong_AsSsize_t(nno);
-            if ((nn == -1 && PyErr_Occurred()) || PyDict_DelItem(newer, nwo) < 0) {
-                Py_DECREF(nwo);
-                goto fail;
-            }
-        }
-        Py_DECREF(nwo);
-        if (PyErr_Occurred()) goto fail;
+        Py_ssize_t nn = (Py_ssize_t)wload(q, nw + 3);
         if (nn) { /* the table file is below the newer version now */
-            if (nn < 0 || nn + 2 >= nwords) {
+            if (nn < slots_end || nn + 2 >= nwords) {
                 PyErr_SetString(PyExc_IndexError, "a version outside the segment");
-                goto fail;
+                goto done;
             }
             atomic_store_explicit((_Atomic uint64_t *)&q[nn + 2], 0, memory_order_relaxed);
         } else {
-            PyObject *wo = PyDict_GetItemWithError(where, key);
-            if (!wo) {
-                if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
-                goto fail;
+            PyObject *key = PyTuple_GET_ITEM(keys, k);
+            uint64_t table, index;
+            if (key_numbers(key, &table, &index) < 0) goto done;
+            Py_ssize_t w = slot_probe(q, nwords, table, index, shift, slots_end);
+            if (w < 0) goto done;
+            if (!wload(q, w + 1)) {
+                PyErr_SetObject(PyExc_KeyError, key);
+                goto done;
             }
-            Py_ssize_t w = PyLong_AsSsize_t(wo);
-            if (w == -1 && PyErr_Occurred()) goto fail;
-            if (w < HEADER_WORDS || w + 2 >= slots_end ||
-                remove_slot(q, nwords, where, key, w, shift, slots_end) < 0) {
-                if (!PyErr_Occurred())
-                    PyErr_SetString(PyExc_IndexError, "a slot outside the segment");
-                goto fail;
-            }
+            if (remove_slot(q, nwords, w, shift, slots_end) < 0) goto done;
+            removed++;
         }
-        Py_DECREF(key);
         /* the next node follows this version's data */
-        uint64_t loc = atomic_load_explicit((_Atomic uint64_t *)&q[nw + 1], memory_order_relaxed);
-        nw = loc ? (Py_ssize_t)((((loc >> 32) + 7)) >> 3) : nw + 3;
-        continue;
-    fail:
-        Py_DECREF(key);
-        goto done;
+        uint64_t loc = wload(q, nw + 1);
+        nw = loc ? (Py_ssize_t)((((loc >> 32) + 7)) >> 3) : nw + NODE_WORDS;
     }
-    result = Py_NewRef(Py_None);
+    result = PyLong_FromSsize_t(removed);
 done:
     PyBuffer_Release(&view);
     return result;
@@ -734,9 +713,9 @@ static PyObject *native_blob_size(PyObject *module, PyObject *datas) {
     uint64_t size = 0;
     while ((d = PyIter_Next(it))) {
         if (d == Py_None) {
-            size += 24;
+            size += NODE_BYTES;
         } else if (PyBytes_Check(d)) {
-            size += (24 + 7 + (uint64_t)PyBytes_GET_SIZE(d)) & ~(uint64_t)7;
+            size += (NODE_BYTES + 7 + (uint64_t)PyBytes_GET_SIZE(d)) & ~(uint64_t)7;
         } else {
             PyErr_SetString(PyExc_TypeError, "a version's data is bytes or None");
             Py_DECREF(d);
@@ -752,9 +731,9 @@ static PyObject *native_blob_size(PyObject *module, PyObject *datas) {
 
 static PyMethodDef module_methods[] = {
     {"link", native_link, METH_VARARGS,
-     "link(mapping, record_id, items, more, off, where, newer, shift, slots_end) -> keys"},
+     "link(mapping, record_id, items, more, off, shift, slots_end) -> (keys, added)"},
     {"unlink", native_unlink, METH_VARARGS,
-     "unlink(mapping, start, keys, newer, where, shift, slots_end): free one enacted blob"},
+     "unlink(mapping, start, keys, shift, slots_end) -> removed: free one enacted blob"},
     {"store_release", (PyCFunction)(void (*)(void))native_store_release, METH_FASTCALL,
      "store_release(mapping, word, value): a header word stored with release ordering"},
     {"store_fenced", (PyCFunction)(void (*)(void))native_store_fenced, METH_FASTCALL,

@@ -3,7 +3,7 @@
 One segment per *generation*, created only by the writer (mode 0600) and named
 ``/mpwal-<12 hex of the directory's real path>-<generation>`` (at most 31 characters, as macOS
 allows). Readers map it read-only; the enactor maps the header to write ``enacting`` and
-``enacted``. Layout 2, in little-endian u64 words::
+``enacted``. Layout 3, in little-endian u64 words::
 
     header, 512 words (4096 bytes)
       0  struct        even when stable, odd while the writer makes a structural change
@@ -33,11 +33,14 @@ allows). Readers map it read-only; the enactor maps the header to write ``enacti
       tag          table id + 1; 0 marks an empty slot
       head         word offset of the key's newest version node
       (reserved)
-    version node, 3 words, in its record's blob, followed by its data:
+    version node, 4 words, in its record's blob, followed by its data:
       record_id    record that wrote this version
       loc          byte offset of the data's end << 32 | of its start;  0 = removed
       older        word offset of the next older version node, 0 if none (the table file is
                    below it); record ids fall strictly along a chain
+      newer        word offset of the next newer version node, 0 if none: the writer's own
+                   bookkeeping (freeing a key's oldest version cuts the chain there), which
+                   readers never read
     heap, heap_bytes: a ring of record blobs. A record's blob is, for each key it changed (its
     values, then the whole 512-byte after-image of each index chunk it changed), that key's
     version node and right after it the data, padded to 8 bytes: a lookup touches one place
@@ -49,9 +52,10 @@ allows). Readers map it read-only; the enactor maps the header to write ``enacti
 Publishing record r (the writer; never makes a reader wait or retry):
 
 1. write each version into free ring space, where no pointer leads yet: its data, then its
-   node, whose ``older`` is the key's current head;
-2. link it: for a key already in the hash, one 8-byte store of ``head``; for a new key, an
-   empty slot of its probe run gets ``index`` and ``head``, then ``tag`` last;
+   node, whose ``older`` is the key's current head (whose ``newer`` it becomes);
+2. link it: for a key already in the hash (the writer probes for it, as a reader does), one
+   8-byte store of ``head``; for a new key, an empty slot of its probe run gets ``index`` and
+   ``head``, then ``tag`` last;
 3. append r's drops (pair, then ``ndrops``);
 4. store ``committed = r``: the release that makes all of r visible at once.
 
@@ -108,11 +112,12 @@ from . import _backend, _fileio as fileio
 from ._errors import StorageError
 
 MAGIC = 0x4C41_5750_4D00_0001  # "\x01\0MPWAL" little-endian
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3  # 3: a version node's fourth word, newer
 HEADER_WORDS = 512
 HEADER_BYTES = HEADER_WORDS * 8
 SLOT_WORDS = 4
-NODE_BYTES = 24
+NODE_WORDS = 4
+NODE_BYTES = NODE_WORDS * 8
 IMAGE_BYTES = NODE_BYTES + 512  # ring bytes of an index chunk's version
 SUPERSEDED = (1 << 64) - 1
 M64 = (1 << 64) - 1
@@ -530,7 +535,7 @@ class _Window:
         ov = self.ov
         if exc_type is None:
             q = ov.q
-            q[ENTRIES] = len(ov.where)
+            q[ENTRIES] = ov.nkeys
             q[HEAP_USED] = ov.used
             ov.store_fenced(STRUCT, q[STRUCT] + 1)  # even after every store of the window,
             # and before any later one (the reuse of what it freed)
@@ -541,8 +546,9 @@ class _Window:
 class OverlayWriter(_Segment):
     """The writer's read-write mapping of a generation it created, and its private bookkeeping.
 
-    The writer keeps, in its own memory, where each key's slot is (``where``), the pending drops
-    and the ring's blobs, so publishing never probes or scans shared memory.
+    The writer keeps, in its own memory, the pending drops, the ring's blobs (with each blob's
+    keys) and the count of keys; it finds a key's slot by probing the hash as a reader does,
+    and a version's newer one in the version's node, so no private map grows with the overlay.
     """
 
     def __init__(self, realpath: str, generation: int, nslots: int, heap_bytes: int):
@@ -578,7 +584,7 @@ class OverlayWriter(_Segment):
         q.release()
         super().__init__(name, m)
         self.generation = generation
-        self.where: dict[tuple[int, int], int] = {}  # (table, index) -> slot word offset
+        self.nkeys = 0  # keys in the hash (ENTRIES)
         self.pending_drops: list[tuple[int, int]] = []  # (table, record id), as in the header
         self._window = _Window(self)
         self.heap_end = self.heap_start + heap_bytes
@@ -586,7 +592,6 @@ class OverlayWriter(_Segment):
         # (record_id, start, end, keys): a tuple of tuples of ints, which the garbage collector
         # stops tracking, so that its full collections do not walk every key in the overlay
         self.blobs: collections.deque = collections.deque()
-        self.newer: dict[int, int] = {}  # node word -> the next newer node word of its key
         self.head = self.tail = self.heap_start
         self.wrap = 0
         self.used = 0  # live blob bytes
@@ -603,7 +608,7 @@ class OverlayWriter(_Segment):
     def room_for(self, new_keys: int, nbytes: int) -> bool:
         """Whether ``new_keys`` more keys and a record blob of ``nbytes`` (see ``blob_size``)
         fit now."""
-        if len(self.where) + new_keys > self.nslots * MAX_LOAD:
+        if self.nkeys + new_keys > self.nslots * MAX_LOAD:
             return False
         if not self.blobs:
             return nbytes <= self.heap_end - self.heap_start
@@ -696,41 +701,43 @@ class OverlayWriter(_Segment):
               drops: Iterable[int], size: int | None = None) -> None:
         """Steps 1-3 of publishing: everything but raising the watermark. Each version is its
         node followed by its data, so a lookup touches one place of the heap."""
-        where = self.where
         native = _backend.native
         if native is None:
             items, more = [*items, *more], ()
-        if len(where) + len(items) + len(more) > self.nslots - 1:
+        if self.nkeys + len(items) + len(more) > self.nslots - 1:
             items, more = [*items, *more], ()
-            if len(where) + sum(1 for key, _ in items if key not in where) > self.nslots - 1:
+            if self.nkeys + sum(1 for key, _ in items if self.slot(*key) is None) \
+                    > self.nslots - 1:
                 raise MemoryError("overlay slots full")  # callers check room_for() first
         if size is None:
             size = self.blob_size([d for _, d in [*items, *more]])
         off = self._alloc(size) if size else self.tail
         if native is not None:  # the C twin of _link_versions
-            keys = native.link(self.m, record_id, items, more, off, where, self.newer,
-                               self.shift, self.slots_end)
+            keys, added = native.link(self.m, record_id, items, more, off, self.shift,
+                                      self.slots_end)
         else:
             keys = tuple([key for key, _ in items])
-            self._link_versions(record_id, items, off)
+            added = self._link_versions(record_id, items, off)
+        self.nkeys += added
         if size:
             self.blobs.append((record_id, off, off + size, keys))
             self.used += size
         self._link_drops(record_id, drops)
 
     def _link_versions(self, record_id: int, keyed: Iterable[tuple[tuple[int, int], bytes | None]],
-                       off: int) -> None:
-        """Steps 1 and 2 for each (key, data), its version written from ``off`` on."""
+                       off: int) -> int:
+        """Steps 1 and 2 for each (key, data), its version written from ``off`` on. Returns
+        how many keys are new to the hash."""
         q = self.q
         m = self.m
-        where = self.where
-        newer = self.newer
         pos = off
         shift = self.shift
         end = self.slots_end
-        for key, d in keyed:
+        added = 0
+        for (table, index), d in keyed:
             nw = pos >> 3
             q[nw] = record_id
+            q[nw + 3] = 0  # no newer version yet
             if d is None:
                 q[nw + 1] = 0
                 pos += NODE_BYTES
@@ -740,24 +747,45 @@ class OverlayWriter(_Segment):
                 m[start:pos] = d  # the data before its node links
                 q[nw + 1] = (pos << 32) | start
                 pos = (pos + 7) & ~7
-            w = where.get(key)
-            if w is not None:  # link: one store of the head, after the node's stores
+            # the key's slot, or the empty slot that ends its probe run
+            w = ((((index ^ (table << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
+            tag = table + 1
+            while True:
+                t = q[w + 1]
+                if not t or (t == tag and q[w] == index):
+                    break
+                w += SLOT_WORDS
+                if w == end:
+                    w = HEADER_WORDS
+            if t:  # link: one store of the head, after the node's stores
                 head = q[w + 2]
                 q[nw + 2] = head
-                newer[head] = nw
+                q[head + 3] = nw
                 q[w + 2] = nw
-            else:  # a new key: an empty slot of its probe run, its tag stored last
+            else:  # a new key: the empty slot, its tag stored last
                 q[nw + 2] = 0
-                table, index = key
-                w = ((((index ^ (table << 47)) * K) & M64) >> shift) * SLOT_WORDS + HEADER_WORDS
-                while q[w + 1]:
-                    w += SLOT_WORDS
-                    if w == end:
-                        w = HEADER_WORDS
-                where[key] = w
                 q[w] = index
                 q[w + 2] = nw
-                q[w + 1] = table + 1
+                q[w + 1] = tag
+                added += 1
+        return added
+
+    def slot(self, table: int, index: int) -> int | None:
+        """Word offset of the slot of (table, index) in the hash, or None. Writer-side: the
+        writer's own stores need no ordering."""
+        q = self.q
+        end = self.slots_end
+        w = self.home(table, index)
+        tag = table + 1
+        while True:
+            t = q[w + 1]
+            if not t:
+                return None
+            if t == tag and q[w] == index:
+                return w
+            w += SLOT_WORDS
+            if w == end:
+                w = HEADER_WORDS
 
     def _link_drops(self, record_id: int, drops: Iterable[int]) -> None:
         """Step 3 of publishing: a record's drops (pair, then ``ndrops``)."""
@@ -770,14 +798,13 @@ class OverlayWriter(_Segment):
             q[i + 1] = record_id
             self.pending_drops.append((t, record_id))
             q[NDROPS] = len(self.pending_drops)
-        q[ENTRIES] = len(self.where)
+        q[ENTRIES] = self.nkeys
         q[HEAP_USED] = self.used
 
     def get(self, table: int, index: int) -> Any:
         """The newest version's data of (table, index) (None: removed or dropped), or MISS.
         Writer-side."""
-        w = self.where.get((table, index))
-        if w is None:
+        if self.slot(table, index) is None:
             return None if self.dropped_now(table) else MISS
         return self.find(table, index, M64)
 
@@ -794,13 +821,11 @@ class OverlayWriter(_Segment):
         """Unlink the versions of the records up to ``enacted`` (oldest first), drop their
         pending drops and free their blobs, in structural windows of at most
         FREE_KEYS_PER_WINDOW keys (short for readers). A freed version is its key's oldest:
-        the version just newer than it (``newer``) gets ``older = 0``, or, if it was the
-        newest, the key leaves the hash. ``budget``: stop once about that many versions are
+        the version just newer than it (its node's ``newer``) gets ``older = 0``, or, if it was
+        the newest, the key leaves the hash. ``budget``: stop once about that many versions are
         freed (whole records; a commit frees a little at a time, so that no commit waits for
         a whole batch of enactment). Returns whether everything up to ``enacted`` is free."""
         blobs = self.blobs
-        newer = self.newer
-        where = self.where
         native = _backend.native
         freed = 0
         while blobs and blobs[0][0] <= enacted:
@@ -815,10 +840,10 @@ class OverlayWriter(_Segment):
                     if rid > enacted or done >= limit:
                         break
                     if native is not None:  # the C twin of _unlink
-                        native.unlink(self.m, start, keys, newer, where, self.shift,
-                                      self.slots_end)
+                        removed = native.unlink(self.m, start, keys, self.shift, self.slots_end)
                     else:
-                        self._unlink(start, keys)
+                        removed = self._unlink(start, keys)
+                    self.nkeys -= removed
                     done += len(keys) + 1
                     last = rid
                 self._free_blobs_through(last)
@@ -830,31 +855,34 @@ class OverlayWriter(_Segment):
                 self._set_drops([(t, r) for t, r in self.pending_drops if r > enacted])
         return True
 
-    def _unlink(self, start: int, keys: tuple[tuple[int, int], ...]) -> None:
+    def _unlink(self, start: int, keys: tuple[tuple[int, int], ...]) -> int:
         """Unlink the versions of one enacted record's blob (at ``start``, one per key of
-        ``keys``) inside a structural window: each is its key's oldest."""
+        ``keys``) inside a structural window: each is its key's oldest. Returns how many keys
+        left the hash."""
         q = self.q
-        newer = self.newer
-        where = self.where
         nw = start >> 3
+        removed = 0
         for key in keys:
-            nn = newer.pop(nw, 0)
+            nn = q[nw + 3]
             if nn:
-                q[nn + 2] = 0  # the table file is below this version now
+                q[nn + 2] = 0  # the table file is below the newer version now
             else:
-                self._remove_slot(key, where[key])
+                w = self.slot(*key)
+                if w is None:
+                    raise KeyError(key)
+                self._remove_slot(w)
+                removed += 1
             loc = q[nw + 1]  # the next node follows the data
-            nw = ((loc >> 32) + 7) >> 3 if loc else nw + NODE_BYTES // 8
+            nw = ((loc >> 32) + 7) >> 3 if loc else nw + NODE_WORDS
+        return removed
 
-    def _remove_slot(self, key: tuple[int, int], w: int) -> None:
+    def _remove_slot(self, w: int) -> None:
         """Remove a slot and backward-shift its probe run (inside a structural window): pull
         later entries into the hole when their home does not lie cyclically in (hole, j]; no
         tombstones, so lookups stay short."""
         q = self.q
-        where = self.where
         end = self.slots_end
         shift = self.shift
-        del where[key]
         hole = j = w
         while True:
             j += SLOT_WORDS
@@ -870,7 +898,6 @@ class OverlayWriter(_Segment):
             q[hole] = idx
             q[hole + 2] = q[j + 2]
             q[hole + 1] = t
-            where[(t - 1, idx)] = hole
             hole = j
         q[hole + 1] = 0  # an empty slot is one whose tag is 0
 
@@ -888,7 +915,11 @@ class OverlayWriter(_Segment):
         drop and counter of ``other``: each record's surviving versions become one blob here,
         published in record order so chains keep their order."""
         by_record: dict[int, list] = {}
-        for (table, index) in other.where:
+        oq = other.q
+        for w in range(HEADER_WORDS, other.slots_end, SLOT_WORDS):
+            if not oq[w + 1]:
+                continue
+            table, index = oq[w + 1] - 1, oq[w]
             for rid, data in other.versions(table, index):
                 by_record.setdefault(rid, []).append(((table, index), data))
         drops_by: dict[int, list[int]] = {}

@@ -95,7 +95,7 @@ class Publisher:
         if old.room_for(new_keys, need):
             return False  # what is short is not the overlay
         nslots = old.nslots
-        while (len(old.where) + new_keys) > nslots // 2:
+        while (old.nkeys + new_keys) > nslots // 2:
             nslots *= 2
         heap = old.heap_bytes
         while old.used + need > heap // 2:  # copied blobs are packed; keep half free
@@ -133,7 +133,7 @@ class Publisher:
 
     def describe(self) -> str:
         ov = self.ov
-        return (f"overlay {ov.used} of {ov.heap_end - ov.heap_start} bytes, {len(ov.where)} "
+        return (f"overlay {ov.used} of {ov.heap_end - ov.heap_start} bytes, {ov.nkeys} "
                 f"entries, {self.pending_bytes} log bytes pending")
 
     def stats(self) -> dict[str, Any]:
@@ -143,7 +143,7 @@ class Publisher:
             "generation": ov.generation,
             "pending_bytes": self.pending_bytes,
             "pending_records": len(self.pending),
-            "overlay_entries": len(ov.where),
+            "overlay_entries": ov.nkeys,
             "overlay_bytes": ov.used,
             "overlay_capacity_entries": ov.nslots // 2,
             "overlay_capacity_bytes": ov.heap_bytes,

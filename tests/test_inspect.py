@@ -441,7 +441,7 @@ def test_inspect_shows_shared_memory_and_live_writer(tmp_path):
         assert "writer: alive" in text
         assert f"{seg.name}: generation 5, live, writer pid {os.getpid()}" in text
         assert ("committed 9, durable 8, enacted 3; entries 2 of 64 slots, "
-                "heap 56 of 4096 bytes") in text
+                "heap 72 of 4096 bytes") in text
         assert bytes(seg.m) == before_shm  # mapped read-only, nothing written
         assert snapshot(path) == before
         assert "STALE" not in text

@@ -122,7 +122,7 @@ def test_native_lookups_raise_as_the_reference_on_freed_bytes(tmp_path):
     try:
         w.publish(1, [((1, 1), b"a")])
         w.publish(2, [((1, 1), b"b")])
-        head = w.q[w.where[(1, 1)] + 2]
+        head = w.q[w.slot(1, 1) + 2]
         older = w.q[head + 2]
         w.q[older] = 5  # a "newer" id below: rising along the chain
         (pf, pv), (nf, nv) = both(w, table_file, {1: 100}, lambda t, i: "slow")
@@ -280,7 +280,7 @@ def test_native_publish_writes_the_same_bytes_as_the_python_reference(tmp_path, 
         assert py.m[overlay.HEADER_BYTES:] == nat.m[overlay.HEADER_BYTES:]
         header = [i for i in range(overlay.DROP_BASE + 2 * overlay.MAX_DROPS) if i != overlay.GENERATION]
         assert [py.q[i] for i in header] == [nat.q[i] for i in header]
-        assert py.where == nat.where and py.newer == nat.newer
+        assert py.nkeys == nat.nkeys
         assert list(py.blobs) == list(nat.blobs) and py.used == nat.used
     finally:
         for w in segs:

@@ -141,8 +141,9 @@ def check_writer(w):
     """The writer's private bookkeeping agrees with the segment (outside a window)."""
     q = w.q
     assert q[STRUCT] % 2 == 0 and q[STRUCT] != SUPERSEDED
-    assert q[ENTRIES] == len(w.where)
-    assert occupied(w) == w.where
+    assert q[ENTRIES] == w.nkeys
+    slots = occupied(w)
+    assert len(slots) == w.nkeys
     check_probe_invariant(w)
     assert w.used == sum(e - s for _, s, e, _ in w.blobs) == q[HEAP_USED]
     assert q[NDROPS] == len(w.pending_drops)
@@ -155,8 +156,8 @@ def check_writer(w):
     for (_, e0), (s1, _) in zip(spans, spans[1:]):
         assert e0 <= s1
     # each blob is its record's versions, one per key, in order: a node, then its data padded
-    # to 8 bytes; newer[] inverts every chain's ``older`` links (so freeing a key's oldest
-    # version finds the version above it)
+    # to 8 bytes; each node's ``newer`` inverts its chain's ``older`` links (so freeing a key's
+    # oldest version finds the version above it)
     nodes = {}  # node word -> key
     for rid, s, e, keys in w.blobs:
         assert len(keys) > 0
@@ -170,17 +171,17 @@ def check_writer(w):
                 assert loc >> 32 >= loc & 0xFFFFFFFF
             node = ((loc >> 32) + 7) & ~7 if loc else node + NODE_BYTES
         assert node == e
-    links = linked = 0
-    for key, slot in w.where.items():
+    linked = 0
+    for key, slot in slots.items():
         chain = [q[slot + 2]]
         while q[chain[-1] + 2]:
             chain.append(q[chain[-1] + 2])
         assert all(nodes[n] == key for n in chain)
+        assert q[chain[0] + 3] == 0, "the newest version has a newer one"
         for above, below in zip(chain, chain[1:]):
-            assert w.newer[below] == above
-        links += len(chain) - 1
+            assert q[below + 3] == above, "a version node's newer word is not its newer version"
         linked += len(chain)
-    assert len(w.newer) == links and linked == len(nodes)  # no live node is unlinked
+    assert linked == len(nodes)  # no live node is unlinked
 
 
 def colliding_keys(seg, homes, count, table=1, start=0):
@@ -258,7 +259,7 @@ def test_header_after_creation(ov):
     w = ov(generation=7, nslots=32, heap_bytes=5000)
     r = OverlayReader(w.name)
     q = r.q
-    assert q[STRUCT] == 0 and q[MAGIC_W] == MAGIC and q[LAYOUT] == LAYOUT_VERSION == 2
+    assert q[STRUCT] == 0 and q[MAGIC_W] == MAGIC and q[LAYOUT] == LAYOUT_VERSION == 3
     assert q[GENERATION] == 7 and q[STATE] == LIVE and q[WRITER_PID] == os.getpid()
     assert q[NSLOTS] == 32 and q[HEAP_BYTES] == 8192  # rounded up to whole pages
     for word in (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, ENTRIES, HEAP_USED, NDROPS, ENACTING, NEXT_GEN):
@@ -320,11 +321,12 @@ def _foreign(ov, size, words=()):
 @pytest.mark.parametrize("size, words", [
     (8192, ()),  # no magic
     (8192, ((MAGIC_W, MAGIC), (LAYOUT, 1))),  # a layout-1 segment: an old version's
-    (8192, ((MAGIC_W, MAGIC), (LAYOUT, 3))),
+    (8192, ((MAGIC_W, MAGIC), (LAYOUT, 2))),  # layout 2: three-word version nodes
+    (8192, ((MAGIC_W, MAGIC), (LAYOUT, 4))),
     (HEADER_BYTES - 8, ((MAGIC_W, MAGIC), (LAYOUT, LAYOUT_VERSION))),  # shorter than a header
 ])
 def test_reader_refuses_foreign_segment(ov, size, words):
-    """A segment without the mpwal magic and layout 2, or too short, is refused with
+    """A segment without the mpwal magic and layout 3, or too short, is refused with
     FileNotFoundError."""
     name = _foreign(ov, size, words)
     try:
@@ -387,16 +389,16 @@ def test_removal_and_empty_value(ov):
 def test_blob_size():
     """A record's blob: per version its node, then its data padded to 8 bytes."""
     assert blob_size([]) == 0
-    assert blob_size([None]) == blob_size([b""]) == NODE_BYTES == 24
-    assert blob_size([b"abcde", None]) == 32 + 24
-    assert blob_size([bytes(512)] * 3) == 3 * (24 + 512)
-    assert blob_size([b"x"]) == 32 and blob_size([bytes(8)]) == 32 and blob_size([bytes(9)]) == 40
+    assert blob_size([None]) == blob_size([b""]) == NODE_BYTES == 32
+    assert blob_size([b"abcde", None]) == 40 + 32
+    assert blob_size([bytes(512)] * 3) == 3 * (32 + 512)
+    assert blob_size([b"x"]) == 40 and blob_size([bytes(8)]) == 40 and blob_size([bytes(9)]) == 48
 
 
 def test_publish_writes_each_node_then_its_data(ov):
     """A record's blob holds, per key (items, then more), its node and right after it its data,
-    padded to 8 bytes; each node is record_id, loc (data end << 32 | data start, 0 = removed)
-    and older (a node's word offset)."""
+    padded to 8 bytes; each node is record_id, loc (data end << 32 | data start, 0 = removed),
+    older and newer (a node's word offset)."""
     w = ov()
     r = OverlayReader(w.name)
     values = [((1, 0), b"aa"), ((1, 1), None), ((1, 2), b""), ((1, 3), b"cccc")]
@@ -404,18 +406,18 @@ def test_publish_writes_each_node_then_its_data(ov):
     w.publish(9, values, images, ())
     start = w.heap_start
     size = blob_size([d for _, d in values + images])
-    assert size == 32 + 24 + 24 + 32 + 536
+    assert size == 40 + 32 + 32 + 40 + 544
     assert list(w.blobs) == [(9, start, start + size, tuple(k for k, _ in values + images))]
     assert w.used == size == r.q[HEAP_USED]
-    nodes = [start, start + 32, start + 56, start + 80, start + 112]
-    words = [struct.unpack_from("<3Q", r.m, n) for n in nodes]
-    assert words == [(9, (start + 26) << 32 | (start + 24), 0),
-                     (9, 0, 0),
-                     (9, (start + 80) << 32 | (start + 80), 0),
-                     (9, (start + 108) << 32 | (start + 104), 0),
-                     (9, (start + 648) << 32 | (start + 136), 0)]
-    assert r.m[start + 24:start + 26] == b"aa" and r.m[start + 104:start + 108] == b"cccc"
-    assert r.m[start + 136:start + 136 + 512] == images[0][1]
+    nodes = [start, start + 40, start + 72, start + 104, start + 144]
+    words = [struct.unpack_from("<4Q", r.m, n) for n in nodes]
+    assert words == [(9, (start + 34) << 32 | (start + 32), 0, 0),
+                     (9, 0, 0, 0),
+                     (9, (start + 104) << 32 | (start + 104), 0, 0),
+                     (9, (start + 140) << 32 | (start + 136), 0, 0),
+                     (9, (start + 688) << 32 | (start + 176), 0, 0)]
+    assert r.m[start + 32:start + 34] == b"aa" and r.m[start + 136:start + 140] == b"cccc"
+    assert r.m[start + 176:start + 176 + 512] == images[0][1]
     for n, (key, _) in zip(nodes, values + images):
         assert r.q[slot_of(r, *key) + 2] == n >> 3  # head: the node's word
     assert [r.find(1, i, 9) for i in range(4)] == [b"aa", None, b"", b"cccc"]
@@ -424,6 +426,7 @@ def test_publish_writes_each_node_then_its_data(ov):
     pub(w, 10, ((1, 0), b"new"))
     node = w.q[slot_of(w, 1, 0) + 2]
     assert w.q[node + 2] == start >> 3 and w.q[node] == 10
+    assert w.q[(start >> 3) + 3] == node and w.q[node + 3] == 0  # newer: the inverse of older
 
 
 def test_versions_and_watermarks(ov):
@@ -471,7 +474,7 @@ def test_heap_full_raises_memory_error_and_changes_nothing(ov):
     before = bytes(w.m)
     with pytest.raises(MemoryError):
         pub(w, 2, ((1, 2), b"y"))
-    assert bytes(w.m) == before and w.q[COMMITTED] == 1 and (1, 2) not in w.where
+    assert bytes(w.m) == before and w.q[COMMITTED] == 1 and w.slot(1, 2) is None
     check_writer(w)
 
 
@@ -632,11 +635,11 @@ def test_free_enacted_cuts_chains_and_removes_keys(ov):
     w.free_enacted(2)
     assert r.q[STRUCT] == s + 2
     assert r.versions(1, 1) == [(3, b"a3")] and r.versions(1, 2) == []
-    assert (1, 2) not in w.where and r.q[ENTRIES] == 2
+    assert w.slot(1, 2) is None and r.q[ENTRIES] == 2
     assert r.find(1, 1, 2) is MISS and r.find(1, 1, 3) == b"a3" and r.find(1, 2, 3) is MISS
     assert [b[0] for b in w.blobs] == [3] and w.used == blob_size([b"a3", b"c3"]) == r.q[HEAP_USED]
     w.free_enacted(3)
-    assert r.q[ENTRIES] == 0 and w.used == 0 and not w.blobs and not w.where
+    assert r.q[ENTRIES] == 0 and w.used == 0 and not w.blobs and not w.nkeys
     check_writer(w)
 
 
@@ -689,7 +692,7 @@ def test_free_enacted_in_windows(ov, monkeypatch):
     assert [b[0] for b in w.blobs] == [7, 8]
     monkeypatch.setattr(overlay, "FREE_KEYS_PER_WINDOW", 512)
     assert free_watching(w, 8, lambda: check_writer(w)) == 1
-    assert not w.where and not w.newer and w.used == 0
+    assert not w.nkeys and w.used == 0
 
 
 def test_free_enacted_between_windows_keeps_later_drops(ov, monkeypatch):
@@ -711,7 +714,7 @@ def test_free_enacted_between_windows_keeps_later_drops(ov, monkeypatch):
 
     assert free_watching(w, 3, check) == 3  # records 1 and 2, then the drop of record 3
     assert seen == [(b"a", None)] * 3
-    assert not w.pending_drops and not w.where and w.q[NDROPS] == 0
+    assert not w.pending_drops and not w.nkeys and w.q[NDROPS] == 0
 
 
 def test_free_enacted_between_windows_keeps_later_versions(ov, monkeypatch):
@@ -731,7 +734,7 @@ def test_free_enacted_between_windows_keeps_later_versions(ov, monkeypatch):
         check_writer(w)
 
     assert free_watching(w, 3, check) == 2
-    assert seen == [b"new", b"new"] and not w.pending_drops and not w.where
+    assert seen == [b"new", b"new"] and not w.pending_drops and not w.nkeys
 
 
 def test_freeing_on_a_budget_frees_whole_records_oldest_first_and_keeps_their_drops(ov):
@@ -772,7 +775,7 @@ def test_stores_of_a_window_are_all_inside_it(ov):
         w.q = w.q.q
     assert seen[0] == (STRUCT, 1) and seen[-1] == (STRUCT, 2)
     assert len(seen) > 10 and all(s % 2 for _, s in seen[:-1])
-    assert w.get(1, keys[2]) == b"kept" and len(w.where) == 1 and not w.pending_drops
+    assert w.get(1, keys[2]) == b"kept" and w.nkeys == 1 and not w.pending_drops
     check_writer(w)
 
 
@@ -827,7 +830,7 @@ def test_backward_shift_under_heavy_collisions(ov, seed):
                 assert got is not MISS and got == versions[k][-1][1], (step, k)
             else:
                 assert got is MISS, (step, k)
-        assert r.q[ENTRIES] == len(versions) == len(w.where)
+        assert r.q[ENTRIES] == len(versions) == w.nkeys
         check_writer(w)
         assert sorted((t, i) for t, i, _, _ in r.entries(rid)) == sorted(versions)
         wrapped += any(slot_of(r, *k) < r.home(*k) for k in versions)
@@ -955,7 +958,7 @@ def _stale_setup(ov):
     pub(w, 1, (key, b"x" * 8))
     pub(w, 2, (key, b"y" * 8))
     r = OverlayReader(w.name)
-    head = w.q[w.where[key] + 2] * 8  # (in bytes; the slot holds the node's word)
+    head = w.q[w.slot(*key) + 2] * 8  # (in bytes; the slot holds the node's word)
     assert head == w.heap_start + blob_size([bytes(8)])
     return w, r, key, head
 
@@ -986,7 +989,7 @@ def stale_find(r, w, key, mark, garbage):
     the writer frees records 1 and 2 and reuses their bytes (``garbage`` over the node it is
     about to read): (the answer, or the exception class it raised; the words it loaded)."""
     real = r.q
-    r.q = StaleLoads(real, w.where[key] + 2, lambda: _free_and_reuse(w, key, garbage))
+    r.q = StaleLoads(real, w.slot(*key) + 2, lambda: _free_and_reuse(w, key, garbage))
     r.find_many, r.value_now = overlay._python_lookups(r)  # closures over the word view
     try:
         try:
@@ -1066,7 +1069,7 @@ def test_copy_from(ov):
     assert r.versions(1, 1) == [(12, None), (11, b"eleven"), (10, b"v")]
     assert [r.q[w] for w in (COMMITTED, DURABLE, ENACTED, ENACTING, ENACTOR_PID)] == [13, 12, 9, 9, 4242]
     assert r.drops_at(M64) == {2: 12, 9: 13} and new.pending_drops == old.pending_drops
-    assert r.q[ENTRIES] == len(old.where) == 7 and r.q[GENERATION] == 2 and r.q[STRUCT] == 0
+    assert r.q[ENTRIES] == old.nkeys == 7 and r.q[GENERATION] == 2 and r.q[STRUCT] == 0
     assert [b[0] for b in new.blobs] == [10, 11, 12] and new.used <= old.used
     check_writer(new)
     new.free_enacted(11)
@@ -1390,7 +1393,7 @@ class OverlayMachine(RuleBasedStateMachine):
         check_writer(w)
         q = w.q
         assert q[COMMITTED] == self.committed and q[ENTRIES] == len(self.versions)
-        assert set(w.where) == set(self.versions)
+        assert set(occupied(w)) == set(self.versions)
         assert w.used == sum(blob_size([d for _, d in kv]) for _, kv, _ in self.records)
         assert sorted(w.pending_drops, key=lambda p: (p[1], p[0])) == sorted(
             ((t, d) for t, ds in self.drops.items() for d in ds), key=lambda p: (p[1], p[0]))

@@ -845,10 +845,10 @@ def stop_writer(path: str, pid: int, rng: random.Random, in_a_window: bool) -> N
 @pytest.mark.multiprocess
 @pytest.mark.xdist_group("multiprocess")
 def test_no_reader_or_snapshot_call_waits_for_a_stopped_writer(db):
-    """SIGSTOP the writer (and its enactor thread) 30 times, for 50-100 ms, and every tenth
-    time for LONG_STOP, some of them inside a structural window: a reader process timing
-    every call, plain and in snapshots, sees none take longer than CALL_BOUND, and whole
-    records at the snapshot's own record id only."""
+    """SIGSTOP the writer (and its enactor thread) 30 times or more, for 50-100 ms, and every
+    tenth time for LONG_STOP, until at least two stops landed inside a structural window: a
+    reader process timing every call, plain and in snapshots, sees none take longer than
+    CALL_BOUND, and whole records at the snapshot's own record id only."""
     out_w, out_r, stop_w, stop_r = CTX.Queue(), CTX.Queue(), CTX.Event(), CTX.Event()
     wp = CTX.Process(target=rewriting_writer, args=(db, out_w, stop_w))
     wp.start()
@@ -861,9 +861,13 @@ def test_no_reader_or_snapshot_call_waits_for_a_stopped_writer(db):
         assert out_r.get(timeout=60) == ("reading",)
         rng = random.Random(17)
         in_window = 0
-        for i in range(30):
+        for i in range(90):
+            # 30 stops, then more (each trying for a window) until two landed in one: a
+            # window is a few microseconds, so a stop lands in one only now and then
+            if i >= 30 and in_window >= 2:
+                break
             long = i % 10 == 9  # these try for a window, where a waiting call would wait
-            stop_writer(db, pid, rng, long or rng.random() < 0.5)
+            stop_writer(db, pid, rng, long or i >= 30 or rng.random() < 0.5)
             in_window += bool(struct_odd(db))
             time.sleep(LONG_STOP if long else rng.uniform(0.05, 0.1))
             os.kill(pid, signal.SIGCONT)
