@@ -912,22 +912,31 @@ class OverlayWriter(_Segment):
     # -- growth ------------------------------------------------------------------------------
     def copy_from(self, other: OverlayWriter) -> None:
         """Fill this (new, bigger) generation, before any reader knows it, with every version,
-        drop and counter of ``other``: each record's surviving versions become one blob here,
-        published in record order so chains keep their order."""
-        by_record: dict[int, list] = {}
-        oq = other.q
-        for w in range(HEADER_WORDS, other.slots_end, SLOT_WORDS):
-            if not oq[w + 1]:
-                continue
-            table, index = oq[w + 1] - 1, oq[w]
-            for rid, data in other.versions(table, index):
-                by_record.setdefault(rid, []).append(((table, index), data))
+        drop and counter of ``other``: each live blob of ``other`` (every version in it is
+        live: versions are freed a whole record at a time) is published again here, its keys
+        in the same order, and the records in record order, so chains keep their order."""
         drops_by: dict[int, list[int]] = {}
         for t, r in other.pending_drops:
             drops_by.setdefault(r, []).append(t)
-            by_record.setdefault(r, [])
-        for rid in sorted(by_record):
-            self.publish(rid, by_record[rid], drops=drops_by.get(rid, ()))
+        blobless = sorted(set(drops_by) - {rid for rid, _, _, _ in other.blobs})
+        om, oq = other.m, other.q
+        for rid, start, _end, keys in other.blobs:
+            while blobless and blobless[0] < rid:  # a record of drops only, in its turn
+                r = blobless.pop(0)
+                self.publish(r, (), drops=drops_by[r])
+            items: list[tuple[tuple[int, int], bytes | None]] = []
+            nw = start >> 3
+            for key in keys:  # the blob's nodes, in order: each followed by its data
+                loc = oq[nw + 1]
+                if loc:
+                    items.append((key, om[loc & 0xFFFFFFFF:loc >> 32]))
+                    nw = ((loc >> 32) + 7) >> 3
+                else:
+                    items.append((key, None))
+                    nw += NODE_WORDS
+            self.publish(rid, items, drops=drops_by.get(rid, ()))
+        for r in blobless:
+            self.publish(r, (), drops=drops_by[r])
         for word in (COMMITTED, DURABLE, ENACTED, ENACTOR_PID, ENACTING):
             self.q[word] = other.q[word]
 
