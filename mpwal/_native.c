@@ -164,6 +164,21 @@ static PyObject *table_slot(Lookups *s, PyObject *table, uint64_t index) {
     return out;
 }
 
+/* Prefetch the home slot of (table, indices[i]), if indices[i] is an int: find_many asks for
+ * the slot of the key PREFETCH_AHEAD places ahead, so a batch's cache misses overlap. */
+#define PREFETCH_AHEAD 16
+static void prefetch_home(const Lookups *s, uint64_t table, PyObject *item) {
+    if (!PyLong_CheckExact(item)) return;
+    unsigned long long index = PyLong_AsUnsignedLongLong(item);
+    if (index == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* the lookup itself raises for it */
+        return;
+    }
+    uint64_t h = (((uint64_t)index ^ (table << 47)) * HASH_K) >> s->shift;
+    Py_ssize_t w = (Py_ssize_t)h * SLOT_WORDS + HEADER_WORDS;
+    if (w + 1 < s->view.len / 8) __builtin_prefetch(&s->q[w], 0);
+}
+
 /* find_many(table, indices, w_mark, read) -> list (see _overlay._make_lookups) */
 static PyObject *find_many(Lookups *s, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t table, w_mark, index, loc, d;
@@ -187,8 +202,10 @@ static PyObject *find_many(Lookups *s, PyObject *const *args, Py_ssize_t nargs) 
         ours = PyObject_RichCompareBool(read, s->read_value, Py_EQ);
         if (ours < 0) goto fail;
     }
+    for (Py_ssize_t i = 0; i < count && i < PREFETCH_AHEAD; i++) prefetch_home(s, table, items[i]);
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *item;
+        if (i + PREFETCH_AHEAD < count) prefetch_home(s, table, items[i + PREFETCH_AHEAD]);
         if (as_u64(items[i], &index) < 0) goto fail;
         int got = probe(s, table, index, w_mark, &loc);
         if (got < 0) goto fail;
@@ -495,6 +512,33 @@ static int link_one(Linking *L, PyObject *pair) {
     return store(q, nwords, w + 1, table + 1, memory_order_release);
 }
 
+/* The home slot of each key of an iterable of (key, data) pairs, prefetched: a record's keys
+ * hash to scattered slots, each a cache (and TLB) miss; asked for together, the misses overlap
+ * instead of following one another in link_one. Only a hint: whatever is not a well-formed
+ * pair is left for link_one to refuse. */
+static int prefetch_homes(const Linking *L, PyObject *iterable) {
+    /* only what can be iterated twice: a generator's pairs would be gone for link_all */
+    if (!PyList_Check(iterable) && !PyTuple_Check(iterable) &&
+        !Py_IS_TYPE(iterable, &PyDictItems_Type))
+        return 0;
+    PyObject *it = PyObject_GetIter(iterable), *pair;
+    if (!it) return -1;
+    while ((pair = PyIter_Next(it))) {
+        uint64_t table, index;
+        if (PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) == 2 &&
+            key_numbers(PyTuple_GET_ITEM(pair, 0), &table, &index) == 0) {
+            uint64_t h = ((index ^ (table << 47)) * HASH_K) >> L->shift;
+            Py_ssize_t w = (Py_ssize_t)h * SLOT_WORDS + HEADER_WORDS;
+            if (w + 1 < L->nwords) __builtin_prefetch(&L->q[w], 1);
+        }
+        PyErr_Clear(); /* a bad key: link_one raises for it */
+        Py_DECREF(pair);
+    }
+    Py_DECREF(it);
+    PyErr_Clear();
+    return 0;
+}
+
 /* Every pair of an iterable (a dict's items, a list) through link_one. */
 static int link_all(Linking *L, PyObject *iterable) {
     PyObject *it = PyObject_GetIter(iterable), *pair;
@@ -532,7 +576,7 @@ static PyObject *native_link(PyObject *module, PyObject *args) {
     }
     L.keys = PyList_New(0);
     if (!L.keys) goto done;
-    if (link_all(&L, items) < 0 || link_all(&L, more) < 0) {
+    if (prefetch_homes(&L, items) < 0 || link_all(&L, items) < 0 || link_all(&L, more) < 0) {
         Py_CLEAR(L.keys);
         goto done;
     }
@@ -603,6 +647,24 @@ static PyObject *native_unlink(PyObject *module, PyObject *args) {
         goto done;
     }
     Py_ssize_t nw = (Py_ssize_t)(start >> 3);
+    /* a first walk of the blob's nodes (in order, so the hardware prefetches them) asks for
+     * each word the second walk will touch at random: the newer version's node, or the key's
+     * home slot; the misses then overlap (a hint only: the second walk checks everything) */
+    for (Py_ssize_t k = 0, p = nw; k < PyTuple_GET_SIZE(keys); k++) {
+        if (p < slots_end || p + 3 >= nwords) break;
+        uint64_t nn = wload(q, p + 3), table, index;
+        if (nn) {
+            if (nn + 2 < (uint64_t)nwords) __builtin_prefetch(&q[nn + 2], 1);
+        } else if (key_numbers(PyTuple_GET_ITEM(keys, k), &table, &index) == 0) {
+            Py_ssize_t w = (Py_ssize_t)(((index ^ (table << 47)) * HASH_K) >> shift) * SLOT_WORDS +
+                           HEADER_WORDS;
+            if (w + 1 < nwords) __builtin_prefetch(&q[w], 1);
+        } else {
+            PyErr_Clear(); /* the second walk raises for it */
+        }
+        uint64_t loc = wload(q, p + 1);
+        p = loc ? (Py_ssize_t)((((loc >> 32) + 7)) >> 3) : p + NODE_WORDS;
+    }
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(keys); k++) {
         if (nw < slots_end || nw + 3 >= nwords) {
             PyErr_SetString(PyExc_IndexError, "a version outside the segment");

@@ -240,3 +240,25 @@ def test_native_link_and_unlink_refuse_a_segment_of_another_shape():
         native.link(m, 1, [((0, 5), None)], (), 4096 + 64, 60, 512 + 64)
     with pytest.raises(ValueError):
         native.unlink(m, 4096, ((0, 5),), 2, 520)
+
+
+@needs_native
+def test_native_link_links_every_pair_of_a_one_shot_iterator(tmp_path):
+    """link prefetches the home slots of a list's, tuple's or dict's pairs in a first pass; a
+    generator can be iterated once only, so it gets no first pass, and all its pairs are
+    linked all the same."""
+    real = os.path.realpath(str(tmp_path))
+    segs = [OverlayWriter(real, g, 64, 1 << 14) for g in (1, 2)]
+    try:
+        pairs = [((1, i), bytes([i]) * i) for i in range(10)]
+        size = OverlayWriter.blob_size([d for _, d in pairs])
+        got = []
+        for w, items in zip(segs, (list(pairs), (p for p in pairs))):
+            off = w._alloc(size)
+            keys, added = native.link(w.m, 1, items, (), off, w.shift, w.slots_end)
+            got.append((keys, added, bytes(w.m[w.slots_end * 8:])))
+            assert [w.versions(1, i) for i in range(10)] == [[(1, d)] for _, d in pairs]
+        assert got[0] == got[1] and got[0][1] == 10
+    finally:
+        for w in segs:
+            w.retire(3)
