@@ -47,7 +47,7 @@ from ._overlay import (COMMITTED, DURABLE, ENACTED, ENACTING, ENTRIES, GENERATIO
 from ._pins import DEFAULT_MAX_AGE, ReaderTable
 from ._platform import check_machine
 from ._queues import QUEUE_FILE, load_queues, writer_alive
-from ._tables import TableFiles, ValueTable, check_key, load_catalog, record_problem
+from ._tables import TableFiles, ValueTable, check_key, check_layer, load_catalog, record_problem
 
 ZERO_CHUNK = bytes(CHUNK_BYTES)
 STUCK_SECONDS = 0.02  # a structural window open this long: is the writer alive, is it stopped?
@@ -123,11 +123,34 @@ class _LogView:
             return ZERO_CHUNK
         return self.files.read_chunk(table, chunk)
 
+    def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
+        return [self.value(table, i) for i in indices]
+
+
+class _AtMark:
+    """Reads of one segment at one watermark, with the methods of a ``_LogView`` (value,
+    values, chunk): what ``Reader.read_with``'s function reads through. Unchecked: the caller
+    (a layer on the engine) names only tables and keys that exist."""
+
+    __slots__ = ("reader", "seg", "w")
+
+    def __init__(self, reader: Reader, seg: OverlayReader, w: int) -> None:
+        self.reader, self.seg, self.w = reader, seg, w
+
+    def value(self, table: int, index: int) -> bytes | None:
+        return self.seg.find_many(table, (index,), self.w, self.reader._files.read_value)[0]
+
+    def values(self, table: int, indices: Iterable[int]) -> list[bytes | None]:
+        return self.seg.find_many(table, list(indices), self.w, self.reader._files.read_value)
+
+    def chunk(self, table: int, chunk: int) -> bytes:
+        return self.reader._chunk_at(self.seg, self.w, table, chunk)
+
 
 class Reader:
     """Read-only view of a database directory, in any process. A context manager."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, layer: str | None = None) -> None:
         check_machine()
         if not isinstance(path, (str, os.PathLike)):
             raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
@@ -137,6 +160,7 @@ class Reader:
                 raise DatabaseError(f"{self.path} is not a directory; give a database directory")
             raise DatabaseError(f"{self.path} does not exist; open a Writer on it first")
         self._catalog = load_catalog(self.path)
+        check_layer(self.path, layer)  # a key-value directory opens only as one
         self._limits: dict[int, int] = {}  # value table -> max index, for the hot path's check
         self._strides: dict[int, int] = {}  # value table -> bytes per slot, for its file reads
         self._refresh_catalog()
@@ -463,6 +487,14 @@ class Reader:
         data = self.index_chunk(table, chunk)
         return int.from_bytes(data[entry * 8:entry * 8 + 8], "little")
 
+    def read_with(self, fn: Callable[[Any], _T]) -> _T:
+        """``fn(view)`` where every ``view.value(t, i)``, ``view.values(t, indices)`` and
+        ``view.chunk(t, c)`` reads at one watermark: several reads, one consistent answer (a
+        key-value lookup reads an index chunk, then a value). ``fn`` may run more than once (a
+        structural change, or the enactor, under it) and must only read. For layers built on
+        the engine: tables and keys are not checked."""
+        return self._consistent(lambda seg, w: fn(_AtMark(self, seg, w)), fn)
+
     def snapshot(self) -> Snapshot:
         """A pinned watermark: ``with reader.snapshot() as s:`` then ``s.value``, ``s.values``,
         ``s.index_chunk``, ``s.index_entry`` all read at ``s.record_id``, across calls."""
@@ -639,6 +671,11 @@ class Snapshot:
         _check_entry(entry)
         data = self.index_chunk(table, chunk)
         return int.from_bytes(data[entry * 8:entry * 8 + 8], "little")
+
+    def read_with(self, fn: Callable[[Any], _T]) -> _T:
+        """``Reader.read_with`` as of ``record_id``."""
+        r = self._reader
+        return r._consistent(lambda seg, w: fn(_AtMark(r, seg, w)), fn, self)
 
     def close(self) -> None:
         """Release the pin. Idempotent."""

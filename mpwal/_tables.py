@@ -5,6 +5,9 @@ Metadata: ``mpwal.meta`` in the database directory, JSON::
     {"mpwal": 2, "database_id": "<32 hex digits>",
      "tables": [{"id": 1, "kind": "index"}, {"id": 3, "kind": "value", "slot_size": 256}]}
 
+``layer`` (when present) names the layer built on the engine that owns the directory and its
+settings (``{"kind": "kv", ...}``: a key-value directory, ``mpwal/kv/``): a directory is opened
+only by the layer that made it (``check_layer``).
 ``mpwal`` is the on-disk format version; a newer one is refused. ``database_id`` is random,
 made when the database is created; every log file names it in its header (``_format.py``).
 ``log_epoch_floor`` and ``replayed_through`` (when present) repeat the queue state's epoch
@@ -182,14 +185,36 @@ def set_floors(path: str, epoch: int, replayed: int) -> None:
     """Keep the epoch floor and the last replayed record id in the metadata too (fsynced), so
     that they survive the loss of the queue state: logs of older epochs stay stale, new epochs
     stay above theirs, and record ids never start again below ids that were used."""
-    catalog, ident, old = _load_meta(path)
+    catalog, ident, old, layer = _load_meta(path)
     new = {"log_epoch_floor": max(epoch, old["log_epoch_floor"]),
            "replayed_through": max(replayed, old["replayed_through"])}
     if new != old:
-        _write_meta(path, catalog, ident, new)
+        _write_meta(path, catalog, ident, new, layer)
 
 
-def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None, dict[str, int]]:
+def layer_of(path: str) -> dict[str, Any] | None:
+    """The layer that owns the directory (its ``layer`` object), or None for a raw one."""
+    return _load_meta(path)[3]
+
+
+def check_layer(path: str, kind: str | None) -> None:
+    """Refuse to open a directory with the API of another layer: a key-value directory with
+    ``mpwal.Writer``/``Reader``, or a raw one with the key-value API (DatabaseError)."""
+    layer = layer_of(path)
+    found = None if layer is None else layer.get("kind")
+    if found == kind:
+        return
+    if found is None:
+        raise DatabaseError(f"{path} is a raw mpwal directory (tables of slots and chunks), not "
+                            f"a {kind} directory: open it with mpwal.Writer or mpwal.Reader")
+    if found == "kv":
+        raise DatabaseError(f"{path} is a key-value directory: open it with mpwal.KVWriter or "
+                            "mpwal.KVReader, not the raw table API")
+    raise DatabaseError(f"{path} belongs to an unknown layer {found!r}: upgrade mpwal to open it")
+
+
+def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None, dict[str, int],
+                                   dict[str, Any] | None]:
     meta = os.path.join(path, META_FILE)
     try:
         raw = fileio.read_file(meta)
@@ -209,6 +234,10 @@ def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None, dict[str, int
         if version == FORMAT_VERSION and (not isinstance(dbid, str) or len(dbid) != 32):
             raise ValueError("no database_id of 32 hex digits")
         ident = bytes.fromhex(dbid) if isinstance(dbid, str) and version >= 2 else None
+        layer = doc.get("layer")
+        if layer is not None and (not isinstance(layer, dict) or
+                                  not isinstance(layer.get("kind"), str)):
+            raise ValueError("a layer that is not an object with a kind")
         counters = {k: doc.get(k, 0) for k in COUNTERS}
         for k, v in counters.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -219,14 +248,17 @@ def _load_meta(path: str) -> tuple[dict[int, Table], bytes | None, dict[str, int
         raise DatabaseError(
             f"{path} has on-disk format {version}, newer than this mpwal's {FORMAT_VERSION}: "
             "upgrade mpwal to open it")
-    return {t.id: t for t in tables}, ident, counters
+    return {t.id: t for t in tables}, ident, counters, layer
 
 
 def _write_meta(path: str, catalog: dict[int, Table], ident: bytes | None,
-                counters: dict[str, int] | None = None) -> None:
+                counters: dict[str, int] | None = None,
+                layer: dict[str, Any] | None = None) -> None:
     doc: dict = {"mpwal": FORMAT_VERSION if ident is not None else 1}
     if ident is not None:
         doc["database_id"] = ident.hex()
+    if layer is not None:
+        doc["layer"] = layer
     for k, v in (counters or {}).items():
         if v:
             doc[k] = v
@@ -240,15 +272,17 @@ def _write_meta(path: str, catalog: dict[int, Table], ident: bytes | None,
 def upgrade_meta(path: str) -> bytes:
     """Give a directory of format 1 its database id (format 2); its id. Call only when no log
     holds records (after replay), as logs of format 1 have no header."""
-    catalog, ident, floor = _load_meta(path)
+    catalog, ident, floor, layer = _load_meta(path)
     if ident is None:
         ident = os.urandom(16)
-        _write_meta(path, catalog, ident, floor)
+        _write_meta(path, catalog, ident, floor, layer)
     return ident
 
 
-def merge_catalog(path: str, wanted: Iterable[Table]) -> dict[int, Table]:
-    """Create or extend the metadata with ``wanted`` tables; refuse a conflicting redefinition."""
+def merge_catalog(path: str, wanted: Iterable[Table],
+                  layer: dict[str, Any] | None = None) -> dict[int, Table]:
+    """Create or extend the metadata with ``wanted`` tables; refuse a conflicting redefinition.
+    ``layer``: the owning layer's object, recorded when the directory is created."""
     try:
         wanted = list(wanted)
     except TypeError:
@@ -257,7 +291,10 @@ def merge_catalog(path: str, wanted: Iterable[Table]) -> dict[int, Table]:
     for t in wanted:
         if not isinstance(t, (IndexTable, ValueTable)):
             raise TableError(f"tables must be IndexTable or ValueTable, not {type(t).__name__}")
-    existing, ident, floor = _load_meta(path) if is_database(path) else ({}, os.urandom(16), {})
+    if is_database(path):
+        existing, ident, floor, layer = _load_meta(path)
+    else:
+        existing, ident, floor = {}, os.urandom(16), {}
     merged = dict(existing)
     for t in wanted:
         old = merged.get(t.id)
@@ -273,7 +310,7 @@ def merge_catalog(path: str, wanted: Iterable[Table]) -> dict[int, Table]:
                 os.close(fileio.create(fp))
             except OSError as e:
                 raise storage_error(e, f"creating {fp}") from None
-        _write_meta(path, merged, ident, floor)
+        _write_meta(path, merged, ident, floor, layer)
     return merged
 
 

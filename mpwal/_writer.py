@@ -50,7 +50,8 @@ from ._platform import check_machine
 from ._queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock
 from ._replay import replay
 from ._record import Record
-from ._tables import META_FILE, TableFiles, check_key, is_database, merge_catalog, upgrade_meta
+from ._tables import (META_FILE, TableFiles, check_key, check_layer, is_database, merge_catalog,
+                      upgrade_meta)
 from ._tables import IndexTable, ValueTable
 
 log = logging.getLogger("mpwal")
@@ -97,7 +98,8 @@ class Writer:
                  log_size: int = 64 << 20, log_age: float = 1.0, enactor: str = "thread",
                  overlay_slots: int = 1 << 20, overlay_bytes: int = 256 << 20,
                  max_overlay_bytes: int = 1 << 30, max_pending_bytes: int = 1 << 30,
-                 backpressure_timeout: float = 30.0, max_snapshot_age: float = 60.0) -> None:
+                 backpressure_timeout: float = 30.0, max_snapshot_age: float = 60.0,
+                 layer: dict[str, Any] | None = None) -> None:
         check_machine()
         if not isinstance(path, (str, os.PathLike)):
             raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
@@ -145,7 +147,9 @@ class Writer:
         self._wlock = WriterLock(self.path)
         try:
             self._check_is_ours()  # again under the lock: no other writer can change it now
-            self._catalog = merge_catalog(self.path, tables)
+            if is_database(self.path):  # a layer's directory opens only through that layer
+                check_layer(self.path, None if layer is None else layer["kind"])
+            self._catalog = merge_catalog(self.path, tables, layer)
             self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
             self._queues = QueueStore(self.path)
             pins.create(self.path, self.max_snapshot_age)
