@@ -30,6 +30,11 @@ class TableError(Error, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class IndexFullError(Error):
+    """A key-value column's index chunk for a key has no empty entry (reindexing into a
+    bigger index is not built yet): the put is refused and nothing else changes."""
+
+
 class ClosedError(Error):
     """The handle was closed; open a new Writer or Reader."""
 

@@ -23,6 +23,7 @@ PUBLIC_API = {
     "SnapshotExpiredError", "Error", "ArgumentTypeError", "ArgumentRangeError", "ValueTooLargeError", "TableError",
     "ClosedError", "ForkedError", "WriterLockedError", "DatabaseError", "CorruptionError",
     "StorageError", "WriterFailedError", "BackpressureError", "UnsupportedPlatformError",
+    "KVWriter", "KVReader", "KVSnapshot", "KVBatch", "IndexFullError",
 }
 
 
