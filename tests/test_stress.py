@@ -255,3 +255,23 @@ def test_summary_rate_excludes_verification_pauses(tmp_path):
     assert re.search(r"elapsed +10.0 s\n", text), text
     assert re.search(r"verification pauses +2, 4.0 s ", text), text
     assert re.search(r"commit throughput +100 records/s, 500 values/s, .* over 6.0 s ", text), text
+
+
+# -- --kv: the key-value directory ---------------------------------------------------------------
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("multiprocess")
+def test_stress_kv_run_passes(db, capsys):
+    rc, out = _run(["--kv", "--dir", db, "--seconds", "3", "--readers", "2", "--keys", "3000",
+                    "--batch", "50", "--seed", "4", "--max-value", "100000"], capsys)
+    assert rc == 0, out
+    assert "PASS" in out and "every value checked alone" in out
+    assert stress.main(["--kv", "--dir", db, "--seconds", "1"]) == 2  # not empty now
+
+
+def test_stress_kv_checks_catch_torn_and_foreign_values():
+    from mpwal.tools.stress_kv import check_value, make_value
+    v = make_value(b"k", 7, 500)
+    assert check_value(b"k", v) == (7, None)
+    assert check_value(b"j", v)[1] and check_value(b"k", v[:-1])[1] and check_value(b"k", b"x")[1]
+    assert check_value(b"k", v[:-1] + b"\0")[1]

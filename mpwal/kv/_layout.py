@@ -52,7 +52,7 @@ VERSION = 1
 MAX_COLUMNS = 255
 COLUMN_SPAN = 256  # table ids per column
 HEADER, INDEX_A, INDEX_B, TIER0 = 0, 1, 2, 3
-INDEX_BITS = 16  # chunks = 2**16 (32 MiB of index, sparse: chunks never written take no disk)
+INDEX_BITS = 12  # a new column: 4,096 chunks (2 MiB of index, sparse), reindexed as it fills
 MIN_INDEX_BITS, MAX_INDEX_BITS = 4, 30
 CHUNK_ENTRIES = 64
 TIER_BITS = 5

@@ -26,6 +26,11 @@ Figures (``--only`` takes these names or their numbers):
                  NORMAL, LMDB sync off), durable 1-value commits back to back (mpwal commit,
                  SQLite FULL, LMDB sync on), and a reader process's value() and values() of 100
                  keys while a writer process ingests records of 100.
+8. ``kv``        the key-value layer (mpwal.KVWriter/KVReader): 16-byte random keys, 100-byte
+                 values, batches of 100 over a keyspace of a million keys (100,000 with --quick),
+                 beside SQLite (a WITHOUT ROWID table, WAL, NORMAL) and LMDB (sync off); then
+                 gets of written keys from another process (a read transaction per get for
+                 LMDB), and the disk each system used per key written.
 
 Every figure runs mpwal on its default backend and, when that is the native one, again on the
 Python backend ("…, Python backend" rows). Every timed loop runs for a fixed time and counts
@@ -81,6 +86,7 @@ FILE_FSYNC_AGE = 1.0          # … and log_age default
 LMDB_MAP_SIZE = 1 << 36       # address space only; the file grows as data is written
 FILL = bytes(random.Random(1).randrange(256) for _ in range(SMALL - 8))
 BIG_FILL = random.Random(2).randbytes(LARGE - 8)
+FILL_KV = random.Random(3).randbytes(SMALL)  # the key-value figure's values
 
 
 def val(key: int) -> bytes:
@@ -1087,6 +1093,124 @@ def figure_latency(z: Sizes):
 
 # -- results and tables --------------------------------------------------------------------------
 
+# -- figure 8: the key-value layer ---------------------------------------------------------------
+
+_KV_KEYS: list[bytes] = []
+
+
+def kv_keys(n: int) -> list[bytes]:
+    """The first ``n`` of a fixed sequence of random-looking 16-byte keys."""
+    import hashlib
+    while len(_KV_KEYS) < n:
+        i = len(_KV_KEYS)
+        _KV_KEYS.append(hashlib.blake2b(i.to_bytes(8, "little"), digest_size=16).digest())
+    return _KV_KEYS[:n]
+
+
+def kv_ingest(tmp: str, z: Sizes, put_batch: Callable[[list[bytes]], None]) -> tuple[int, float]:
+    keys = kv_keys(z.keyspace)
+    return run_for(z.ingest_s, lambda i: put_batch(keys[(i * 100) % len(keys):][:100]))
+
+
+def _kv_gets(tmp: str, system: str, db: str, nkeys: int, seconds: float) -> float:
+    """gets/s of random written keys, in this (fresh) process."""
+    keys = kv_keys(nkeys)
+    rng = random.Random(8)
+    order = [rng.choice(keys) for _ in range(10_000)]
+    get: Callable[[bytes], Any]
+    close: Callable[[], None]
+    if system == "mpwal":
+        r = mpwal.KVReader(db)
+        get, close = r.get, r.close
+    elif system == "sqlite":
+        conn = sqlite3.connect(db)
+        q = "SELECT v FROM kv WHERE k = ?"
+
+        def get(k: bytes) -> Any:
+            return conn.execute(q, (k,)).fetchone()
+        close = conn.close
+    else:
+        env = open_lmdb(db, sync=False, readonly=True)
+
+        def get(k: bytes) -> Any:
+            with env.begin() as txn:
+                return txn.get(k)
+        close = env.close
+    try:
+        assert get(order[0]) is not None, "a written key is missing"
+        n, dt = run_for(seconds, lambda i: [get(k) for k in order[(i * 100) % len(order):][:100]])
+    finally:
+        close()
+    return n * 100 / dt
+
+
+def kv_row(tmp: str, z: Sizes, system: str, db: str, n: int, dt: float) -> dict:
+    written = min(n * 100, z.keyspace)
+    gets = in_own_process(tmp, _kv_gets, system, db, written, z.read_s)
+    return {"ingest values/s": n * 100 / dt, "gets/s, another process": gets,
+            "keys written": written, "disk bytes/key": dir_disk_bytes(tmp) / written}
+
+
+def kv_mpwal(tmp: str, z: Sizes) -> dict:
+    db = os.path.join(tmp, "db")
+    MPWAL_DIRS.append(db)
+    with mpwal.KVWriter(db) as kv:
+        def put_batch(keys):
+            with kv.batch() as b:
+                for k in keys:
+                    b.put(k, FILL_KV)
+        n, dt = kv_ingest(tmp, z, put_batch)
+    return kv_row(tmp, z, "mpwal", db, n, dt)
+
+
+def kv_sqlite(tmp: str, z: Sizes) -> dict:
+    db = os.path.join(tmp, "db.sqlite")
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE kv(k BLOB PRIMARY KEY, v BLOB) WITHOUT ROWID")
+    try:
+        def put_batch(keys):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT OR REPLACE INTO kv(k, v) VALUES (?, ?)",
+                             [(k, FILL_KV) for k in keys])
+            conn.execute("COMMIT")
+        n, dt = kv_ingest(tmp, z, put_batch)
+    finally:
+        conn.close()
+    return kv_row(tmp, z, "sqlite", db, n, dt)
+
+
+def kv_lmdb(tmp: str, z: Sizes) -> dict:
+    db = os.path.join(tmp, "db.lmdb")
+    env = open_lmdb(db, sync=False)
+    try:
+        def put_batch(keys):
+            with env.begin(write=True) as txn:
+                for k in keys:
+                    txn.put(k, FILL_KV)
+        n, dt = kv_ingest(tmp, z, put_batch)
+    finally:
+        env.close()
+    return kv_row(tmp, z, "lmdb", db, n, dt)
+
+
+def figure_kv(z: Sizes):
+    wl = f"{z.keyspace:,} keys"
+    rows = backends(wl, "mpwal KV", kv_mpwal, z)
+    rows += [measure(wl, "SQLite WITHOUT ROWID, WAL NORMAL", kv_sqlite, z),
+             measure(wl, "LMDB sync off", kv_lmdb, z, needs="lmdb")]
+    return Figure("8. Key-value stores: 16-byte keys, 100-byte values, batches of 100",
+                  ["ingest values/s", "gets/s, another process", "keys written",
+                   "disk bytes/key"], rows,
+                  notes=["Ingestion runs for the figure's time over the keyspace in batches of "
+                         "100 (one record, transaction or write transaction each); the store is "
+                         "closed, then a fresh process opens it and gets random written keys, "
+                         "one call per get (LMDB: a read transaction per get). Disk: allocated "
+                         "bytes of the store's directory after closing, per key written.",
+                         "diskcache and UltraDict are not measured here (not installed)."])
+
+
 @dataclass
 class Row:
     workload: str
@@ -1214,7 +1338,7 @@ def machine() -> str:
 
 FIGURES = {"ingest": figure_ingest, "commit": figure_commit, "reads": figure_reads,
            "large": figure_large, "sustained": figure_sustained, "lookups": figure_lookups,
-           "latency": figure_latency}
+           "latency": figure_latency, "kv": figure_kv}
 ARGS = argparse.Namespace(dir=None)
 
 

@@ -1348,6 +1348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-size", type=_positive_int, default=4 << 20,
                    help="writer log_size in bytes (default 4 MiB, so logs rotate often)")
     p.add_argument("--log-age", type=float, default=0.5, help="writer log_age in seconds (default 0.5)")
+    p.add_argument("--kv", action="store_true",
+                   help="run on a key-value directory (mpwal.KVWriter/KVReader; see stress_kv.py): "
+                        "batches of puts and deletes, readers checking every value, the index "
+                        "growing from 64 chunks; --dir must then be new or empty")
+    p.add_argument("--max-value", type=_positive_int, default=300_000,
+                   help="with --kv: the largest value, in bytes (default 300000: multipart)")
     return p
 
 
@@ -1385,9 +1391,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_age < 0:
         print("mpwal stress: --log-age must be >= 0", file=sys.stderr)
         return 2
+    if args.kv:
+        return _run_kv(args)
     if args.dir is not None:
         return Stress(args, os.path.abspath(args.dir)).run()
     return _run_in_temp_dir(args)
+
+
+def _run_kv(args) -> int:
+    """``--kv``: stress_kv.run on --dir or on a temporary directory."""
+    from . import stress_kv
+
+    def go(path: str) -> int:
+        return stress_kv.run(path, args.seconds or 10.0, args.readers, args.keys, args.batch,
+                             args.seed, args.enactor, args.max_value)
+
+    if args.dir is not None:
+        path = os.path.abspath(args.dir)
+        if os.path.exists(path) and os.listdir(path):
+            print(f"mpwal stress --kv: {path} is not empty; give a new or empty directory",
+                  file=sys.stderr)
+            return 2
+        return go(path)
+    tmp = tempfile.mkdtemp(prefix="mpwal-stress-kv-")
+    try:
+        return go(os.path.join(tmp, "db"))
+    finally:
+        if args.keep:
+            print(f"mpwal stress --kv: kept {tmp} (--keep)", flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run_in_temp_dir(args) -> int:
