@@ -9,6 +9,7 @@ what a batch changes so it can become one record.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Protocol
 
 from .._errors import CorruptionError
@@ -28,8 +29,11 @@ class IndexFullError(Exception):
 ZERO_CHUNK = bytes(L.CHUNK_ENTRIES * 8)
 
 
+_CHUNK = struct.Struct(f"<{L.CHUNK_ENTRIES}Q")
+
+
 def _entries(chunk: bytes) -> list[int]:
-    return [int.from_bytes(chunk[i:i + 8], "little") for i in range(0, len(chunk), 8)]
+    return list(_CHUNK.unpack(chunk))
 
 
 class Column:
@@ -178,6 +182,10 @@ class Pending:
 
     def __init__(self, base: Any) -> None:
         self.base = base  # the Writer: value(t, i) and index_chunk(t, c), newest committed
+        # what was read of the Writer, when it is the base: a batch holds the KVWriter's lock,
+        # so nothing else commits under it
+        self._chunks: dict[tuple[int, int], bytes] | None = None if isinstance(base, Pending) else {}
+        self._values: dict[tuple[int, int], bytes | None] | None = None if isinstance(base, Pending) else {}
         self.entries: dict[tuple[int, int], dict[int, int]] = {}
         self.values: dict[tuple[int, int], bytes | None] = {}
         self.drops: set[int] = set()  # index tables emptied by this batch (before its entries)
@@ -186,10 +194,24 @@ class Pending:
         key = (table, index)
         if key in self.values:
             return self.values[key]
-        return self.base.value(table, index)
+        cache = self._values
+        if cache is None:
+            return self.base.value(table, index)
+        if key not in cache:
+            cache[key] = self.base.value(table, index)
+        return cache[key]
+
+    def _base_chunk(self, table: int, chunk: int) -> bytes:
+        cache = self._chunks
+        if cache is None:
+            return self.base.index_chunk(table, chunk)
+        data = cache.get((table, chunk))
+        if data is None:
+            data = cache[(table, chunk)] = self.base.index_chunk(table, chunk)
+        return data
 
     def chunk(self, table: int, chunk: int) -> bytes:
-        data = ZERO_CHUNK if table in self.drops else self.base.index_chunk(table, chunk)
+        data = ZERO_CHUNK if table in self.drops else self._base_chunk(table, chunk)
         changed = self.entries.get((table, chunk))
         if not changed:
             return data
@@ -236,11 +258,13 @@ class Planner:
     def __init__(self, col: Column, pending: Pending) -> None:
         self.col = col
         self.p = pending
+        self._h = col.header(pending)  # kept up to date by _set_header
 
     def _header(self) -> list[int]:
-        return self.col.header(self.p)
+        return self._h
 
     def _set_header(self, e: int, v: int) -> None:
+        self._h[e] = v
         self.p.set_entry(self.col.header_table, 0, e, v)
 
     # -- slots ---------------------------------------------------------------------------------

@@ -1109,7 +1109,7 @@ def kv_keys(n: int) -> list[bytes]:
 
 def kv_ingest(tmp: str, z: Sizes, put_batch: Callable[[list[bytes]], None]) -> tuple[int, float]:
     keys = kv_keys(z.keyspace)
-    return run_for(z.ingest_s, lambda i: put_batch(keys[(i * 100) % len(keys):][:100]))
+    return run_for(z.ingest_s, lambda i: put_batch(keys[(i * 100) % len(keys):(i * 100) % len(keys) + 100]))
 
 
 def _kv_gets(tmp: str, system: str, db: str, nkeys: int, seconds: float) -> float:
@@ -1138,7 +1138,7 @@ def _kv_gets(tmp: str, system: str, db: str, nkeys: int, seconds: float) -> floa
         close = env.close
     try:
         assert get(order[0]) is not None, "a written key is missing"
-        n, dt = run_for(seconds, lambda i: [get(k) for k in order[(i * 100) % len(order):][:100]])
+        n, dt = run_for(seconds, lambda i: [get(k) for k in order[(i * 100) % len(order):(i * 100) % len(order) + 100]])
     finally:
         close()
     return n * 100 / dt
