@@ -541,3 +541,36 @@ def test_sigkill_during_a_reindex_loses_no_acknowledged_put(db, seed):
     with mpwal.KVReader(db) as r:
         for k, v in r.items():
             check_kv_value(k, v)
+
+
+# -- the tools -----------------------------------------------------------------------------------
+
+def test_inspect_and_dump_understand_columns(db):
+    import io
+    import json
+    from mpwal.tools.inspect import dump, inspect_db
+    kv = mpwal.KVWriter(db, columns=("default", "users"), enactor="none", log_age=1e9)
+    try:
+        kv.put(b"hello", b"world")
+        kv.put(b"big", b"x" * 50000, column="users")
+        kv.delete(b"hello")
+        out = io.StringIO()
+        assert dump(db, out) == 0
+        text = out.getvalue()
+        assert "column 'default' tier 0 slot 1: key b'hello' = 5 bytes b'world'" in text
+        assert "key b'big' = 50000 bytes in parts" in text and "free (next free 0)" in text
+        assert "column 'users' header: count 1" in text
+        out = io.StringIO()
+        assert dump(db, out, json_lines=True) == 0
+        ops = [op for line in out.getvalue().splitlines() for op in json.loads(line).get("ops", [])]
+        assert any("key b'hello'" in op.get("kv", "") for op in ops)
+        out = io.StringIO()
+        assert inspect_db(db, out) == 0
+        assert "layer: kv" in out.getvalue()
+        assert "column 'users': 1 keys, index of 4096 chunks" in out.getvalue()
+        out = io.StringIO()
+        assert inspect_db(db, out, as_json=True) == 0
+        cols = json.loads(out.getvalue())["layer"]["columns"]
+        assert [(c["name"], c["keys"]) for c in cols] == [("default", 0), ("users", 1)]
+    finally:
+        kv.close()

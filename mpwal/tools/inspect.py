@@ -70,7 +70,9 @@ from .._format import (
 from .._logs import LogFile, LogSet, Problem, log_identity, read_logs
 from .._pins import read_pins
 from .._queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
-from .._tables import META_FILE, Table, is_database, load_catalog, op_problem
+from .._tables import META_FILE, Table, is_database, layer_of, load_catalog, op_problem
+from ..kv import KVReader
+from ..kv._describe import Describer, columns_report
 
 PREVIEW_BYTES = 16  # bytes of a value shown by the text dump
 MAX_LISTED = 10  # table mismatches listed by verify before it only counts them
@@ -385,8 +387,25 @@ def _inspect_report(db: _Db) -> dict:
         "segments": _segments_info(realpath, alive),
         "snapshots": read_pins(db.path),
         "backend": {"name": _backend.BACKEND, "why_python": _backend.why_python},
+        "layer": _layer_info(db.path),
         "changed": bool(db.changed or db.queues_moved()),
     }
+
+
+def _layer_info(path: str) -> dict | None:
+    """A key-value directory's columns (read with a KVReader, which changes nothing), or None
+    for a raw directory."""
+    layer = layer_of(path)
+    if layer is None:
+        return None
+    info: dict = {"kind": layer.get("kind")}
+    if layer.get("kind") == "kv":
+        try:
+            with KVReader(path) as r:
+                info["columns"] = columns_report(r)
+        except Error as e:
+            info["error"] = str(e)
+    return info
 
 
 def _print_snapshots(pins: list[dict], out) -> None:
@@ -545,6 +564,15 @@ def _print_inspect(r: dict, out: TextIO) -> None:
     _print_snapshots(r["snapshots"], out)
     b = r["backend"]
     print(f"backend: {b['name']}" + (f" ({b['why_python']})" if b["why_python"] else ""), file=out)
+    layer = r.get("layer")
+    if layer is not None:
+        print(f"layer: {layer['kind']}" + (f" (cannot read it: {layer['error']})"
+                                           if "error" in layer else ""), file=out)
+        for c in layer.get("columns", []):
+            moving = "" if c["reindexing_from_chunks"] is None else \
+                f", reindexing from {c['reindexing_from_chunks']} chunks (at chunk {c['reindex_at']})"
+            print(f"  column {c['name']!r}: {c['keys']} keys, index of {c['index_chunks']} chunks"
+                  f"{moving}", file=out)
     if r["changed"]:
         print("note: the database changed while it was read (a live writer or enactor); "
               "the numbers above may mix two moments", file=out)
@@ -898,26 +926,43 @@ def _preview(data: bytes) -> str:
     return f"{head.hex()}{more} |{text}{more}|"
 
 
-def _op_text(op) -> str:
-    if op.kind == DROP_TABLE:
-        return f"drop_table table {op.table}"
+def _kv_meaning(kv: Describer | None, op) -> str | None:
+    """What a change means in a key-value directory's layout (None: raw, or not the layer's)."""
+    if kv is None or op.kind == DROP_TABLE:
+        return None
     if op.kind == INSERT_INDEX:
+        return kv.entries_text(op.table, op.key, list(entries_of(op.mask, op.data)))
+    return kv.value_text(op.table, op.key, op.data)
+
+
+def _op_text(op, kv: Describer | None = None) -> str:
+    if op.kind == DROP_TABLE:
+        text = f"drop_table table {op.table}"
+    elif op.kind == INSERT_INDEX:
         entries = ", ".join(f"{e}: 0x{v:x}" for e, v in entries_of(op.mask, op.data))
-        return f"insert_index table {op.table} chunk {op.key} {{{entries}}}"
-    if op.data is None:
-        return f"insert_value table {op.table} index {op.key} removed"
-    return (f"insert_value table {op.table} index {op.key} {len(op.data)} bytes "
-            f"{_preview(op.data)}")
+        text = f"insert_index table {op.table} chunk {op.key} {{{entries}}}"
+    elif op.data is None:
+        text = f"insert_value table {op.table} index {op.key} removed"
+    else:
+        text = (f"insert_value table {op.table} index {op.key} {len(op.data)} bytes "
+                f"{_preview(op.data)}")
+    meaning = _kv_meaning(kv, op)
+    return text if meaning is None else f"{text}\n    = {meaning}"
 
 
-def _op_json(op) -> dict:
+def _op_json(op, kv: Describer | None = None) -> dict:
     if op.kind == DROP_TABLE:
-        return {"op": "drop_table", "table": op.table}
-    if op.kind == INSERT_INDEX:
-        return {"op": "insert_index", "table": op.table, "chunk": op.key,
-                "entries": {str(e): v for e, v in entries_of(op.mask, op.data)}}
-    return {"op": "insert_value", "table": op.table, "index": op.key,
-            "value_hex": None if op.data is None else op.data.hex()}
+        out: dict = {"op": "drop_table", "table": op.table}
+    elif op.kind == INSERT_INDEX:
+        out = {"op": "insert_index", "table": op.table, "chunk": op.key,
+               "entries": {str(e): v for e, v in entries_of(op.mask, op.data)}}
+    else:
+        out = {"op": "insert_value", "table": op.table, "index": op.key,
+               "value_hex": None if op.data is None else op.data.hex()}
+    meaning = _kv_meaning(kv, op)
+    if meaning is not None:
+        out["kv"] = meaning
+    return out
 
 
 def dump(path: str, out: TextIO, json_lines: bool = False) -> int:
@@ -934,13 +979,15 @@ def dump(path: str, out: TextIO, json_lines: bool = False) -> int:
     if db is None:
         return 2
     try:
+        layer = layer_of(path)
+        kv = Describer(layer) if layer is not None and layer.get("kind") == "kv" else None
         shown = None  # the log whose header was shown last
         for lf, rec in db.prefix():
             head = db.header_info(lf.log_id)
             if json_lines:
                 print(json.dumps({"record_id": rec.record_id, "log": f"log{lf.log_id}",
                                   "offset": rec.start, **head,
-                                  "ops": [_op_json(op) for op in rec.ops]}),
+                                  "ops": [_op_json(op, kv) for op in rec.ops]}),
                       file=out)
             else:
                 if shown != lf.log_id:
@@ -949,7 +996,7 @@ def dump(path: str, out: TextIO, json_lines: bool = False) -> int:
                           f"{'-' if head['epoch'] is None else head['epoch']}", file=out)
                 print(f"record {rec.record_id} log{lf.log_id} byte {rec.start}", file=out)
                 for op in rec.ops:
-                    print(f"  {_op_text(op)}", file=out)
+                    print(f"  {_op_text(op, kv)}", file=out)
         for lid, why in db.logs.ignored:
             print(json.dumps({"ignored": {"log": f"log{lid}", "why": why}}) if json_lines
                   else f"note: {_ignored_text(f'log{lid}', why)}", file=out)
