@@ -8,7 +8,7 @@ from setuptools import Extension, setup
 
 # one extension module, a source file per concern (the sanitizer test builds mpwal/_native*.c)
 SOURCES = ["mpwal/_native.c", "mpwal/_native_record.c", "mpwal/_native_log.c",
-           "mpwal/_native_tables.c"]
+           "mpwal/_native_tables.c", "mpwal/_native_kv.c"]
 
 setup(ext_modules=[Extension(
     "mpwal._native", SOURCES, libraries=["z"], optional=True,

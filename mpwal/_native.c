@@ -840,7 +840,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     }
     if (PyModule_AddFunctions(m, mpwal_record_methods) < 0 ||
         PyModule_AddFunctions(m, mpwal_log_methods) < 0 ||
-        PyModule_AddFunctions(m, mpwal_tables_methods) < 0) {
+        PyModule_AddFunctions(m, mpwal_tables_methods) < 0 ||
+        PyModule_AddFunctions(m, mpwal_kv_methods) < 0) {
         Py_DECREF(m);
         return NULL;
     }

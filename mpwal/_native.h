@@ -5,6 +5,7 @@
  *   _native_record.c  the writer's intake: gathering a record's values, encoding it with its CRC
  *   _native_log.c     the log decoder: a record of a log file back into Op tuples
  *   _native_tables.c  the applier's slot packing: values into runs of table-file slots
+ *   _native_kv.c      the key-value layer's lookups: an index chunk's matching entries, a slot's key check
  *
  * Each function is the twin of a Python function that is the reference (named in its comment);
  * tests/test_native*.py compare the two byte for byte.
@@ -32,5 +33,6 @@
 extern PyMethodDef mpwal_record_methods[]; /* _native_record.c */
 extern PyMethodDef mpwal_log_methods[];    /* _native_log.c */
 extern PyMethodDef mpwal_tables_methods[]; /* _native_tables.c */
+extern PyMethodDef mpwal_kv_methods[];     /* _native_kv.c */
 
 #endif

@@ -205,7 +205,8 @@ def test_engine_tests_pass_on_a_sanitizer_build(tmp_path):
     env.pop("MPWAL_BACKEND", None)
     tests = [os.path.join(ROOT, "tests", f) for f in
              ("test_native.py", "test_native_writer.py", "test_native_log.py", "test_applier.py",
-              "test_overlay.py", "test_readers.py", "test_snapshots.py")]
+              "test_overlay.py", "test_readers.py", "test_snapshots.py", "test_native_kv.py",
+              "test_kv.py")]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            "-p", "no:xdist", "-W", "ignore::pytest.PytestUnknownMarkWarning",
                            "-k", "not sanitizer and not fuzz_log_decoder", *tests],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Protocol
 
+from .. import _backend
 from .._errors import CorruptionError
 from . import _layout as L
 
@@ -34,6 +35,35 @@ _CHUNK = struct.Struct(f"<{L.CHUNK_ENTRIES}Q")
 
 def _entries(chunk: bytes) -> list[int]:
     return list(_CHUNK.unpack(chunk))
+
+
+def matches(chunk: bytes, bits: int, partial: int) -> list[tuple[int, int, int]]:
+    """(entry number, slot, tier) of each entry of an index chunk (of a ``bits``-bit index)
+    that is not empty and holds the partial key ``partial``, in order. The reference of
+    ``_native.kv_matches``."""
+    ab = L.address_bits(bits)
+    mask = (1 << ab) - 1
+    return [(e, (v & mask) >> L.TIER_BITS, v & ((1 << L.TIER_BITS) - 1))
+            for e, v in enumerate(_CHUNK.unpack(chunk)) if v and v >> ab == partial]
+
+
+def whole_value(data: bytes, key: bytes) -> bytes | None:
+    """The value of a WHOLE slot if its key is ``key``, else None; ValueError if the slot is
+    not WHOLE or its key runs past its end. The reference of ``_native.kv_whole``."""
+    if len(data) < L.WHOLE_HEAD.size or data[0] != L.WHOLE:
+        raise ValueError("not a WHOLE slot")
+    klen = L.WHOLE_HEAD.unpack_from(data)[1]
+    start = L.WHOLE_HEAD.size
+    if start + klen > len(data):
+        raise ValueError("a WHOLE slot whose key runs past its end")
+    if data[start:start + klen] != key:
+        return None
+    return bytes(data[start + klen:])
+
+
+def _matches(chunk: bytes, bits: int, partial: int) -> Any:
+    native = _backend.native
+    return matches(chunk, bits, partial) if native is None else native.kv_matches(chunk, bits, partial)
 
 
 class Column:
@@ -91,13 +121,11 @@ class Column:
         h = L.key_hash(self.salt, key)
         for table, bits in self.indexes(header):
             c = L.chunk_of(h, bits)
-            partial = L.partial_of(h, bits)
-            for e, entry in enumerate(_entries(view.chunk(table, c))):
-                if entry and L.entry_partial(entry, bits) == partial:
-                    slot, tier = L.entry_address(entry, bits)
-                    got = self.read_slot(view, slot, tier, key)
-                    if got is not None:
-                        return table, bits, c, e, entry, got
+            for e, slot, tier in _matches(view.chunk(table, c), bits, L.partial_of(h, bits)):
+                got = self.read_slot(view, slot, tier, key)
+                if got is not None:
+                    entry = L.make_entry(h, bits, slot, tier)
+                    return table, bits, c, e, entry, got
         return None
 
     def get(self, view: View, key: bytes) -> bytes | None:
@@ -106,6 +134,16 @@ class Column:
 
     def read_slot(self, view: View, slot: int, tier: int, key: bytes | None) -> bytes | None:
         """The value stored at (slot, tier) if its key is ``key`` (any key: None), else None."""
+        if key is not None and tier < L.MULTIPART:  # the common case: the key check in C
+            data = view.value(self.tier_table(tier), slot)
+            if not data or data[0] != L.WHOLE:
+                return None
+            native = _backend.native
+            try:
+                return whole_value(data, key) if native is None else native.kv_whole(data, key)
+            except ValueError:
+                raise CorruptionError(f"column {self.name!r}: slot {slot} of tier {tier} is "
+                                      "torn") from None
         kv = self.read_pair(view, slot, tier)
         if kv is None or (key is not None and kv[0] != key):
             return None
