@@ -17,6 +17,7 @@ from kv_procs import (check_kv_value, checking_reader, growing_writer, growth_ch
                       multipart_putter, reindexing_putter, watching_reader)
 
 import mpwal
+from mpwal.kv import _column
 from mpwal.kv import _layout as L
 
 CTX = multiprocessing.get_context("spawn")
@@ -574,3 +575,31 @@ def test_inspect_and_dump_understand_columns(db):
         assert [(c["name"], c["keys"]) for c in cols] == [("default", 0), ("users", 1)]
     finally:
         kv.close()
+
+
+def test_verify_checks_the_key_value_layout(db):
+    import io
+    from mpwal.tools.inspect import verify
+    with mpwal.KVWriter(db, index_bits=4, enactor="none") as kv:
+        for i in range(1500):  # reindexes
+            kv.put(b"k%d" % i, b"v" * (i % 50))
+        kv.put(b"big", b"b" * 100000)
+        for i in range(0, 1500, 4):
+            del kv[b"k%d" % i]
+        out = io.StringIO()
+        assert verify(db, out) == 0, out.getvalue()
+        assert f"key-value layout: {len(kv)} keys checked (ok)" in out.getvalue()
+        # damage: a second entry for a key's slot (what a bug in the layer would leave)
+        col = kv._columns["default"]
+        h = tier_header(kv)
+        table, bits = col.index(h)
+        hk = L.key_hash(col.salt, b"k1")
+        c = L.chunk_of(hk, bits)
+        chunk = kv._w.index_chunk(table, c)
+        e = [i for i in range(64) if chunk[i * 8:i * 8 + 8] == bytes(8)][0]
+        found = col.find(_column.Pending(kv._w), b"k1")
+        with kv._w.record() as rec:
+            rec.insert_index(table, c, e, found[4])
+        out = io.StringIO()
+        assert verify(db, out) == 1
+        assert "used twice" in out.getvalue() and "counts" in out.getvalue()

@@ -105,3 +105,60 @@ def columns_report(reader: Any) -> list[dict[str, Any]]:
                     "reindex_at": h[L.REINDEX_AT] if old is not None else None}
         out.append(reader._read(look))
     return out
+
+
+def check_columns(reader: Any, limit: int = 20) -> tuple[int, list[str]]:
+    """Check every column's layout at one snapshot (``mpwal verify``): each index entry leads
+    to a slot that holds a key whose hash gives that chunk and partial key, no slot is used
+    twice, the count is the number of entries, free lists hold only free slots, and a multipart
+    value's parts are all there. Returns (keys checked, the first ``limit`` problems)."""
+    from ._column import _entries
+    problems: list[str] = []
+    checked = 0
+    with reader.snapshot() as s:
+        for name, col in reader._columns.items():
+            def at(fn: Any) -> Any:
+                return s._read(fn)
+            header = at(col.header)
+            used: set[tuple[int, int]] = set()
+            entries = 0
+            for table, bits in col.indexes(header):
+                for c in range(1 << bits):
+                    chunk = at(lambda v, table=table, c=c: v.chunk(table, c))
+                    for e, entry in enumerate(_entries(chunk)):
+                        if not entry:
+                            continue
+                        entries += 1
+                        slot, tier = L.entry_address(entry, bits)
+                        where = f"column {name!r} index {table} chunk {c} entry {e}"
+                        pair = at(lambda v, slot=slot, tier=tier, col=col: col.read_pair(v, slot, tier))
+                        if pair is None:
+                            problems.append(f"{where}: slot {slot} of tier {tier} holds no value")
+                            continue
+                        checked += 1
+                        h = L.key_hash(col.salt, pair[0])
+                        if L.chunk_of(h, bits) != c or L.entry_partial(entry, bits) != L.partial_of(h, bits):
+                            problems.append(f"{where}: the key {pair[0][:32]!r} does not hash here")
+                        if (tier, slot) in used:
+                            problems.append(f"{where}: slot {slot} of tier {tier} is used twice")
+                        used.add((tier, slot))
+                        if tier == L.MULTIPART:
+                            for part in at(lambda v, slot=slot, col=col: col.part_slots(v, slot)):
+                                if (L.PARTS, part) in used:
+                                    problems.append(f"{where}: part {part} is used twice")
+                                used.add((L.PARTS, part))
+            if entries != header[L.COUNT]:
+                problems.append(f"column {name!r}: the header counts {header[L.COUNT]} keys, "
+                                f"the index holds {entries}")
+            for tier in range(L.NTIERS):
+                slot, steps = header[L.free_entry(tier)], 0
+                while slot and steps <= header[L.filled_entry(tier)]:
+                    data = at(lambda v, slot=slot, tier=tier, col=col: v.value(col.tier_table(tier), slot))
+                    if not data or data[0] != L.FREE:
+                        problems.append(f"column {name!r} tier {tier}: free-list slot {slot} is "
+                                        "not free")
+                        break
+                    if (tier, slot) in used:
+                        problems.append(f"column {name!r} tier {tier}: slot {slot} is free and used")
+                    slot, steps = L.PART_HEAD.unpack_from(data)[1], steps + 1
+    return checked, problems[:limit]

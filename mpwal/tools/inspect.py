@@ -72,7 +72,7 @@ from .._pins import read_pins
 from .._queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
 from .._tables import META_FILE, Table, is_database, layer_of, load_catalog, op_problem
 from ..kv import KVReader
-from ..kv._describe import Describer, columns_report
+from ..kv._describe import Describer, check_columns, columns_report
 
 PREVIEW_BYTES = 16  # bytes of a value shown by the text dump
 MAX_LISTED = 10  # table mismatches listed by verify before it only counts them
@@ -698,6 +698,8 @@ class _Verdict:
     ignored: dict = field(default_factory=dict)  # ignored log id: (whole records in it, size)
     torn_live: bool = False  # the problem may be a record still being written
     moved: bool = False  # the queue state changed while the logs were read
+    kv_keys: int | None = None  # a key-value directory: keys whose layout was checked
+    kv_problems: list[str] = field(default_factory=list)
 
     @property
     def result(self) -> str:
@@ -747,7 +749,14 @@ def _check(db: _Db) -> _Verdict:
     p = db.logs.problem
     v.torn_live = (p is not None and p.why == "torn" and writer_alive(db.path)
                    and db.queues is not None and db.queues.appending == p.log_id)
-    found = p is not None or v.n_mismatch or v.missing
+    layer = layer_of(db.path)
+    if layer is not None and layer.get("kind") == "kv" and p is None and not v.missing:
+        try:
+            with KVReader(db.path) as r:
+                v.kv_keys, v.kv_problems = check_columns(r)
+        except Error as e:
+            v.kv_problems = [f"cannot read the key-value layer: {e}"]
+    found = p is not None or v.n_mismatch or v.missing or v.kv_problems
     v.moved = db.queues_moved()
     if db.changed or (v.moved and found):
         v.status = 2
@@ -800,6 +809,11 @@ def _print_verify(db: _Db, v: _Verdict, out: TextIO) -> None:
             print(f"  {m['message']}", file=out)
         if v.n_mismatch > len(v.mismatches):
             print(f"  ... and {v.n_mismatch - len(v.mismatches)} more", file=out)
+    if v.kv_keys is not None or v.kv_problems:
+        print(f"key-value layout: {_n(v.kv_keys or 0, 'key')} checked "
+              f"({'ok' if not v.kv_problems else 'PROBLEM'})", file=out)
+        for msg in v.kv_problems:
+            print(f"problem: {msg}", file=out)
 
     if v.status == 2:
         for c in db.changed:
@@ -859,6 +873,8 @@ def _verify_json(db: _Db, v: _Verdict) -> dict:
         "problem": problems[0] if problems else None,
         "table_mismatches": v.n_mismatch,
         "missing_table_files": v.missing,
+        "kv_keys_checked": v.kv_keys,
+        "kv_problems": v.kv_problems,
         "logs": _verify_logs(db, v),
         "ignored": [{"log": f"log{lid}", "why": why, **db.header_info(lid),
                      "records": v.ignored[lid][0].count} for lid, why in db.logs.ignored],
