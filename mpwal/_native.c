@@ -44,7 +44,7 @@ typedef struct {
     PyObject *read_value; /* reader's table-file lookup, or None */
     PyObject *limits;     /* dict: value table -> slots, or None */
     PyObject *slow;       /* reader's slow path, or None */
-    PyObject *maps;       /* dict: value table -> its file's read-only mmap (or None), or None */
+    PyObject *maps;       /* dict: table -> its file's read-only mmap (or None), or None */
     PyObject *strides;    /* dict: value table -> bytes per slot (with maps) */
 } Lookups;
 
@@ -317,6 +317,206 @@ static PyObject *value_now(Lookups *s, PyObject *const *args, Py_ssize_t nargs) 
     return data;
 }
 
+/* -- the key-value layer's get (mpwal/kv/_column.py's Column.get is the reference) ------- */
+
+static uint64_t kv_le64(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+/* Chunk `chunk` of index table `table` at watermark w into out[512], as Reader._chunk_at reads
+ * it: the overlay's version (removed or dropped: zeros), else zeros past a pending drop, else
+ * the table file (its mapping, else read_chunk(table, chunk)), which sets *from_file. 0, or -1
+ * with an exception. */
+static int kv_chunk(Lookups *s, PyObject *read_chunk, uint64_t table, uint64_t chunk, uint64_t w,
+                    unsigned char *out, int *from_file) {
+    uint64_t loc, d;
+    int got = probe(s, table, chunk, w, &loc);
+    if (got < 0) return -1;
+    if (got) {
+        if (!loc) {
+            memset(out, 0, KV_CHUNK_ENTRIES * ENTRY_BYTES);
+            return 0;
+        }
+        uint64_t start = loc & 0xFFFFFFFFu, end = loc >> 32;
+        if (end < start || end - start != KV_CHUNK_ENTRIES * ENTRY_BYTES ||
+            end > (uint64_t)s->view.len) {
+            PyErr_SetString(PyExc_IndexError, "an index chunk's version outside the segment");
+            return -1;
+        }
+        memcpy(out, (const char *)s->view.buf + start, KV_CHUNK_ENTRIES * ENTRY_BYTES);
+        return 0;
+    }
+    if (dropped_at(s, table, w, &d) < 0) return -1;
+    if (d) {
+        memset(out, 0, KV_CHUNK_ENTRIES * ENTRY_BYTES);
+        return 0;
+    }
+    *from_file = 1;
+    PyObject *t = PyLong_FromUnsignedLongLong(table);
+    if (!t) return -1;
+    PyObject *m = s->maps ? PyDict_GetItemWithError(s->maps, t) : NULL;
+    if (m && m != Py_None) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(m, &b, PyBUF_SIMPLE) == 0) {
+            uint64_t off = chunk * (uint64_t)(KV_CHUNK_ENTRIES * ENTRY_BYTES); /* chunk < 2**31 */
+            int done = off + KV_CHUNK_ENTRIES * ENTRY_BYTES <= (uint64_t)b.len;
+            if (done) memcpy(out, (const char *)b.buf + off, KV_CHUNK_ENTRIES * ENTRY_BYTES);
+            PyBuffer_Release(&b);
+            if (done) {
+                Py_DECREF(t);
+                return 0;
+            }
+        } else {
+            PyErr_Clear(); /* closed meanwhile: read_chunk knows */
+        }
+    } else if (PyErr_Occurred()) {
+        Py_DECREF(t);
+        return -1;
+    }
+    PyObject *r = PyObject_CallFunction(read_chunk, "OK", t, (unsigned long long)chunk);
+    Py_DECREF(t);
+    if (!r) return -1;
+    if (!PyBytes_Check(r) || PyBytes_GET_SIZE(r) != KV_CHUNK_ENTRIES * ENTRY_BYTES) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_TypeError, "read_chunk returned no 512-byte chunk");
+        return -1;
+    }
+    memcpy(out, PyBytes_AS_STRING(r), KV_CHUNK_ENTRIES * ENTRY_BYTES);
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Slot `index` of value table `table` at watermark w, as find_many reads it for a reader: a new
+ * reference to bytes or None, or NULL with an exception; a table-file read sets *from_file. */
+static PyObject *kv_value(Lookups *s, uint64_t table, uint64_t index, uint64_t w, int *from_file) {
+    uint64_t loc, d;
+    int got = probe(s, table, index, w, &loc);
+    if (got < 0) return NULL;
+    if (got) return data_at(s, loc);
+    if (dropped_at(s, table, w, &d) < 0) return NULL;
+    if (d) Py_RETURN_NONE;
+    *from_file = 1;
+    PyObject *t = PyLong_FromUnsignedLongLong(table), *out = NULL;
+    if (!t) return NULL;
+    out = s->maps ? table_slot(s, t, index) : NULL;
+    if (!out && !PyErr_Occurred())
+        out = PyObject_CallFunction(s->read_value, "OK", t, (unsigned long long)index);
+    Py_DECREF(t);
+    return out;
+}
+
+/* kv_get(header_table, h, key, default_bits, read_chunk) -> bytes, None or RETRY: a key-value
+ * reader's whole get at the current watermark, the twin of Column.get under Reader.read_with:
+ * the column's header (which index, how many bits; a reindex's old index too), the key's chunk
+ * in each, the WHOLE slot of each entry whose partial key matches (tier tables follow the
+ * header table: base + 3 + tier), the key check. RETRY whenever the Python path must answer: a
+ * multipart value or a slot it would call damaged, a structural change or the enactor under
+ * the read (the checks of value_now), freed bytes. */
+static PyObject *kv_get(Lookups *s, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t header_table, h, default_bits, st, st2, w, enacting;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "kv_get(header_table, h, key, default_bits, read_chunk)");
+        return NULL;
+    }
+    if (as_u64(args[0], &header_table) < 0 || as_u64(args[1], &h) < 0 ||
+        as_u64(args[3], &default_bits) < 0)
+        return NULL;
+    if (!PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "kv_get's key is bytes");
+        return NULL;
+    }
+    if (s->read_value == Py_None) {
+        PyErr_SetString(PyExc_RuntimeError, "kv_get needs a reader's read_value");
+        return NULL;
+    }
+    const char *key = PyBytes_AS_STRING(args[2]);
+    Py_ssize_t key_len = PyBytes_GET_SIZE(args[2]);
+    PyObject *read_chunk = args[4], *result = NULL;
+    unsigned char chunk[KV_CHUNK_ENTRIES * ENTRY_BYTES];
+    int from_file = 0;
+
+    if (load(s, W_STRUCT, &st) < 0) return NULL;
+    if (st & 1) return Py_NewRef(s->retry);
+    if (load(s, W_COMMITTED, &w) < 0) return NULL;
+    if (kv_chunk(s, read_chunk, header_table, 0, w, chunk, &from_file) < 0) goto failed;
+    uint64_t tables[2], bits[2];
+    int ntables = 0;
+    for (int which = 1; which <= 2; which++) { /* entry 1: the index; entry 2: a reindex's old one */
+        uint64_t word = kv_le64(chunk + which * ENTRY_BYTES), off = word >> 8, b = word & 0xFF;
+        if (!word) {
+            if (which == 2) break;
+            off = KV_INDEX_A;
+            b = default_bits;
+        }
+        if ((off != KV_INDEX_A && off != KV_INDEX_B) || b < KV_MIN_INDEX_BITS || b > KV_MAX_INDEX_BITS) {
+            result = Py_NewRef(s->retry); /* the Python path names the damage */
+            goto checked;
+        }
+        tables[ntables] = header_table + off;
+        bits[ntables++] = b;
+    }
+    for (int i = 0; i < ntables; i++) {
+        unsigned address_bits = (unsigned)bits[i] + 6 + KV_TIER_BITS;
+        uint64_t c = h >> (64 - bits[i]), partial = (h << bits[i]) >> address_bits;
+        uint64_t mask = ((uint64_t)1 << address_bits) - 1;
+        if (kv_chunk(s, read_chunk, tables[i], c, w, chunk, &from_file) < 0) goto failed;
+        for (int e = 0; e < KV_CHUNK_ENTRIES; e++) {
+            uint64_t v = kv_le64(chunk + e * ENTRY_BYTES);
+            if (!v || v >> address_bits != partial) continue;
+            uint64_t slot = (v & mask) >> KV_TIER_BITS, tier = v & ((1u << KV_TIER_BITS) - 1);
+            if (tier >= KV_MULTIPART) {
+                result = Py_NewRef(s->retry);
+                goto checked;
+            }
+            PyObject *data = kv_value(s, header_table + 3 + tier, slot, w, &from_file);
+            if (!data) goto failed;
+            if (data == Py_None || PyBytes_GET_SIZE(data) == 0 ||
+                (unsigned char)PyBytes_AS_STRING(data)[0] != KV_WHOLE) {
+                Py_DECREF(data); /* no value here: the next entry */
+                continue;
+            }
+            const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
+            Py_ssize_t n = PyBytes_GET_SIZE(data), klen = (Py_ssize_t)p[1] | (Py_ssize_t)p[2] << 8;
+            if (n < KV_WHOLE_HEAD || KV_WHOLE_HEAD + klen > n) {
+                Py_DECREF(data);
+                result = Py_NewRef(s->retry); /* torn: the Python path raises */
+                goto checked;
+            }
+            if (klen == key_len && memcmp(p + KV_WHOLE_HEAD, key, (size_t)klen) == 0) {
+                result = PyBytes_FromStringAndSize((const char *)p + KV_WHOLE_HEAD + klen,
+                                                   n - KV_WHOLE_HEAD - klen);
+                Py_DECREF(data);
+                if (!result) return NULL;
+                goto checked;
+            }
+            Py_DECREF(data);
+        }
+    }
+    result = Py_NewRef(Py_None);
+checked:
+    if (from_file) {
+        atomic_thread_fence(memory_order_acquire); /* the files' bytes read before enacting */
+        if (load(s, W_ENACTING, &enacting) < 0) goto failed;
+        if (enacting > w) goto again; /* the enactor may be writing past W into those files */
+    }
+    atomic_thread_fence(memory_order_acquire); /* what was copied, before struct is checked */
+    if (load(s, W_STRUCT, &st2) < 0) goto failed;
+    if (st2 != st) goto again;
+    return result;
+again:
+    Py_XDECREF(result);
+    return Py_NewRef(s->retry);
+failed:
+    Py_XDECREF(result);
+    if (PyErr_ExceptionMatches(PyExc_IndexError) || PyErr_ExceptionMatches(s->torn)) {
+        PyErr_Clear(); /* freed bytes under a structural change: the Python path */
+        return Py_NewRef(s->retry);
+    }
+    return NULL;
+}
+
 static int Lookups_init(Lookups *s, PyObject *args, PyObject *kwds) {
     PyObject *mapping, *torn, *miss, *retry, *read_value, *limits, *slow, *tables = Py_None;
     unsigned shift;
@@ -387,6 +587,8 @@ static PyMethodDef Lookups_methods[] = {
      "find_many(table, indices, w_mark, read): each index's data at w_mark"},
     {"value_now", (PyCFunction)(void (*)(void))value_now, METH_FASTCALL,
      "value_now(table, index): a reader's whole value() at the current watermark"},
+    {"kv_get", (PyCFunction)(void (*)(void))kv_get, METH_FASTCALL,
+     "kv_get(header_table, h, key, default_bits, read_chunk): a key-value reader's get, or RETRY"},
     {NULL, NULL, 0, NULL},
 };
 

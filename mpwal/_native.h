@@ -30,6 +30,17 @@
 #define END_SIZE 5    /* type, crc32 u32 */
 #define ENTRY_BYTES 8
 
+/* the key-value layer's layout (mpwal/kv/_layout.py is the spec) */
+#define KV_CHUNK_ENTRIES 64
+#define KV_TIER_BITS 5
+#define KV_MIN_INDEX_BITS 4
+#define KV_MAX_INDEX_BITS 30
+#define KV_MULTIPART 25 /* the first tier that is not a whole value's */
+#define KV_WHOLE 1      /* a slot's kind byte: key_len u16, key, value */
+#define KV_WHOLE_HEAD 3
+#define KV_INDEX_A 1    /* table offsets in a column: header 0, the two indexes 1 and 2 */
+#define KV_INDEX_B 2
+
 extern PyMethodDef mpwal_record_methods[]; /* _native_record.c */
 extern PyMethodDef mpwal_log_methods[];    /* _native_log.c */
 extern PyMethodDef mpwal_tables_methods[]; /* _native_tables.c */

@@ -6,12 +6,12 @@
 #include "_native.h"
 #include <string.h>
 
-#define CHUNK_ENTRIES 64
-#define TIER_BITS 5
-#define MIN_INDEX_BITS 4
-#define MAX_INDEX_BITS 30
-#define KIND_WHOLE 1
-#define WHOLE_HEAD 3 /* kind u8, key_len u16 */
+#define CHUNK_ENTRIES KV_CHUNK_ENTRIES
+#define TIER_BITS KV_TIER_BITS
+#define MIN_INDEX_BITS KV_MIN_INDEX_BITS
+#define MAX_INDEX_BITS KV_MAX_INDEX_BITS
+#define KIND_WHOLE KV_WHOLE
+#define WHOLE_HEAD KV_WHOLE_HEAD
 
 static uint64_t le64(const unsigned char *p) {
     uint64_t v = 0;

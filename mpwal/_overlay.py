@@ -215,17 +215,19 @@ def _make_lookups(seg: _Segment, read_value: Callable[[int, int], bytes | None] 
                   limits: dict[int, int] | None = None,
                   slow: Callable[[int, int], Any] | None = None,
                   tables: tuple[dict, dict] | None = None,
-                  ) -> tuple[Callable[..., list[Any]], Callable[[int, int], Any]]:
-    """``seg``'s (find_many, value_now): the native backend's (``mpwal._native.Lookups``, the
-    C twin), or the Python reference's (``_python_lookups``, which says what they do).
-    ``tables``: the reader's (maps, strides) of its table files (``TableFiles.maps``, kept
-    current in place), from which the native value_now reads a slot itself where the file is
-    mapped, as ``read_value`` would."""
+                  ) -> tuple[Callable[..., list[Any]], Callable[[int, int], Any],
+                             Callable[..., Any] | None]:
+    """``seg``'s (find_many, value_now, kv_get): the native backend's (``mpwal._native.Lookups``,
+    the C twin), or the Python reference's (``_python_lookups``, which says what they do; its
+    kv_get is None: the key-value reader's own path, ``Column.get`` under ``read_with``, is the
+    reference of the native one). ``tables``: the reader's (maps, strides) of its table files
+    (``TableFiles.maps``, kept current in place), from which the native lookups read slots and
+    chunks themselves where a file is mapped, as ``read_value`` and ``read_chunk`` would."""
     if _backend.native is not None:
         lk = _backend.native.Lookups(seg.m, seg.shift, seg.slots_end, Torn, MISS, RETRY,
                                      read_value, limits, slow, tables)
-        return lk.find_many, lk.value_now
-    return _python_lookups(seg, read_value, limits, slow)
+        return lk.find_many, lk.value_now, lk.kv_get
+    return (*_python_lookups(seg, read_value, limits, slow), None)
 
 
 def _python_lookups(seg: _Segment, read_value: Callable[[int, int], bytes | None] | None = None,
@@ -396,7 +398,7 @@ class _Segment:
         self.slots_end = HEADER_WORDS + self.nslots * SLOT_WORDS
         self.heap_start = self.slots_end * 8
         self.heap_bytes = self.q[HEAP_BYTES]
-        self.find_many, self.value_now = _make_lookups(self)
+        self.find_many, self.value_now, self.kv_get = _make_lookups(self)
 
     def store_release(self, word: int, value: int) -> None:
         """A header word stored with release ordering (the function ``store_release``)."""
@@ -416,7 +418,8 @@ class _Segment:
         """Make ``value_now`` a reader's whole ``value()``: its table-file lookup, its argument
         limits (kept up to date in place), its slow path and its table files' mappings (see
         ``_make_lookups``)."""
-        self.find_many, self.value_now = _make_lookups(self, read_value, limits, slow, tables)
+        self.find_many, self.value_now, self.kv_get = _make_lookups(self, read_value, limits, slow,
+                                                                    tables)
 
     def find(self, table: int, index: int, w_mark: int) -> Any:
         """The data of one key at watermark ``w_mark`` (None: removed or dropped), or MISS:

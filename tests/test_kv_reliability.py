@@ -58,6 +58,17 @@ def model_states() -> list[dict[bytes, bytes]]:
 STATES = model_states()
 
 
+def apply_batch(kv: mpwal.KVWriter, ops: list[tuple[bytes, bytes | None]]) -> int | None:
+    """One batch of puts (and deletes: value None); its record id."""
+    with kv.batch() as b:
+        for k, v in ops:
+            if v is None:
+                b.delete(k)
+            else:
+                b.put(k, v)
+    return b.record_id
+
+
 def run_batches(path: str) -> tuple[int, int, BaseException | None]:
     """(acknowledged, attempted, the mpwal error that stopped it)."""
     acked = attempted = 0
@@ -70,16 +81,11 @@ def run_batches(path: str) -> tuple[int, int, BaseException | None]:
         for i, ops in enumerate(BATCHES, 1):
             attempted = i
             try:
-                with kv.batch() as b:
-                    for k, v in ops:
-                        if v is None:
-                            b.delete(k)
-                        else:
-                            b.put(k, v)
+                rid = apply_batch(kv, ops)
             except mpwal.Error as e:
                 err = e
                 break
-            assert b.record_id == i
+            assert rid == i
             acked = i
             if i % 7 == 0:
                 try:
@@ -163,12 +169,7 @@ def template(base: str) -> str:
     kv = mpwal.KVWriter(src, **OPTS)
     try:
         for ops in BATCHES:
-            with kv.batch() as b:
-                for k, v in ops:
-                    if v is None:
-                        b.delete(k)
-                    else:
-                        b.put(k, v)
+            apply_batch(kv, ops)
         kv.sync()
         shutil.copytree(src, path, ignore=shutil.ignore_patterns("writer.lock"))
     finally:

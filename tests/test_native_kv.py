@@ -72,3 +72,76 @@ def test_kv_natives_do_not_leak():
             except ValueError:
                 pass
     assert_no_leaks(run, (chunk, data, key))
+
+
+def _kv_dir(path: str, enact: bool):
+    """A key-value directory whose live writer has reindexed (16 chunks to more), deleted,
+    overwritten and stored multipart values; with ``enact``, everything enacted first and then
+    more changes on top (so lookups mix the overlay and the table files)."""
+    import mpwal
+    from mpwal._enactor import Enactor
+    kv = mpwal.KVWriter(path, index_bits=4, enactor="none", log_age=1e9, log_size=1 << 20)
+    for i in range(2500):
+        kv.put(b"k%d" % i, b"v%d" % i * (i % 40))
+    kv.put(b"big", b"b" * 70000)
+    for i in range(0, 2500, 5):
+        del kv[b"k%d" % i]
+    if enact:
+        kv._w.rotate()
+        e = Enactor(kv.path)
+        e.drain()
+        e.close()
+    for i in range(1, 2500, 7):
+        kv.put(b"k%d" % i, b"w" * (i % 300))
+    return kv
+
+
+@needs_native
+@pytest.mark.parametrize("enact", [False, True])
+def test_kv_get_is_the_reference(tmp_path, enact):
+    """The native whole get (Lookups.kv_get) gives what the Python path (Column.get under
+    read_with) gives, for every key present, deleted, never written and multipart (for which
+    it hands over: RETRY), from the overlay and from the table files."""
+    import mpwal
+    from mpwal._overlay import RETRY
+    kv = _kv_dir(str(tmp_path / "db"), enact)
+    try:
+        with mpwal.KVReader(kv.path) as r:
+            col = r._columns["default"]
+            seg = r._r._fast
+            assert seg is not None and seg.kv_get is not None
+            answered = 0
+            for k in [b"k%d" % i for i in range(2600)] + [b"big", b"", b"x" * 300]:
+                got = seg.kv_get(col.header_table, L.key_hash(col.salt, k), k, col.default_bits,
+                                 r._r._files.read_chunk)
+                want = r._read(lambda v, k=k: col.get(v, k))
+                if got is RETRY:
+                    assert k == b"big", k
+                    continue
+                answered += 1
+                assert got == want, k
+                assert r.get(k) == want
+            assert answered > 2500
+    finally:
+        kv.close()
+
+
+@needs_native
+def test_kv_get_does_not_leak(tmp_path):
+    import mpwal
+    kv = _kv_dir(str(tmp_path / "db"), True)
+    try:
+        with mpwal.KVReader(kv.path) as r:
+            col = r._columns["default"]
+            seg = r._r._fast
+            keys = [b"k1", b"k3", b"k5", b"nope", b"big"]
+            hashes = [L.key_hash(col.salt, k) for k in keys]
+            read_chunk = r._r._files.read_chunk
+
+            def run(n):
+                for _ in range(n):
+                    for k, h in zip(keys, hashes):
+                        seg.kv_get(col.header_table, h, k, col.default_bits, read_chunk)
+            assert_no_leaks(run, (*keys, read_chunk), rounds=1000)
+    finally:
+        kv.close()

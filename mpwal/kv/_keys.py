@@ -22,6 +22,23 @@ def _as_bytes(what: str, data: object) -> bytes:
                             f"{type(data).__name__}")
 
 
+class MappingReads:
+    """``[]`` and ``in`` over a class's ``get`` (KVWriter's, KVReader's, KVSnapshot's)."""
+
+    def get(self, key: bytes, default: bytes | None = None, *, column: str = "default"
+            ) -> bytes | None:
+        raise NotImplementedError
+
+    def __getitem__(self, key: bytes) -> bytes:
+        got = self.get(key)
+        if got is None:
+            raise KeyError(key)
+        return got
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key) is not None  # type: ignore[arg-type]
+
+
 def check_key(key: object) -> bytes:
     k = _as_bytes("key", key)
     if len(k) > L.MAX_KEY:

@@ -13,17 +13,18 @@ from types import TracebackType
 from typing import Any
 
 from .._errors import TableError
+from .._overlay import RETRY
 from .._reader import Reader, Snapshot
 from .._tables import layer_of
 from . import _layout as L
 from ._column import Column
-from ._keys import check_key
+from ._keys import MappingReads, check_key
 from ._writer import load_columns
 
 CHUNKS_PER_READ = 256  # index chunks read at once while iterating
 
 
-class _Reads:
+class _Reads(MappingReads):
     """What KVReader and KVSnapshot share: the lookups, over a ``read_with``."""
 
     _columns: dict[str, Column]
@@ -40,17 +41,14 @@ class _Reads:
     def get(self, key: bytes, default: bytes | None = None, *, column: str = "default") -> bytes | None:
         """The value of ``key``, or ``default``."""
         col, k = self._column(column), check_key(key)
-        got = self._read(lambda v: col.get(v, k))
+        got = self._fast_get(col, k)
+        if got is RETRY:
+            got = self._read(lambda v: col.get(v, k))
         return default if got is None else got
 
-    def __getitem__(self, key: bytes) -> bytes:
-        got = self.get(key)
-        if got is None:
-            raise KeyError(key)
-        return got
-
-    def __contains__(self, key: object) -> bool:
-        return self.get(key) is not None  # type: ignore[arg-type]
+    def _fast_get(self, col: Column, key: bytes) -> Any:
+        """The native backend's whole get (``Lookups.kv_get``), or RETRY: the Python path."""
+        return RETRY
 
     def get_many(self, keys: Iterable[bytes], *, column: str = "default") -> list[bytes | None]:
         """``get`` of many keys, all at one watermark (None for a missing key)."""
@@ -93,6 +91,16 @@ class KVReader(_Reads):
 
     def _read(self, fn: Any) -> Any:
         return self._r.read_with(fn)
+
+    def _fast_get(self, col: Column, key: bytes) -> Any:
+        """A live writer's segment serving this reader at its newest watermark (the Reader's
+        one-try path, as ``value()`` takes it): the native kv_get, C all the way; RETRY
+        otherwise, or when kv_get says the Python path must answer."""
+        seg = self._r._fast
+        if seg is None or seg.kv_get is None:
+            return RETRY
+        return seg.kv_get(col.header_table, L.key_hash(col.salt, key), key, col.default_bits,
+                          self._r._files.read_chunk)
 
     @property
     def last_record_id(self) -> int:

@@ -20,10 +20,10 @@ from .._tables import IndexTable, ValueTable, is_database, layer_of
 from .._writer import Writer
 from . import _layout as L
 from ._column import Column, IndexFullError as _Full, Pending, Planner
-from ._keys import check_column_names, check_key, check_value, columns_of
+from ._keys import MappingReads, check_column_names, check_key, check_value, columns_of
 
 
-class KVWriter:
+class KVWriter(MappingReads):
     """The writer of a key-value directory: ``put``, ``delete``, ``get``, ``batch()``; a
     mapping's ``[]``, ``del`` and ``in`` on the "default" column. Thread-safe; a context
     manager. ``writer_options`` are the engine Writer's (durability, sync_wal, enactor, ...)."""
@@ -81,15 +81,6 @@ class KVWriter:
             self._check_open()
             got = self._column(column).get(Pending(self._w), k)
         return default if got is None else got
-
-    def __getitem__(self, key: bytes) -> bytes:
-        got = self.get(key)
-        if got is None:
-            raise KeyError(key)
-        return got
-
-    def __contains__(self, key: object) -> bool:
-        return self.get(key) is not None  # type: ignore[arg-type]
 
     def count(self, column: str = "default") -> int:
         """Keys in ``column``."""
