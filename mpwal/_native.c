@@ -407,71 +407,47 @@ static PyObject *kv_value(Lookups *s, uint64_t table, uint64_t index, uint64_t w
     return out;
 }
 
-/* kv_get(header_table, h, key, default_bits, read_chunk) -> bytes, None or RETRY: a key-value
- * reader's whole get at the current watermark, the twin of Column.get under Reader.read_with:
- * the column's header (which index, how many bits; a reindex's old index too), the key's chunk
- * in each, the WHOLE slot of each entry whose partial key matches (tier tables follow the
- * header table: base + 3 + tier), the key check. RETRY whenever the Python path must answer: a
- * multipart value or a slot it would call damaged, a structural change or the enactor under
- * the read (the checks of value_now), freed bytes. */
-static PyObject *kv_get(Lookups *s, PyObject *const *args, Py_ssize_t nargs) {
-    uint64_t header_table, h, default_bits, st, st2, w, enacting;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "kv_get(header_table, h, key, default_bits, read_chunk)");
-        return NULL;
-    }
-    if (as_u64(args[0], &header_table) < 0 || as_u64(args[1], &h) < 0 ||
-        as_u64(args[3], &default_bits) < 0)
-        return NULL;
-    if (!PyBytes_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "kv_get's key is bytes");
-        return NULL;
-    }
-    if (s->read_value == Py_None) {
-        PyErr_SetString(PyExc_RuntimeError, "kv_get needs a reader's read_value");
-        return NULL;
-    }
-    const char *key = PyBytes_AS_STRING(args[2]);
-    Py_ssize_t key_len = PyBytes_GET_SIZE(args[2]);
-    PyObject *read_chunk = args[4], *result = NULL;
-    unsigned char chunk[KV_CHUNK_ENTRIES * ENTRY_BYTES];
-    int from_file = 0;
-
-    if (load(s, W_STRUCT, &st) < 0) return NULL;
-    if (st & 1) return Py_NewRef(s->retry);
-    if (load(s, W_COMMITTED, &w) < 0) return NULL;
-    if (kv_chunk(s, read_chunk, header_table, 0, w, chunk, &from_file) < 0) goto failed;
-    uint64_t tables[2], bits[2];
-    int ntables = 0;
-    for (int which = 1; which <= 2; which++) { /* entry 1: the index; entry 2: a reindex's old one */
-        uint64_t word = kv_le64(chunk + which * ENTRY_BYTES), off = word >> 8, b = word & 0xFF;
+/* The indexes a lookup checks, from a column's header chunk: (table, bits) of the current one
+ * (entry 1; 0: INDEX_A at default_bits), then a reindex's old one (entry 2, if any). The count,
+ * or 0 if a word is not valid (the Python path names the damage). */
+static int kv_indexes(const unsigned char *header, uint64_t header_table, uint64_t default_bits,
+                      uint64_t *tables, uint64_t *bits) {
+    int n = 0;
+    for (int which = 1; which <= 2; which++) {
+        uint64_t word = kv_le64(header + which * ENTRY_BYTES), off = word >> 8, b = word & 0xFF;
         if (!word) {
             if (which == 2) break;
             off = KV_INDEX_A;
             b = default_bits;
         }
-        if ((off != KV_INDEX_A && off != KV_INDEX_B) || b < KV_MIN_INDEX_BITS || b > KV_MAX_INDEX_BITS) {
-            result = Py_NewRef(s->retry); /* the Python path names the damage */
-            goto checked;
-        }
-        tables[ntables] = header_table + off;
-        bits[ntables++] = b;
+        if ((off != KV_INDEX_A && off != KV_INDEX_B) || b < KV_MIN_INDEX_BITS || b > KV_MAX_INDEX_BITS)
+            return 0;
+        tables[n] = header_table + off;
+        bits[n++] = b;
     }
+    return n;
+}
+
+/* One key's value at watermark w through the indexes of kv_indexes: a new reference to bytes,
+ * None, or RETRY (multipart, or a slot the Python path would call damaged); NULL on error. */
+static PyObject *kv_find(Lookups *s, PyObject *read_chunk, uint64_t header_table,
+                         const uint64_t *tables, const uint64_t *bits, int ntables, uint64_t h,
+                         PyObject *key_obj, uint64_t w, int *from_file) {
+    unsigned char chunk[KV_CHUNK_ENTRIES * ENTRY_BYTES];
+    const char *key = PyBytes_AS_STRING(key_obj);
+    Py_ssize_t key_len = PyBytes_GET_SIZE(key_obj);
     for (int i = 0; i < ntables; i++) {
         unsigned address_bits = (unsigned)bits[i] + 6 + KV_TIER_BITS;
         uint64_t c = h >> (64 - bits[i]), partial = (h << bits[i]) >> address_bits;
         uint64_t mask = ((uint64_t)1 << address_bits) - 1;
-        if (kv_chunk(s, read_chunk, tables[i], c, w, chunk, &from_file) < 0) goto failed;
+        if (kv_chunk(s, read_chunk, tables[i], c, w, chunk, from_file) < 0) return NULL;
         for (int e = 0; e < KV_CHUNK_ENTRIES; e++) {
             uint64_t v = kv_le64(chunk + e * ENTRY_BYTES);
             if (!v || v >> address_bits != partial) continue;
             uint64_t slot = (v & mask) >> KV_TIER_BITS, tier = v & ((1u << KV_TIER_BITS) - 1);
-            if (tier >= KV_MULTIPART) {
-                result = Py_NewRef(s->retry);
-                goto checked;
-            }
-            PyObject *data = kv_value(s, header_table + 3 + tier, slot, w, &from_file);
-            if (!data) goto failed;
+            if (tier >= KV_MULTIPART) return Py_NewRef(s->retry);
+            PyObject *data = kv_value(s, header_table + 3 + tier, slot, w, from_file);
+            if (!data) return NULL;
             if (data == Py_None || PyBytes_GET_SIZE(data) == 0 ||
                 (unsigned char)PyBytes_AS_STRING(data)[0] != KV_WHOLE) {
                 Py_DECREF(data); /* no value here: the next entry */
@@ -481,21 +457,70 @@ static PyObject *kv_get(Lookups *s, PyObject *const *args, Py_ssize_t nargs) {
             Py_ssize_t n = PyBytes_GET_SIZE(data), klen = (Py_ssize_t)p[1] | (Py_ssize_t)p[2] << 8;
             if (n < KV_WHOLE_HEAD || KV_WHOLE_HEAD + klen > n) {
                 Py_DECREF(data);
-                result = Py_NewRef(s->retry); /* torn: the Python path raises */
-                goto checked;
+                return Py_NewRef(s->retry); /* torn: the Python path raises */
             }
             if (klen == key_len && memcmp(p + KV_WHOLE_HEAD, key, (size_t)klen) == 0) {
-                result = PyBytes_FromStringAndSize((const char *)p + KV_WHOLE_HEAD + klen,
-                                                   n - KV_WHOLE_HEAD - klen);
+                PyObject *out = PyBytes_FromStringAndSize((const char *)p + KV_WHOLE_HEAD + klen,
+                                                          n - KV_WHOLE_HEAD - klen);
                 Py_DECREF(data);
-                if (!result) return NULL;
-                goto checked;
+                return out;
             }
             Py_DECREF(data);
         }
     }
-    result = Py_NewRef(Py_None);
-checked:
+    Py_RETURN_NONE;
+}
+
+/* kv_get(header_table, hashes, keys, default_bits, read_chunk) -> list, or RETRY: a key-value
+ * reader's get of each key (bytes, with its hash) at the current watermark, all at that one
+ * watermark: the twin of Column.get under Reader.read_with. The column's header (which index,
+ * how many bits; a reindex's old index too), the key's chunk in each, the WHOLE slot of each
+ * entry whose partial key matches (tier tables follow the header table: base + 3 + tier), the
+ * key check. RETRY whenever the Python path must answer: a multipart value or a slot it would
+ * call damaged, a structural change or the enactor under the read (the checks of value_now),
+ * freed bytes. */
+static PyObject *kv_get(Lookups *s, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t header_table, default_bits, st, st2, w, enacting, tables[2], bits[2], h;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "kv_get(header_table, hashes, keys, default_bits, read_chunk)");
+        return NULL;
+    }
+    if (as_u64(args[0], &header_table) < 0 || as_u64(args[3], &default_bits) < 0) return NULL;
+    if (!PyList_Check(args[1]) || !PyList_Check(args[2]) ||
+        PyList_GET_SIZE(args[1]) != PyList_GET_SIZE(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "kv_get's hashes and keys are lists of one length");
+        return NULL;
+    }
+    if (s->read_value == Py_None) {
+        PyErr_SetString(PyExc_RuntimeError, "kv_get needs a reader's read_value");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(args[2]);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!PyBytes_Check(PyList_GET_ITEM(args[2], i))) {
+            PyErr_SetString(PyExc_TypeError, "kv_get's keys are bytes");
+            return NULL;
+        }
+    }
+    PyObject *read_chunk = args[4], *result = PyList_New(count);
+    if (!result) return NULL;
+    unsigned char header[KV_CHUNK_ENTRIES * ENTRY_BYTES];
+    int from_file = 0;
+
+    if (load(s, W_STRUCT, &st) < 0) goto failed;
+    if (st & 1) goto again;
+    if (load(s, W_COMMITTED, &w) < 0) goto failed;
+    if (kv_chunk(s, read_chunk, header_table, 0, w, header, &from_file) < 0) goto failed;
+    int ntables = kv_indexes(header, header_table, default_bits, tables, bits);
+    if (!ntables) goto again;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (as_u64(PyList_GET_ITEM(args[1], i), &h) < 0) goto failed;
+        PyObject *got = kv_find(s, read_chunk, header_table, tables, bits, ntables, h,
+                                PyList_GET_ITEM(args[2], i), w, &from_file);
+        if (!got) goto failed;
+        PyList_SET_ITEM(result, i, got);
+        if (got == s->retry) goto again;
+    }
     if (from_file) {
         atomic_thread_fence(memory_order_acquire); /* the files' bytes read before enacting */
         if (load(s, W_ENACTING, &enacting) < 0) goto failed;
@@ -506,10 +531,10 @@ checked:
     if (st2 != st) goto again;
     return result;
 again:
-    Py_XDECREF(result);
+    Py_DECREF(result);
     return Py_NewRef(s->retry);
 failed:
-    Py_XDECREF(result);
+    Py_DECREF(result);
     if (PyErr_ExceptionMatches(PyExc_IndexError) || PyErr_ExceptionMatches(s->torn)) {
         PyErr_Clear(); /* freed bytes under a structural change: the Python path */
         return Py_NewRef(s->retry);
@@ -588,7 +613,7 @@ static PyMethodDef Lookups_methods[] = {
     {"value_now", (PyCFunction)(void (*)(void))value_now, METH_FASTCALL,
      "value_now(table, index): a reader's whole value() at the current watermark"},
     {"kv_get", (PyCFunction)(void (*)(void))kv_get, METH_FASTCALL,
-     "kv_get(header_table, h, key, default_bits, read_chunk): a key-value reader's get, or RETRY"},
+     "kv_get(header_table, hashes, keys, default_bits, read_chunk): a key-value reader's gets, or RETRY"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -112,16 +112,27 @@ def test_kv_get_is_the_reference(tmp_path, enact):
             assert seg is not None and seg.kv_get is not None
             answered = 0
             for k in [b"k%d" % i for i in range(2600)] + [b"big", b"", b"x" * 300]:
-                got = seg.kv_get(col.header_table, L.key_hash(col.salt, k), k, col.default_bits,
-                                 r._r._files.read_chunk)
+                got = seg.kv_get(col.header_table, [L.key_hash(col.salt, k)], [k],
+                                 col.default_bits, r._r._files.read_chunk)
                 want = r._read(lambda v, k=k: col.get(v, k))
                 if got is RETRY:
                     assert k == b"big", k
                     continue
                 answered += 1
-                assert got == want, k
+                assert got == [want], k
                 assert r.get(k) == want
             assert answered > 2500
+            keys = [b"k%d" % i for i in range(0, 2600, 3)]
+            many = seg.kv_get(col.header_table, [L.key_hash(col.salt, k) for k in keys], keys,
+                              col.default_bits, r._r._files.read_chunk)
+            assert many == r._read(lambda v: [col.get(v, k) for k in keys]) == r.get_many(keys)
+            assert seg.kv_get(col.header_table, [L.key_hash(col.salt, b"big"), 5], [b"big", b"k5"],
+                              col.default_bits, r._r._files.read_chunk) is RETRY  # one multipart
+            assert r.get_many([b"big", b"k2"]) == [b"b" * 70000, b"v2v2"]
+            with pytest.raises(TypeError):
+                seg.kv_get(col.header_table, [1], [b"a", b"b"], col.default_bits, r._r._files.read_chunk)
+            with pytest.raises(TypeError):
+                seg.kv_get(col.header_table, [1], ["a"], col.default_bits, r._r._files.read_chunk)
     finally:
         kv.close()
 
@@ -140,8 +151,10 @@ def test_kv_get_does_not_leak(tmp_path):
 
             def run(n):
                 for _ in range(n):
+                    seg.kv_get(col.header_table, hashes, keys, col.default_bits, read_chunk)
+                    seg.kv_get(col.header_table, hashes[:4], keys[:4], col.default_bits, read_chunk)
                     for k, h in zip(keys, hashes):
-                        seg.kv_get(col.header_table, h, k, col.default_bits, read_chunk)
+                        seg.kv_get(col.header_table, [h], [k], col.default_bits, read_chunk)
             assert_no_leaks(run, (*keys, read_chunk), rounds=1000)
     finally:
         kv.close()

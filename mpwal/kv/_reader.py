@@ -41,20 +41,22 @@ class _Reads(MappingReads):
     def get(self, key: bytes, default: bytes | None = None, *, column: str = "default") -> bytes | None:
         """The value of ``key``, or ``default``."""
         col, k = self._column(column), check_key(key)
-        got = self._fast_get(col, k)
-        if got is RETRY:
-            got = self._read(lambda v: col.get(v, k))
+        got = self._fast_get(col, [k])
+        got = self._read(lambda v: col.get(v, k)) if got is RETRY else got[0]
         return default if got is None else got
 
-    def _fast_get(self, col: Column, key: bytes) -> Any:
-        """The native backend's whole get (``Lookups.kv_get``), or RETRY: the Python path."""
+    def _fast_get(self, col: Column, keys: list[bytes]) -> Any:
+        """The native backend's whole gets (``Lookups.kv_get``), or RETRY: the Python path."""
         return RETRY
 
     def get_many(self, keys: Iterable[bytes], *, column: str = "default") -> list[bytes | None]:
         """``get`` of many keys, all at one watermark (None for a missing key)."""
         col = self._column(column)
         ks = [check_key(k) for k in keys]
-        return self._read(lambda v: [col.get(v, k) for k in ks])
+        got = self._fast_get(col, ks)
+        if got is RETRY:
+            got = self._read(lambda v: [col.get(v, k) for k in ks])
+        return got
 
     def count(self, column: str = "default") -> int:
         """Keys in ``column``."""
@@ -92,15 +94,16 @@ class KVReader(_Reads):
     def _read(self, fn: Any) -> Any:
         return self._r.read_with(fn)
 
-    def _fast_get(self, col: Column, key: bytes) -> Any:
+    def _fast_get(self, col: Column, keys: list[bytes]) -> Any:
         """A live writer's segment serving this reader at its newest watermark (the Reader's
-        one-try path, as ``value()`` takes it): the native kv_get, C all the way; RETRY
-        otherwise, or when kv_get says the Python path must answer."""
+        one-try path, as ``value()`` takes it): the native kv_get, C all the way, every key at
+        one watermark; RETRY otherwise, or when kv_get says the Python path must answer."""
         seg = self._r._fast
         if seg is None or seg.kv_get is None:
             return RETRY
-        return seg.kv_get(col.header_table, L.key_hash(col.salt, key), key, col.default_bits,
-                          self._r._files.read_chunk)
+        salt = col.salt
+        return seg.kv_get(col.header_table, [L.key_hash(salt, k) for k in keys], keys,
+                          col.default_bits, self._r._files.read_chunk)
 
     @property
     def last_record_id(self) -> int:
