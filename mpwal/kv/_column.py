@@ -112,13 +112,14 @@ class Column:
         return [self.index(header)] if old is None else [self.index(header), old]
 
     # -- lookups -----------------------------------------------------------------------------
-    def find(self, view: View, key: bytes, header: list[int] | None = None
+    def find(self, view: View, key: bytes, header: list[int] | None = None, h: int | None = None
              ) -> tuple[int, int, int, int, int, bytes] | None:
         """Where ``key`` is: (index table, its bits, chunk, entry number, entry, value), or
-        None."""
+        None. ``h``: the key's hash, if the caller has it."""
         if header is None:
             header = self.header(view)
-        h = L.key_hash(self.salt, key)
+        if h is None:
+            h = L.key_hash(self.salt, key)
         for table, bits in self.indexes(header):
             c = L.chunk_of(h, bits)
             for e, slot, tier in _matches(view.chunk(table, c), bits, L.partial_of(h, bits)):
@@ -435,7 +436,7 @@ class Planner:
         header = self._header()
         _, bits = col.index(header)
         h = L.key_hash(col.salt, key)
-        found = col.find(self.p, key, header)
+        found = col.find(self.p, key, header, h)
         if found is None:
             slot, tier = self._write(key, value, bits)
             self._insert_entry(h, slot, tier)
