@@ -195,3 +195,50 @@ def reindexing_putter(path: str, conn) -> None:
                     b.put(b"r%d" % i, kv_value(b"r%d" % i, 1, 30 + i % 90))
             n += 50
             conn.send(n)
+
+
+def atomic_writer(path: str, out, stop) -> None:
+    """Batches that each put version v into all of GROUP keys (and a few hundred other keys, so
+    the 16-chunk index reindexes), until ``stop``."""
+    with mpwal.KVWriter(path, index_bits=4, log_size=256 << 10, log_age=0.02) as kv:
+        out.put(("open",))
+        v = 0
+        while not stop.is_set():
+            v += 1
+            with kv.batch() as b:
+                for g in range(GROUP):
+                    key = b"group-%d" % g
+                    b.put(key, kv_value(key, v, 40 + 300 * (g % 3)))
+                for j in range(20):
+                    key = b"filler-%d" % ((v * 20 + j) % 4000)
+                    b.put(key, kv_value(key, v, 30))
+        out.put(("done", v))
+
+
+GROUP = 12
+
+
+def atomic_reader(path: str, out, stop) -> None:
+    """get_many and one-at-a-time gets in a snapshot of the GROUP keys: every read must see one
+    batch's version in all of them; report (reads, errors)."""
+    errors: list[str] = []
+    reads = 0
+    keys = [b"group-%d" % g for g in range(GROUP)]
+    with mpwal.KVReader(path) as r:
+        out.put(("reading",))
+        while not stop.is_set() and len(errors) < 5:
+            try:
+                got = r.get_many(keys)
+                if reads % 7 == 0:
+                    with r.snapshot() as s:
+                        got2 = [s.get(k) for k in keys]
+                    vs2 = {None if v is None else check_kv_value(k, v) for k, v in zip(keys, got2)}
+                    if len(vs2) != 1:
+                        errors.append(f"a snapshot's gets saw versions {sorted(map(str, vs2))}")
+                vs = {None if v is None else check_kv_value(k, v) for k, v in zip(keys, got)}
+                if len(vs) != 1:
+                    errors.append(f"get_many saw versions {sorted(map(str, vs))}: part of a batch")
+            except AssertionError as e:
+                errors.append(str(e))
+            reads += 1
+    out.put(("result", reads, errors))

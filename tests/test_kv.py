@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from kv_procs import (check_kv_value, checking_reader, growing_writer, growth_checker, ingesting_writer, kv_value,
-                      multipart_putter, reindexing_putter, watching_reader)
+from kv_procs import (atomic_reader, atomic_writer, check_kv_value, checking_reader, growing_writer, growth_checker,
+                      ingesting_writer, kv_value, multipart_putter, reindexing_putter, watching_reader)
 
 import mpwal
 from mpwal.kv import _column
@@ -603,3 +603,33 @@ def test_verify_checks_the_key_value_layout(db):
         out = io.StringIO()
         assert verify(db, out) == 1
         assert "used twice" in out.getvalue() and "counts" in out.getvalue()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("multiprocess")
+def test_a_batch_is_seen_whole_by_another_process(db):
+    """Invariant 5 for key-value lookups: a writer process commits batches that each put one
+    version into 12 keys (and filler keys, so the index reindexes, and logs rotate and are
+    enacted); a reader process's get_many of the 12, and its gets in a snapshot, always see one
+    batch's version in all of them."""
+    out_w, out_r, stop = CTX.Queue(), CTX.Queue(), CTX.Event()
+    wp = CTX.Process(target=atomic_writer, args=(db, out_w, stop))
+    wp.start()
+    rp = None
+    try:
+        assert out_w.get(timeout=60) == ("open",)
+        rp = CTX.Process(target=atomic_reader, args=(db, out_r, stop))
+        rp.start()
+        assert out_r.get(timeout=60) == ("reading",)
+        time.sleep(4)
+        stop.set()
+        _, reads, errors = out_r.get(timeout=60)
+        _, batches = out_w.get(timeout=60)
+    finally:
+        stop.set()
+        for p in (rp, wp):
+            if p is not None:
+                p.join(60)
+                if p.is_alive():
+                    p.kill()
+    assert errors == [] and reads > 100 and batches > 20, (errors[:3], reads, batches)
