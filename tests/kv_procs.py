@@ -74,17 +74,18 @@ def checking_reader(path: str, requests, replies) -> None:
         r.close()
 
 
-def multipart_putter(path: str, conn, seed: int) -> None:
+def multipart_putter(path: str, conn, seed: int, nkeys: int = 40, index_bits: int = 12) -> None:
     """Put (or delete) values of 10 B to 1 MiB (many multipart) with durability "commit",
     sending ("begin", key, version or None) before each change and ("ack",) once it is
     durable, through a pipe (each send is in the kernel when it returns: a SIGKILL loses
     none); runs until killed."""
     rng = random.Random(seed)
-    with mpwal.KVWriter(path, durability="commit", log_size=1 << 20, log_age=0.05) as kv:
-        version = 0
+    with mpwal.KVWriter(path, durability="commit", log_size=1 << 20, log_age=0.05,
+                        index_bits=index_bits) as kv:
+        version = seed << 32  # versions of later runs on the directory stay apart
         while True:
             version += 1
-            key = b"k%d" % rng.randrange(40)
+            key = b"k%d" % rng.randrange(nkeys)
             size = rng.choice((10, 200, 5000, 40000, 300000, 1 << 20))
             if rng.random() < 0.15:
                 conn.send(("begin", key, None))
