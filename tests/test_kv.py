@@ -386,42 +386,64 @@ def test_sigkill_during_multipart_puts_loses_no_acknowledged_put(db, seed):
     ours, theirs = CTX.Pipe()
     p = CTX.Process(target=multipart_putter, args=(db, theirs, seed))
     p.start()
-    state: dict[bytes, int | None] = {}  # each key's last acknowledged change
-    in_flight = None
-    acks = 0
+    acks = Acks()
     try:
         deadline = time.monotonic() + 60
-        while acks < 25 + 10 * seed and time.monotonic() < deadline:
-            msg = ours.recv()
-            if msg[0] == "begin":
-                in_flight = msg[1:]
-            else:
-                state[in_flight[0]] = in_flight[1]
-                in_flight, acks = None, acks + 1
+        while acks.count < 25 + 10 * seed and time.monotonic() < deadline:
+            acks.take(ours.recv())
     finally:
         os.kill(p.pid, signal.SIGKILL)
         p.join(30)
-    while ours.poll():
-        msg = ours.recv()
-        if msg[0] == "begin":
-            in_flight = msg[1:]
-        else:
-            state[in_flight[0]] = in_flight[1]
-            in_flight = None
+    acks.drain(ours)
     with mpwal.KVWriter(db) as kv:
-        for k, ver in state.items():
+        acks.check(kv, "after the kill")
+    with mpwal.KVReader(db) as r:
+        for k, v in r.items():
+            check_kv_value(k, v)
+        assert layout_problems(r) == []  # what the killed writer left is consistent
+
+
+class Acks:
+    """What a ``multipart_putter`` said through its pipe: each key's last acknowledged change
+    (version, or None for a delete), and the change in flight when it was killed."""
+
+    def __init__(self) -> None:
+        self.state: dict[bytes, int | None] = {}
+        self.in_flight: tuple[bytes, int | None] | None = None
+        self.count = 0
+
+    def take(self, msg: tuple) -> None:
+        if msg[0] == "begin":
+            self.in_flight = msg[1:]
+        else:
+            assert self.in_flight is not None
+            self.state[self.in_flight[0]] = self.in_flight[1]
+            self.in_flight, self.count = None, self.count + 1
+
+    def drain(self, conn) -> None:
+        """What reached the pipe before the kill (a send is in the kernel when it returns)."""
+        while conn.poll():
+            self.take(conn.recv())
+
+    def check(self, kv: mpwal.KVWriter, when: str) -> None:
+        """Every acknowledged change holds; the one in flight happened wholly or not at all
+        (and the state follows what it left)."""
+        for k, ver in self.state.items():
+            if self.in_flight is not None and k == self.in_flight[0]:
+                continue
             got = kv.get(k)
-            if in_flight is not None and k == in_flight[0]:
-                assert got is None or check_kv_value(k, got) in (ver, in_flight[1])
-            elif ver is None:
-                assert got is None, f"acknowledged delete of {k!r} undone"
+            if ver is None:
+                assert got is None, f"{when}: acknowledged delete of {k!r} undone"
             else:
-                assert got is not None, f"acknowledged put of {k!r} lost"
-                assert check_kv_value(k, got) == ver
-        with mpwal.KVReader(db) as r:
-            for k, v in r.items():
-                check_kv_value(k, v)
-            assert layout_problems(r) == []  # what the killed writer left is consistent
+                assert got is not None, f"{when}: acknowledged put of {k!r} lost"
+                assert check_kv_value(k, got) == ver, f"{when}: {k!r}"
+        if self.in_flight is not None:
+            key, ver = self.in_flight
+            got = kv.get(key)
+            now = None if got is None else check_kv_value(key, got)
+            assert now in (self.state.get(key), ver), f"{when}: {key!r} is version {now}"
+            self.state[key] = now
+            self.in_flight = None
 
 
 def layout_problems(r: mpwal.KVReader) -> list[str]:
@@ -654,49 +676,22 @@ def test_sigkill_kv_writer_at_random_points(db):
     import random as _random
     rng = _random.Random(5)
     rounds = 30 if os.environ.get("MPWAL_LONG") == "1" else 5
-    state: dict[bytes, int | None] = {}
+    acks = Acks()
     for rnd in range(1, rounds + 1):
         ours, theirs = CTX.Pipe()
         p = CTX.Process(target=multipart_putter, args=(db, theirs, rnd, 1500, 4))
         p.start()
-        in_flight = None
         try:
             deadline = time.monotonic() + rng.uniform(0.3, 1.5)
             while time.monotonic() < deadline:
-                if not ours.poll(0.05):
-                    continue
-                msg = ours.recv()
-                if msg[0] == "begin":
-                    in_flight = msg[1:]
-                else:
-                    state[in_flight[0]] = in_flight[1]
-                    in_flight = None
+                if ours.poll(0.05):
+                    acks.take(ours.recv())
         finally:
             os.kill(p.pid, signal.SIGKILL)
             p.join(30)
-        while ours.poll():
-            msg = ours.recv()
-            if msg[0] == "begin":
-                in_flight = msg[1:]
-            else:
-                state[in_flight[0]] = in_flight[1]
-                in_flight = None
+        acks.drain(ours)
         with mpwal.KVWriter(db) as kv:
-            for k, ver in state.items():
-                got = kv.get(k)
-                if in_flight is not None and k == in_flight[0]:
-                    continue
-                if ver is None:
-                    assert got is None, f"round {rnd}: acknowledged delete of {k!r} undone"
-                else:
-                    assert got is not None, f"round {rnd}: acknowledged put of {k!r} lost"
-                    assert check_kv_value(k, got) == ver, f"round {rnd}: {k!r}"
-            if in_flight is not None:  # the change in flight happened or did not, wholly
-                key, ver = in_flight
-                got = kv.get(key)
-                now = None if got is None else check_kv_value(key, got)
-                assert now in (state.get(key), ver), f"round {rnd}: {key!r} is version {now}"
-                state[key] = now
+            acks.check(kv, f"round {rnd}")
             with mpwal.KVReader(db) as r:
                 for k, v in r.items():
                     check_kv_value(k, v)
