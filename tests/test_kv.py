@@ -342,25 +342,23 @@ def test_model_against_a_dict_read_by_another_process(tmp_path):
 
 
 # -- real processes ------------------------------------------------------------------------------
-
-@pytest.mark.multiprocess
-@pytest.mark.xdist_group("multiprocess")
-def test_readers_see_whole_values_while_a_writer_ingests(db):
-    """A writer process rewrites 20,000 keys in batches of 100 (logs rotating, enacted, the
-    overlay freeing) while a reader process reads: every value it finds is whole and its key's."""
+def writer_and_reader(db: str, writer, reader, *extra, seconds: float = 4.0) -> tuple[tuple, tuple]:
+    """A writer process (``writer(db, out, stop, *extra)``, which puts ("open",) and at the end
+    its result) and, once it is open, a reader process (``reader(db, out, stop, *extra)``:
+    ("reading",), then its result) for ``seconds``; (writer's result, reader's result)."""
     out_w, out_r, stop = CTX.Queue(), CTX.Queue(), CTX.Event()
-    wp = CTX.Process(target=ingesting_writer, args=(db, out_w, stop, 20000))
+    wp = CTX.Process(target=writer, args=(db, out_w, stop, *extra))
     wp.start()
     rp = None
     try:
         assert out_w.get(timeout=60) == ("open",)
-        rp = CTX.Process(target=watching_reader, args=(db, out_r, stop, 20000))
+        rp = CTX.Process(target=reader, args=(db, out_r, stop, *extra))
         rp.start()
         assert out_r.get(timeout=60) == ("reading",)
-        time.sleep(4)
+        time.sleep(seconds)
         stop.set()
-        _, reads, errors = out_r.get(timeout=60)
-        _, batches, last = out_w.get(timeout=60)
+        got_r = out_r.get(timeout=60)
+        got_w = out_w.get(timeout=60)
     finally:
         stop.set()
         for p in (rp, wp):
@@ -368,6 +366,16 @@ def test_readers_see_whole_values_while_a_writer_ingests(db):
                 p.join(60)
                 if p.is_alive():
                     p.kill()
+    return got_w, got_r
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("multiprocess")
+def test_readers_see_whole_values_while_a_writer_ingests(db):
+    """A writer process rewrites 20,000 keys in batches of 100 (logs rotating, enacted, the
+    overlay freeing) while a reader process reads: every value it finds is whole and its key's."""
+    (_, batches, last), (_, reads, errors) = writer_and_reader(db, ingesting_writer,
+                                                               watching_reader, 20000)
     assert errors == [] and reads > 1000 and batches > 10, (errors[:3], reads, batches)
     with mpwal.KVReader(db) as r:
         found = dict(r.items())
@@ -642,26 +650,7 @@ def test_a_batch_is_seen_whole_by_another_process(db):
     version into 12 keys (and filler keys, so the index reindexes, and logs rotate and are
     enacted); a reader process's get_many of the 12, and its gets in a snapshot, always see one
     batch's version in all of them."""
-    out_w, out_r, stop = CTX.Queue(), CTX.Queue(), CTX.Event()
-    wp = CTX.Process(target=atomic_writer, args=(db, out_w, stop))
-    wp.start()
-    rp = None
-    try:
-        assert out_w.get(timeout=60) == ("open",)
-        rp = CTX.Process(target=atomic_reader, args=(db, out_r, stop))
-        rp.start()
-        assert out_r.get(timeout=60) == ("reading",)
-        time.sleep(4)
-        stop.set()
-        _, reads, errors = out_r.get(timeout=60)
-        _, batches = out_w.get(timeout=60)
-    finally:
-        stop.set()
-        for p in (rp, wp):
-            if p is not None:
-                p.join(60)
-                if p.is_alive():
-                    p.kill()
+    (_, batches), (_, reads, errors) = writer_and_reader(db, atomic_writer, atomic_reader)
     assert errors == [] and reads > 100 and batches > 20, (errors[:3], reads, batches)
 
 
