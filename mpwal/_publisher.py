@@ -103,6 +103,9 @@ class Publisher:
         if nslots == old.nslots and heap == old.heap_bytes:
             nslots *= 2
             heap *= 2
+        while heap + nslots * 32 > self.max_overlay_bytes and heap // 2 >= old.used + need \
+                and heap // 2 > old.heap_bytes:
+            heap //= 2  # past the limit with half free: less free room, as long as it fits
         if heap + nslots * 32 > self.max_overlay_bytes:
             return False
         gen = old.generation + 1

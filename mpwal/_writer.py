@@ -464,6 +464,10 @@ class Writer:
             raise
         if grew and fits():
             return
+        if not pub.pending and not pub.ov.blobs:  # nothing to wait for: enactment frees nothing
+            raise BackpressureError(
+                f"one record of {need} bytes does not fit the overlay within max_overlay_bytes="
+                f"{self.max_overlay_bytes} ({pub.describe()}); split it or raise max_overlay_bytes")
         self._appender.rotate()
         deadline = time.monotonic() + self.backpressure_timeout
         delay = 0.0005

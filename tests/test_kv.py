@@ -685,3 +685,16 @@ def test_sigkill_kv_writer_at_random_points(db):
                 for k, v in r.items():
                     check_kv_value(k, v)
                 assert layout_problems(r) == [], f"round {rnd}"
+
+
+@pytest.mark.skipif(os.environ.get("MPWAL_LONG") != "1", reason="a 256 MiB value: MPWAL_LONG=1")
+def test_a_value_of_256_mib(db):
+    """The issue's largest value: 256 MiB in one put (8,000 parts), read back whole by a reader,
+    after a reopen too."""
+    big = os.urandom(1 << 20) * 256
+    with mpwal.KVWriter(db, enactor="none") as kv:
+        kv.put(b"huge", big)
+        with mpwal.KVReader(db) as r:
+            assert r.get(b"huge") == big
+    with mpwal.KVReader(db) as r:
+        assert r.get(b"huge") == big and len(r) == 1
