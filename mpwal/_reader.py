@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from ._errors import (ArgumentRangeError, ArgumentTypeError, ClosedError, DatabaseError,
-                     SnapshotExpiredError)
+from ._errors import (ArgumentRangeError, ArgumentTypeError, ClosedError, CorruptionError,
+                     DatabaseError, SnapshotExpiredError)
 from ._format import CHUNK_BYTES, DROP_TABLE, INSERT_INDEX, entries_of
 from ._logs import LogSet, read_logs
 from ._overlay import (COMMITTED, DURABLE, ENACTED, ENACTING, ENTRIES, GENERATION, HEAP_BYTES,
@@ -352,7 +352,13 @@ class Reader:
                     return out
                 if private.last < self._floor:  # the logs lost records we showed (power loss)
                     self._floor = private.last
-                out = from_logs(private)
+                try:
+                    out = from_logs(private)
+                except CorruptionError:  # bytes a layer's read found damaged: real, unless a
+                    if self._stamp() == private.stamp:  # writer changed the tables under it
+                        raise
+                    self._attach()
+                    continue
                 if self._stamp() != private.stamp:  # a writer came and enacted under the read
                     self._attach()
                     continue
@@ -380,6 +386,17 @@ class Reader:
                 except (Torn, IndexError):  # freed bytes under a structural change: again
                     if seg.load_acquire(STRUCT) == s:
                         raise  # no change happened: a bug, not a race
+                    continue
+                except CorruptionError:  # what a layer's reads (read_with) found inconsistent:
+                    # real damage only if nothing moved under them; a table file the enactor
+                    # was writing past W, or a structural change, is read again
+                    if seg.load_acquire(ENACTING) > w_mark:
+                        if snap is not None and not snap._holds_enactor(spins):
+                            raise snap._expired("the enactor passed it") from None
+                        spins += 1
+                        continue
+                    if seg.load_acquire(STRUCT) == s:
+                        raise
                     continue
                 if seg.load_acquire(ENACTING) > w_mark:
                     if snap is not None and not snap._holds_enactor(spins):
