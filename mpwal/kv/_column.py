@@ -33,7 +33,8 @@ ZERO_CHUNK = bytes(L.CHUNK_ENTRIES * 8)
 _CHUNK = struct.Struct(f"<{L.CHUNK_ENTRIES}Q")
 
 
-def _entries(chunk: bytes) -> list[int]:
+def chunk_entries(chunk: bytes) -> list[int]:
+    """The 64 u64 entries of a 512-byte index chunk."""
     return list(_CHUNK.unpack(chunk))
 
 
@@ -81,7 +82,7 @@ class Column:
         return self.base + L.TIER0 + tier
 
     def header(self, view: View) -> list[int]:
-        return _entries(view.chunk(self.header_table, 0))
+        return chunk_entries(view.chunk(self.header_table, 0))
 
     def index(self, header: list[int]) -> tuple[int, int]:
         """(index table id, index bits) in use. A header never written: INDEX_A at the
@@ -207,7 +208,7 @@ class Column:
             chunk = view.chunk(table, c)
             if chunk == ZERO_CHUNK:
                 continue
-            for entry in _entries(chunk):
+            for entry in chunk_entries(chunk):
                 if entry:
                     kv = self.read_pair(view, *L.entry_address(entry, bits))
                     if kv is not None:
@@ -368,7 +369,7 @@ class Planner:
             header = self._header()
             table, bits = col.index(header)
             c = L.chunk_of(h, bits)
-            entries = _entries(self.p.chunk(table, c))
+            entries = chunk_entries(self.p.chunk(table, c))
             if 0 in entries:
                 if slot >= 1 << (bits + 6):
                     raise IndexFullError(f"slot {slot} of tier {tier} is past what an entry of "
@@ -412,7 +413,7 @@ class Planner:
             width = 64 - L.address_bits(old_bits)
             targets: dict[int, list[int]] = {}
             moves = []
-            for e, entry in enumerate(_entries(self.p.chunk(old_table, at))):
+            for e, entry in enumerate(chunk_entries(self.p.chunk(old_table, at))):
                 if not entry:
                     continue
                 # h's top bits, as far as the old chunk number and partial key give them
@@ -420,7 +421,7 @@ class Planner:
                 c = L.chunk_of(h, bits)
                 free = targets.get(c)
                 if free is None:
-                    free = targets[c] = [i for i, v in enumerate(_entries(self.p.chunk(table, c)))
+                    free = targets[c] = [i for i, v in enumerate(chunk_entries(self.p.chunk(table, c)))
                                          if not v]
                 if not free:
                     return  # stalls: see above

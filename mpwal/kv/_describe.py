@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _layout as L
+from ._column import chunk_entries
 from ._keys import columns_of
 
 _HEADER_NAMES = {L.COUNT: "count", L.INDEX: "index", L.REINDEX: "reindex from",
@@ -112,7 +113,6 @@ def check_columns(reader: Any, limit: int = 20) -> tuple[int, list[str]]:
     to a slot that holds a key whose hash gives that chunk and partial key, no slot is used
     twice, the count is the number of entries, free lists hold only free slots, and a multipart
     value's parts are all there. Returns (keys checked, the first ``limit`` problems)."""
-    from ._column import _entries
     problems: list[str] = []
     checked = 0
     with reader.snapshot() as s:
@@ -125,7 +125,7 @@ def check_columns(reader: Any, limit: int = 20) -> tuple[int, list[str]]:
             for table, bits in col.indexes(header):
                 for c in range(1 << bits):
                     chunk = at(lambda v, table=table, c=c: v.chunk(table, c))
-                    for e, entry in enumerate(_entries(chunk)):
+                    for e, entry in enumerate(chunk_entries(chunk)):
                         if not entry:
                             continue
                         entries += 1
