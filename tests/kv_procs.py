@@ -111,28 +111,35 @@ def ingesting_writer(path: str, out, stop, nkeys: int) -> None:
         out.put(("done", version, kv.last_record_id))
 
 
+def read_and_check(r: mpwal.KVReader, keys: list[bytes], must_exist: bool) -> list[str]:
+    """Read ``keys`` (the first few with get, the native kv_get where it serves, the rest with
+    one get_many): each value found must be whole and its key's, and with ``must_exist`` every
+    key must be found. The problems."""
+    problems = []
+    for k, v in zip(keys, [r.get(k) for k in keys[:5]] + r.get_many(keys[5:])):
+        if v is None:
+            if must_exist:
+                problems.append(f"acknowledged key {k!r} missing")
+            continue
+        try:
+            check_kv_value(k, v)
+        except AssertionError as e:
+            problems.append(str(e))
+    return problems
+
+
 def watching_reader(path: str, out, stop, nkeys: int) -> None:
-    """Read random keys and batches until ``stop``: every value found must be whole and its
-    key's; report (reads, errors)."""
+    """Read random keys until ``stop``: every value found must be whole and its key's; report
+    (reads, errors)."""
     rng = random.Random(os.getpid())
     errors: list[str] = []
     reads = 0
     with mpwal.KVReader(path) as r:
         out.put(("reading",))
-        while not stop.is_set():
+        while not stop.is_set() and len(errors) <= 5:
             keys = [b"key-%d" % rng.randrange(nkeys) for _ in range(20)]
-            try:
-                for k, v in zip(keys, r.get_many(keys)):
-                    if v is not None:
-                        check_kv_value(k, v)
-                got = r.get(keys[0])
-                if got is not None:
-                    check_kv_value(keys[0], got)
-                reads += 21
-            except AssertionError as e:
-                errors.append(str(e))
-                if len(errors) > 5:
-                    break
+            errors += read_and_check(r, keys, must_exist=False)
+            reads += len(keys)
     out.put(("result", reads, errors))
 
 
@@ -164,23 +171,13 @@ def growth_checker(path: str, acked, out, stop) -> None:
     reads = 0
     with mpwal.KVReader(path) as r:
         out.put(("reading",))
-        while not stop.is_set():
+        while not stop.is_set() and len(errors) <= 5:
             n = acked.value
             if not n:
                 continue
             keys = [b"g%d" % rng.randrange(n) for _ in range(20)]
-            one = [r.get(k) for k in keys[:5]]  # get: the native kv_get where it serves
-            for k, v in zip(keys, one + r.get_many(keys[5:])):
-                reads += 1
-                if v is None:
-                    errors.append(f"acknowledged key {k!r} missing")
-                else:
-                    try:
-                        check_kv_value(k, v)
-                    except AssertionError as e:
-                        errors.append(str(e))
-            if len(errors) > 5:
-                break
+            errors += read_and_check(r, keys, must_exist=True)
+            reads += len(keys)
     out.put(("result", reads, errors))
 
 

@@ -391,18 +391,9 @@ def test_sigkill_during_multipart_puts_loses_no_acknowledged_put(db, seed):
     """SIGKILL a writer putting values of up to 1 MiB with durability "commit": after reopen,
     every acknowledged put and delete holds (the one change in flight may or may not), and no
     value is half-written."""
-    ours, theirs = CTX.Pipe()
-    p = CTX.Process(target=multipart_putter, args=(db, theirs, seed))
-    p.start()
     acks = Acks()
-    try:
-        deadline = time.monotonic() + 60
-        while acks.count < 25 + 10 * seed and time.monotonic() < deadline:
-            acks.take(ours.recv())
-    finally:
-        os.kill(p.pid, signal.SIGKILL)
-        p.join(30)
-    acks.drain(ours)
+    deadline = time.monotonic() + 60
+    acks.kill_putter(db, (seed,), lambda: acks.count >= 25 + 10 * seed or time.monotonic() > deadline)
     with mpwal.KVWriter(db) as kv:
         acks.check(kv, "after the kill")
     with mpwal.KVReader(db) as r:
@@ -427,6 +418,21 @@ class Acks:
             assert self.in_flight is not None
             self.state[self.in_flight[0]] = self.in_flight[1]
             self.in_flight, self.count = None, self.count + 1
+
+    def kill_putter(self, db: str, args: tuple, until) -> None:
+        """Run ``multipart_putter(db, pipe, *args)`` taking its messages until ``until()``, then
+        SIGKILL it and take what reached the pipe before."""
+        ours, theirs = CTX.Pipe()
+        p = CTX.Process(target=multipart_putter, args=(db, theirs, *args))
+        p.start()
+        try:
+            while not until():
+                if ours.poll(0.05):
+                    self.take(ours.recv())
+        finally:
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(30)
+        self.drain(ours)
 
     def drain(self, conn) -> None:
         """What reached the pipe before the kill (a send is in the kernel when it returns)."""
@@ -667,18 +673,8 @@ def test_sigkill_kv_writer_at_random_points(db):
     rounds = 30 if os.environ.get("MPWAL_LONG") == "1" else 5
     acks = Acks()
     for rnd in range(1, rounds + 1):
-        ours, theirs = CTX.Pipe()
-        p = CTX.Process(target=multipart_putter, args=(db, theirs, rnd, 1500, 4))
-        p.start()
-        try:
-            deadline = time.monotonic() + rng.uniform(0.3, 1.5)
-            while time.monotonic() < deadline:
-                if ours.poll(0.05):
-                    acks.take(ours.recv())
-        finally:
-            os.kill(p.pid, signal.SIGKILL)
-            p.join(30)
-        acks.drain(ours)
+        deadline = time.monotonic() + rng.uniform(0.3, 1.5)
+        acks.kill_putter(db, (rnd, 1500, 4), lambda deadline=deadline: time.monotonic() > deadline)
         with mpwal.KVWriter(db) as kv:
             acks.check(kv, f"round {rnd}")
             with mpwal.KVReader(db) as r:
@@ -724,3 +720,38 @@ def test_a_damaged_read_under_the_enactor_is_read_again_not_raised(db):
             raise mpwal.CorruptionError("damaged for good")
         with pytest.raises(mpwal.CorruptionError, match="for good"):
             r._r.read_with(damaged)
+
+
+def test_key_value_readers_and_tools_change_nothing_on_disk(db):
+    """Invariant 8 for the key-value layer: a KVReader's gets, get_many, keys, items, len and
+    snapshots, and inspect, verify and dump of a key-value directory, change no byte of it,
+    with and without a writer."""
+    import io
+    from mpwal.tools.inspect import dump, inspect_db, verify
+
+    def files() -> dict[str, bytes]:  # (a reader writes only its own slot of the reader
+        # table, "readers", while it holds a snapshot: the one write the design allows)
+        return {n: open(os.path.join(db, n), "rb").read() for n in sorted(os.listdir(db))
+                if n != "readers"}
+
+    def read_everything() -> None:
+        with mpwal.KVReader(db) as r:
+            r.get(b"k1"), r.get_many([b"k1", b"big", b"none"]), list(r.keys()), len(r)
+            with r.snapshot() as s:
+                dict(s.items()), s.get(b"big")
+        for tool in (inspect_db, verify, dump):
+            tool(db, io.StringIO())
+
+    kv = mpwal.KVWriter(db, index_bits=4, enactor="none", log_age=1e9)
+    for i in range(1200):  # reindexes
+        kv.put(b"k%d" % i, b"v" * (i % 90))
+    kv.put(b"big", b"b" * 50000)
+    try:
+        before = files()
+        read_everything()
+        assert files() == before
+    finally:
+        kv.close()
+    before = files()
+    read_everything()
+    assert files() == before
