@@ -13,7 +13,8 @@ from ._platform import check_platform
 check_platform()  # a clear ImportError off Linux, before the modules that need it
 
 from ._errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
-                     CorruptionError, DatabaseError, Error, ForkedError, IndexFullError, SnapshotExpiredError,
+                     CorruptionError, DatabaseError, Error, ForkedError, IndexFullError, NoWriterError,
+                     SnapshotExpiredError,
                      StorageError, TableError, UnsupportedPlatformError, ValueTooLargeError,
                      WriterFailedError, WriterLockedError)
 from ._reader import Reader, Snapshot
@@ -21,6 +22,7 @@ from ._record import Record
 from ._tables import IndexTable, ValueTable
 from ._writer import Writer
 from .kv import KVBatch, KVReader, KVSnapshot, KVWriter
+from .producers import KVProducer, KVProducerBatch, Producer
 
 # library warnings reach the application's logging configuration, or nowhere: not stderr
 logging.getLogger("mpwal").addHandler(logging.NullHandler())
@@ -31,6 +33,7 @@ backend: str = _backend.BACKEND  # "native" or "python": which backend runs the 
 __all__ = [
     "Writer", "Reader", "Snapshot", "Record", "IndexTable", "ValueTable",
     "KVWriter", "KVReader", "KVSnapshot", "KVBatch", "IndexFullError",
+    "Producer", "KVProducer", "KVProducerBatch", "NoWriterError",
     "Error", "ArgumentTypeError", "ArgumentRangeError", "ValueTooLargeError", "TableError",
     "ClosedError", "ForkedError", "WriterLockedError", "DatabaseError", "CorruptionError",
     "StorageError", "WriterFailedError", "BackpressureError", "UnsupportedPlatformError",

@@ -68,6 +68,12 @@ class WriterFailedError(Error):
     """An earlier I/O failure left the writer unable to commit; close it and open a new one."""
 
 
+class NoWriterError(Error):
+    """A producer found no writer to commit through within its timeout (none running, or one
+    that stopped answering). When the submission had been sent, it may have committed: the
+    message says so."""
+
+
 class BackpressureError(Error):
     """Enactment did not free overlay or log space within the timeout."""
 

@@ -4,7 +4,9 @@ The fault switch counts calls the way parity-db's test builds count down an I/O 
 ``FaultPlan`` names the Nth call of a kind (``write``, ``fsync``, ``truncate``, ``rename``) and
 what happens to it (an ``OSError`` such as EIO or ENOSPC, or a short write of part of the bytes).
 Normal runs have no plan and pay one global lookup per call. ``MPWAL_FAULTS`` in the environment
-(``kind:n:errno`` or ``kind:n:short``) arms a plan in a process started by a test.
+(``kind:n:errno``, ``kind:n:short`` or ``kind:n:stall``) arms a plan in a process started by a
+test. A stall (``STALL``) makes the Nth call wait ``STALL_SECONDS`` and then succeed: a slow
+disk, so that a test can kill a process while, say, a group commit's fsync is under way.
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import time
 from dataclasses import dataclass, field
 
 KINDS = ("write", "fsync", "truncate", "rename")
 _libc = ctypes.CDLL(None, use_errno=True)
 _KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
+STALL = -1  # a FaultPlan's error that stalls the call instead of failing it
+STALL_SECONDS = 3.0
 
 
 @dataclass
 class FaultPlan:
-    """Fail the ``nth`` call (1-based) of ``kind``; ``error`` is an errno, or 0 for a short write."""
+    """Fail the ``nth`` call (1-based) of ``kind``; ``error`` is an errno, 0 for a short write,
+    or STALL to make the call wait STALL_SECONDS and then succeed."""
 
     kind: str
     nth: int
@@ -50,11 +56,15 @@ def _arm_from_env() -> None:
     spec = os.environ.get("MPWAL_FAULTS")
     if spec:
         kind, nth, err = spec.split(":")
-        arm(FaultPlan(kind, int(nth), 0 if err == "short" else int(err)))
+        codes = {"short": 0, "stall": STALL}
+        arm(FaultPlan(kind, int(nth), codes[err] if err in codes else int(err)))
 
 
 def _fail(kind: str) -> None:
     assert _plan is not None
+    if _plan.error == STALL:
+        time.sleep(STALL_SECONDS)
+        return
     raise OSError(_plan.error, os.strerror(_plan.error) + f" (injected {kind} #{_plan.nth})")
 
 
@@ -63,10 +73,10 @@ def write_all(fd: int, data) -> None:
     view = memoryview(data)
     while view:
         if _plan is not None and _plan.hit("write"):
-            if _plan.error:
-                _fail("write")
-            os.write(fd, view[: len(view) // 2])  # a torn write, then the process "dies"
-            raise OSError(errno.EIO, "injected short write")
+            if not _plan.error:
+                os.write(fd, view[: len(view) // 2])  # a torn write, then the process "dies"
+                raise OSError(errno.EIO, "injected short write")
+            _fail("write")  # raises, or stalls and goes on
         n = os.write(fd, view)
         view = view[n:]
 
@@ -76,10 +86,10 @@ def pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data)
     while view:
         if _plan is not None and _plan.hit("write"):
-            if _plan.error:
-                _fail("write")
-            os.pwrite(fd, view[: len(view) // 2], offset)
-            raise OSError(errno.EIO, "injected short write")
+            if not _plan.error:
+                os.pwrite(fd, view[: len(view) // 2], offset)
+                raise OSError(errno.EIO, "injected short write")
+            _fail("write")  # raises, or stalls and goes on
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n

@@ -30,7 +30,7 @@ class Committer(Protocol):
 
     def index_entry(self, table: int, chunk: int, entry: int) -> int: ...
 
-    def _commit(self, rec: Record) -> int: ...
+    def _commit(self, rec: ChangeSet) -> int: ...
 
 
 class ChangeSet:
@@ -38,7 +38,7 @@ class ChangeSet:
     encoding. It needs no Writer: any process that reads the catalog can build one (``Record``
     is the Writer's, and adds reading through to committed data and the commit itself)."""
 
-    __slots__ = ("_catalog", "_values", "_chunks", "_drops", "_state")
+    __slots__ = ("_catalog", "_values", "_chunks", "_drops", "_state", "_tag")
 
     def __init__(self, catalog: dict[int, Table]) -> None:
         self._catalog = catalog
@@ -46,6 +46,7 @@ class ChangeSet:
         self._chunks: dict[tuple[int, int], list] = {}  # (table, chunk) -> [mask, {entry: value}]
         self._drops: list[int] = []
         self._state = "open"
+        self._tag: tuple[int, int] | None = None  # a producer's (slot, seq): ``_intake.py``
 
     # -- building ----------------------------------------------------------------------------
     def _check(self) -> None:

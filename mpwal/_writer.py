@@ -36,10 +36,11 @@ from typing import Any
 
 import filelock
 
-from . import _fileio as fileio, _pins as pins
+from . import _fileio as fileio, _pins as pins, _wire as wire
 from ._durability import GroupCommit
 from ._appender import Appender
 from ._enactor import Enactor, Handoff
+from ._intake import Intake, LayerHandler
 from ._publisher import Publisher
 from ._supervisor import EnactorSupervisor
 from ._errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
@@ -49,9 +50,9 @@ from ._overlay import COMMITTED, DURABLE, ENACTED, ENACTING, ENACTOR_PID, IMAGE_
 from ._platform import check_machine
 from ._queues import ENACTOR_LOCK, QueueState, QueueStore, WriterLock, file_lock
 from ._replay import replay
-from ._record import Record
-from ._tables import (META_FILE, TableFiles, check_key, check_layer, is_database, merge_catalog,
-                      upgrade_meta)
+from ._record import ChangeSet, Record
+from ._tables import (META_FILE, TableError, TableFiles, check_key, check_layer, database_id,
+                      is_database, load_catalog, merge_catalog, upgrade_meta)
 from ._tables import IndexTable, ValueTable
 
 log = logging.getLogger("mpwal")
@@ -141,6 +142,9 @@ class Writer:
         # the enactor thread takes rotated logs' records from here instead of parsing the file
         self._handoff: Handoff | None = Handoff() if enactor == "thread" else None
         self._handing: list | None = None  # the appending log's list in _handoff
+        self._intake: Intake | None = None  # producers' submissions (``_intake.py``)
+        # a layer's own submissions from producers (KVWriter sets it): (body, tag) -> record id
+        self._layer_handler: LayerHandler | None = None
 
         self._open_dir()
         self._check_is_ours()  # before creating anything in a stranger's directory
@@ -149,8 +153,10 @@ class Writer:
             self._check_is_ours()  # again under the lock: no other writer can change it now
             if is_database(self.path):  # a layer's directory opens only through that layer
                 check_layer(self.path, None if layer is None else layer["kind"])
-            self._catalog = merge_catalog(self.path, tables, layer)
-            self._files = TableFiles(self.path, self._catalog, writable=False, mapped=True)
+            everything, serve = self._merge_tables(tables, layer)
+            # what records of this process may change: the reserved table is the intake's
+            self._catalog = {t: d for t, d in everything.items() if t != wire.PRODUCER_TABLE or not serve}
+            self._files = TableFiles(self.path, everything, writable=False, mapped=True)
             self._queues = QueueStore(self.path)
             pins.create(self.path, self.max_snapshot_age)
             last = self._replay(overlay_slots, overlay_bytes)
@@ -163,7 +169,10 @@ class Writer:
                 rotated=self._group.advance)
             self._supervisor = EnactorSupervisor(self.path, enactor, self._handoff)
             self._supervisor.start()
+            self._intake = self._start_intake(serve)
         except BaseException:  # leave no lock, descriptor or segment behind
+            if hasattr(self, "_supervisor"):
+                self._supervisor.stop()
             if hasattr(self, "_publisher"):
                 self._publisher.retire()
             if hasattr(self, "_files"):
@@ -211,6 +220,34 @@ class Writer:
                 f"{self.path} is not empty and is not an mpwal database (no {META_FILE}; it "
                 f"holds {', '.join(sorted(stray)[:3])}{' ...' if len(stray) > 3 else ''}): "
                 "give an empty or new directory")
+
+    def _merge_tables(self, tables: Iterable[IndexTable | ValueTable],
+                      layer: dict[str, Any] | None) -> tuple[dict, bool]:
+        """Record the tables in the metadata (``merge_catalog``), with the producers' reserved
+        table (``_wire.py``); the catalog, and whether producers can be served (not when an
+        older directory defined that table id itself)."""
+        reserved = ValueTable(wire.PRODUCER_TABLE, wire.PRODUCER_SLOT_SIZE)
+        try:
+            tables = list(tables)
+        except TypeError:
+            raise TableError(f"tables must be a list of IndexTable and ValueTable, not "
+                             f"{type(tables).__name__}") from None
+        existing = load_catalog(self.path).get(wire.PRODUCER_TABLE) if is_database(self.path) else None
+        serve = existing is None or existing == reserved
+        if serve and any(getattr(t, "id", None) == wire.PRODUCER_TABLE for t in tables):
+            raise TableError(f"table {wire.PRODUCER_TABLE} is reserved (it records producers' "
+                             "submissions): use another id")
+        return merge_catalog(self.path, [*tables, reserved] if serve else tables, layer), serve
+
+    def _start_intake(self, serve: bool) -> Intake | None:
+        """Open the producers' socket (``_wire.py``); without it the writer still works."""
+        ident = database_id(self.path)
+        assert ident is not None  # upgrade_meta gave it one
+        try:
+            return Intake(self, self.path, ident, serve)
+        except OSError as e:
+            log.warning("producers cannot reach this writer: binding its socket failed (%s)", e)
+            return None
 
     def _replay(self, overlay_slots: int, overlay_bytes: int) -> int:
         """Replay the logs (``_replay.py``) and start the new generation's overlay; returns the
@@ -294,6 +331,8 @@ class Writer:
                 "enactor_holding_lock": self._supervisor.holding,  # (enactor="thread")
                 "logs_handed_over": len(self._handoff) if self._handoff is not None else 0,
                 "segment": self._publisher.ov.name,
+                "producers": len(self._intake.by_producer) if self._intake else 0,
+                "producer_submissions": self._intake.submitted if self._intake else 0,
             }
             out.update(self._publisher.stats())
             return out
@@ -302,6 +341,8 @@ class Writer:
         """Rotate, let the enactor finish, and remove the shared memory. Idempotent."""
         if self._closed or self._forked:
             return
+        if self._intake is not None:  # producers' commits first, while this writer commits
+            self._intake.close()
         self._closed = True
         _live_writers.discard(self)
         self._stop.set()
@@ -347,11 +388,13 @@ class Writer:
                 f"an earlier error ({self._failed!r}) stopped this Writer; committed records are "
                 "safe in the log: close it and open a new Writer to replay") from self._failed
 
-    def _commit(self, rec: Record) -> int:
+    def _commit(self, rec: ChangeSet, *, intake: bool = False) -> int:
         """The intake: one record through the stages, under the writer's lock: make room
         (publisher), append (appender: from here the record is committed), publish (publisher),
         hand it to the enactor thread, rotate when the log is full; then, outside the lock, wait
-        for durability (group commit) with ``durability="commit"``."""
+        for durability (group commit) with ``durability="commit"``. ``intake``: a producer's
+        record (``_intake.py``): its tag, (slot, seq), becomes its producer slot, and the
+        intake waits for durability itself."""
         values = rec._values
         chunks = rec._chunks
         drops = rec._drops
@@ -360,6 +403,8 @@ class Writer:
         with self._lock:
             self._check_usable()
             rid = app.next_id
+            if rec._tag is not None:
+                values[(wire.PRODUCER_TABLE, rec._tag[0])] = wire.PAIR.pack(rec._tag[1], rid)
             data = rec.encode(rid)
             # everything that can fail on its own comes before the append
             images = pub.images(drops, chunks)
@@ -384,7 +429,7 @@ class Writer:
                     app.rotate()
                 except StorageError:
                     pass  # the writer is failed for later commits; this record stands
-        if self.durability == "commit":
+        if self.durability == "commit" and not intake:
             try:
                 if doubt:  # the writer stopped: no group commit, fsync the log here
                     with self._lock:
@@ -426,6 +471,11 @@ class Writer:
         self._handing = None
         if self._handoff is not None and self._supervisor.holding:
             self._handing = self._handoff.start_log(first_record_id)
+
+    def _reserved_value(self, index: int) -> bytes | None:
+        """A slot of the producers' reserved table, newest committed (the intake's reads)."""
+        with self._lock:
+            return self._publisher.value(wire.PRODUCER_TABLE, index)
 
     # -- room: absorbing enactment, growing, waiting ----------------------------------------
     def _absorb(self, budget: int | None = None) -> None:
@@ -570,6 +620,8 @@ class Writer:
 def _after_fork_in_child() -> None:
     for w in list(_live_writers):
         w._forked = True
+        if w._intake is not None:
+            w._intake.forget_after_fork()
         if w._wlock is not None:
             try:
                 os.close(w._wlock.fd)  # the parent's descriptor keeps the OFD lock

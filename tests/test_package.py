@@ -24,6 +24,7 @@ PUBLIC_API = {
     "ClosedError", "ForkedError", "WriterLockedError", "DatabaseError", "CorruptionError",
     "StorageError", "WriterFailedError", "BackpressureError", "UnsupportedPlatformError",
     "KVWriter", "KVReader", "KVSnapshot", "KVBatch", "IndexFullError",
+    "Producer", "KVProducer", "KVProducerBatch", "NoWriterError",
 }
 
 

@@ -18,7 +18,7 @@ from .._errors import (ArgumentRangeError, ArgumentTypeError, ClosedError, Datab
                        TableError)
 from .._tables import IndexTable, ValueTable, is_database, layer_of
 from .._writer import Writer
-from . import _layout as L
+from . import _layout as L, _ops
 from ._column import Column, IndexFullError as _Full, Pending, Planner
 from ._keys import MappingReads, check_column_names, check_key, check_value, columns_of
 
@@ -62,6 +62,8 @@ class KVWriter(MappingReads):
         self.path = real
         self._lock = threading.RLock()
         self._closed = False
+        self._names = list(self._columns)
+        self._w._layer_handler = self._from_producer  # KVProducer's batches (``_ops.py``)
 
     # -- reads -----------------------------------------------------------------------------
     def _column(self, column: str) -> Column:
@@ -123,6 +125,22 @@ class KVWriter(MappingReads):
         if self.delete(key) is None:
             raise KeyError(key)
 
+    def _from_producer(self, body: bytes, tag: tuple[int, int]) -> int:
+        """Plan and commit a producer's batch (the writer's intake calls it): one record, with
+        the submission's tag (``_wire.py``), even when it changes nothing else, so that a
+        resubmission is known for what it is."""
+        changes = _ops.decode(body, len(self._names))
+        with self.batch() as b:
+            b._tag = tag
+            for column, key, value in changes:
+                name = self._names[column]
+                if value is None:
+                    b.delete(check_key(key), column=name)
+                else:
+                    b.put(check_key(key), check_value(value), column=name)
+        assert b.record_id is not None
+        return b.record_id
+
     # -- the engine's --------------------------------------------------------------------------
     def sync(self) -> int:
         """Returns once everything committed before it is on disk; that record id."""
@@ -166,6 +184,7 @@ class KVBatch:
         self._pending = Pending(kv._w)
         self._state = "open"
         self._locked = False
+        self._tag: tuple[int, int] | None = None  # a producer's submission (``_from_producer``)
         self.record_id: int | None = None
 
     def __enter__(self) -> KVBatch:
@@ -228,17 +247,21 @@ class KVBatch:
         self._state = "committing"
         p = self._pending
         try:
-            if p:
+            if p or self._tag is not None:
                 w = self._kv._w
-                with w.record() as rec:
-                    for t in sorted(p.drops):  # first: the entries after them apply
-                        rec.drop_table(t)
-                    for (t, c), ents in p.entries.items():
-                        for e, v in ents.items():
-                            rec.insert_index(t, c, e, v)
-                    for (t, i), d in p.values.items():
-                        rec.insert_value(t, i, d)
-                self.record_id = rec.record_id
+                rec = w.record()
+                for t in sorted(p.drops):  # first: the entries after them apply
+                    rec.drop_table(t)
+                for (t, c), ents in p.entries.items():
+                    for e, v in ents.items():
+                        rec.insert_index(t, c, e, v)
+                for (t, i), d in p.values.items():
+                    rec.insert_value(t, i, d)
+                if self._tag is None:
+                    self.record_id = rec.commit()
+                else:  # the intake answers it (and waits for durability) itself
+                    rec._tag = self._tag
+                    self.record_id = w._commit(rec, intake=True)
         except BaseException:
             self._state = "failed"
             raise

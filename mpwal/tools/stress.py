@@ -1354,6 +1354,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "growing from 64 chunks; --dir must then be new or empty")
     p.add_argument("--max-value", type=_positive_int, default=300_000,
                    help="with --kv: the largest value, in bytes (default 300000: multipart)")
+    p.add_argument("--producers", type=_positive_int, default=None, metavar="N",
+                   help="commit through N producer processes (mpwal.Producer; see "
+                        "stress_producers.py) instead of the writer's own thread; --chaos also "
+                        "kills producers; --dir must then be new or empty")
     return p
 
 
@@ -1391,8 +1395,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_age < 0:
         print("mpwal stress: --log-age must be >= 0", file=sys.stderr)
         return 2
+    if args.kv and args.producers:
+        print("mpwal stress: --kv and --producers are separate jobs; give one", file=sys.stderr)
+        return 2
     if args.kv:
         return _run_kv(args)
+    if args.producers:
+        return _run_producers(args)
     if args.dir is not None:
         return Stress(args, os.path.abspath(args.dir)).run()
     return _run_in_temp_dir(args)
@@ -1401,24 +1410,34 @@ def main(argv: list[str] | None = None) -> int:
 def _run_kv(args) -> int:
     """``--kv``: stress_kv.run on --dir or on a temporary directory."""
     from . import stress_kv
+    return _in_new_dir(args, "--kv", lambda path: stress_kv.run(
+        path, args.seconds or 10.0, args.readers, args.keys, args.batch, args.seed, args.enactor,
+        args.max_value))
 
-    def go(path: str) -> int:
-        return stress_kv.run(path, args.seconds or 10.0, args.readers, args.keys, args.batch,
-                             args.seed, args.enactor, args.max_value)
 
+def _run_producers(args) -> int:
+    """``--producers N``: stress_producers.run on --dir or on a temporary directory."""
+    from . import stress_producers
+    return _in_new_dir(args, "--producers", lambda path: stress_producers.run(
+        path, args.seconds or 10.0, args.producers, args.readers, args.batch, args.value_size,
+        args.durability, args.enactor, args.chaos, args.seed))
+
+
+def _in_new_dir(args, job: str, go) -> int:
+    """Run ``go(path)`` on a new or empty --dir, or on a temporary directory removed after."""
     if args.dir is not None:
         path = os.path.abspath(args.dir)
         if os.path.exists(path) and os.listdir(path):
-            print(f"mpwal stress --kv: {path} is not empty; give a new or empty directory",
+            print(f"mpwal stress {job}: {path} is not empty; give a new or empty directory",
                   file=sys.stderr)
             return 2
         return go(path)
-    tmp = tempfile.mkdtemp(prefix="mpwal-stress-kv-")
+    tmp = tempfile.mkdtemp(prefix="mpwal-stress-")
     try:
         return go(os.path.join(tmp, "db"))
     finally:
         if args.keep:
-            print(f"mpwal stress --kv: kept {tmp} (--keep)", flush=True)
+            print(f"mpwal stress {job}: kept {tmp} (--keep)", flush=True)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
