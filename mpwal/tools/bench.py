@@ -31,6 +31,9 @@ Figures (``--only`` takes these names or their numbers):
                  beside SQLite (a WITHOUT ROWID table, WAL, NORMAL) and LMDB (sync off); then
                  gets of written keys from another process (a read transaction per get for
                  LMDB), and the disk each system used per key written.
+9. ``producers`` 4 processes commit at once: mpwal producers of one writer, SQLite connections,
+                 LMDB writers; records of 100 values (relaxed / NORMAL / sync off) and durable
+                 1-value records (commit / FULL / sync on); each commit's p50 and p99.
 
 Every figure runs mpwal on its default backend and, when that is the native one, again on the
 Python backend ("…, Python backend" rows). Every timed loop runs for a fixed time and counts
@@ -1266,6 +1269,137 @@ def figure_kv(z: Sizes):
                          "batch, nothing on disk)."])
 
 
+# -- figure 9: many writing processes: mpwal producers, SQLite and LMDB writers ---------------------
+
+PRODUCER_PROCS = 4
+LAT_KEEP = 50_000  # commit durations kept per process
+
+
+def _many_proc(system: str, db: str, t: int, per_record: int, durable: bool, seconds: float,
+               keyspace: int, ready, go, out) -> None:
+    """One of the writing processes: commit records of ``per_record`` values (keys of its own
+    range) for ``seconds`` once ``go`` is set; put (records, elapsed, durations in ns)."""
+    try:
+        base = t * (keyspace // PRODUCER_PROCS)
+        span = keyspace // PRODUCER_PROCS - per_record
+        if system == "mpwal":
+            p = mpwal.Producer(db, timeout=60, durability="commit" if durable else "relaxed")
+
+            def put(k0: int) -> None:
+                with p.record() as rec:
+                    rec.insert_values(VALUE_TABLE, [(k, val(k)) for k in range(k0, k0 + per_record)])
+            close: Callable[[], None] = p.close
+        elif system == "sqlite":
+            conn = open_sqlite(db, "FULL" if durable else "NORMAL")
+
+            def put(k0: int) -> None:
+                sqlite_put(conn, [(k, val(k)) for k in range(k0, k0 + per_record)])
+            close = conn.close
+        else:
+            env = open_lmdb(db, sync=durable)
+
+            def put(k0: int) -> None:
+                lmdb_put(env, [(lkey(k), val(k)) for k in range(k0, k0 + per_record)])
+            close = env.close
+        put(base)  # connected (an mpwal producer registered) before the clock starts
+        ready.put(t)
+        go.wait()
+        lat = array("q")
+        perf = time.perf_counter_ns
+
+        def step(i: int) -> None:
+            t0 = perf()
+            put(base + (i * per_record) % span)
+            if len(lat) < LAT_KEEP:
+                lat.append(perf() - t0)
+        n, dt = run_for(seconds, step)
+        close()
+        out.put((n, dt, lat.tobytes()))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        out.put(child_error(f"{system} process {t}", traceback.format_exc()))
+
+
+def many_writers(tmp: str, system: str, per_record: int, durable: bool, z: Sizes) -> dict:
+    """PRODUCER_PROCS processes commit at once (mpwal: producers of one Writer in this
+    process); total records/s and values/s, and the commits' p50/p99 latency over them all."""
+    ctx = mp.get_context("spawn")
+    db = os.path.join(tmp, {"mpwal": "db", "sqlite": "db.sqlite", "lmdb": "db.lmdb"}[system])
+    w = None
+    if system == "mpwal":
+        w = open_mpwal(db)
+    elif system == "sqlite":
+        open_sqlite(db, "NORMAL").close()  # the table, before the processes race to make it
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_many_proc, args=(system, db, t, per_record, durable, z.commit_s,
+                                                   z.keyspace, ready, go, out))
+             for t in range(PRODUCER_PROCS)]
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=120)
+        go.set()
+        results = [out.get(timeout=z.commit_s + 120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(60)
+        if w is not None:
+            w.close()
+    for got in results:
+        if isinstance(got, BaseException):
+            raise got
+    n = sum(r[0] for r in results)
+    dt = max(r[1] for r in results)
+    lat = sorted(x for r in results for x in array("q", r[2]))
+    return {"records/s": n / dt, "values/s": n * per_record / dt,
+            "p50 µs": lat[len(lat) // 2] / 1e3 if lat else None,
+            "p99 µs": lat[min(len(lat) - 1, int(0.99 * len(lat)))] / 1e3 if lat else None}
+
+
+def writer_alone(tmp: str, per_record: int, durable: bool, z: Sizes) -> dict:
+    """The writer's own commits, one thread, for the latency beside its producers'."""
+    w = open_mpwal(os.path.join(tmp, "db"), durability="commit" if durable else "relaxed")
+    lat = array("q")
+    perf = time.perf_counter_ns
+    try:
+        def step(i: int) -> None:
+            t0 = perf()
+            mpwal_put(w, key_block(i, per_record, z.keyspace), per_record)
+            if len(lat) < LAT_KEEP:
+                lat.append(perf() - t0)
+        n, dt = run_for(z.commit_s, step)
+    finally:
+        w.close()
+    got = sorted(lat)
+    return {"records/s": n / dt, "values/s": n * per_record / dt, "p50 µs": got[len(got) // 2] / 1e3,
+            "p99 µs": got[min(len(got) - 1, int(0.99 * len(got)))] / 1e3}
+
+
+def figure_producers(z: Sizes):
+    rows = []
+    for per, durable, sq, lm in ((100, False, "NORMAL", "off"), (1, True, "FULL", "on")):
+        wl = f"{PRODUCER_PROCS} processes, {per} value{'s' if per > 1 else ''}/record" + \
+            (", durable" if durable else "")
+        rows += backends(wl, f"mpwal producers ({'commit' if durable else 'relaxed'})",
+                         many_writers, "mpwal", per, durable, z)
+        rows.append(measure(wl, f"SQLite WAL {sq}, a connection per process", many_writers,
+                            "sqlite", per, durable, z))
+        rows.append(measure(wl, f"LMDB sync {lm}, a writer per process", many_writers, "lmdb",
+                            per, durable, z, needs="lmdb"))
+        rows.append(measure(wl, "mpwal Writer alone (its own thread, for the latency)",
+                            writer_alone, per, durable, z))
+    return Figure(f"9. Many writing processes: {PRODUCER_PROCS} processes commit at once",
+                  ["records/s", "values/s", "p50 µs", "p99 µs"], rows,
+                  notes=["mpwal: one Writer (in the benchmark's process) and "
+                         f"{PRODUCER_PROCS} mpwal.Producer processes; durable rows: "
+                         "durability=\"commit\", one fsync for every record waiting from every "
+                         "producer. SQLite: busy_timeout=30 s, BEGIN IMMEDIATE per record; LMDB: "
+                         "its writer lock serialises the processes' write transactions.",
+                         "Each process writes its own key range; the latency columns are each "
+                         "commit's duration, over all processes. The last row of each workload "
+                         "is one thread of the Writer itself, with no producers."])
+
+
 @dataclass
 class Row:
     workload: str
@@ -1394,7 +1528,7 @@ def machine() -> str:
 
 FIGURES = {"ingest": figure_ingest, "commit": figure_commit, "reads": figure_reads,
            "large": figure_large, "sustained": figure_sustained, "lookups": figure_lookups,
-           "latency": figure_latency, "kv": figure_kv}
+           "latency": figure_latency, "kv": figure_kv, "producers": figure_producers}
 ARGS = argparse.Namespace(dir=None)
 
 
