@@ -1,17 +1,21 @@
 """The producer's side of the protocol (``_wire.py``): a connection to the directory's writer
 that submits, resubmits after the writer changes, and gives each caller its answer.
 
-One ``Client`` per producer object. Callers (any thread) submit; a daemon thread,
-``mpwal-producer``, owns the connection: it connects (waiting for a writer), says HELLO with the
-submissions still unanswered, learns which of them committed, sends the others again in order,
-and reads the answers. Submissions go out in seq order under ``_send_lock``, so the writer
-receives (and commits) a producer's records in the order it submitted them.
+One ``Client`` per producer object, and no thread of its own: the callers (any thread) do the
+work. A caller sends its submission under ``_send_lock`` (so the writer receives, and commits,
+a producer's records in the order they were submitted), then waits for its answer: one caller at
+a time holds ``_recv_lock`` and reads the connection, handing every answer it finds to its
+waiter, while the others wait for theirs. With one thread there is no hand-off at all. The
+caller that finds no connection makes one: it connects (waiting for a writer), says HELLO with
+the submissions still unanswered, learns which of them committed, and sends the others again
+in order. A socket that ended is only shut down where it is found; the reader closes it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import threading
 import time
@@ -21,6 +25,7 @@ from .. import _errors, _wire as wire
 from .._errors import ClosedError, Error, ForkedError, NoWriterError, WriterFailedError
 
 RETRY_FIRST, RETRY_MOST = 0.002, 0.1  # seconds between tries to connect
+POLL_MOST = 0.1  # a reader looks up from the socket this often (for its deadline)
 
 
 class _Submission:
@@ -46,15 +51,16 @@ class Client:
         self.producer = 0  # the id the writer gave (0 until the first WELCOME)
         self._pid = os.getpid()
         self._lock = threading.Condition(threading.Lock())  # the state below
-        self._send_lock = threading.Lock()  # what goes on the socket, in seq order
+        self._send_lock = threading.Lock()  # what goes on the socket, in seq order; connecting
+        self._recv_lock = threading.Lock()  # reading answers (and closing dead sockets)
         self._sock: socket.socket | None = None
+        self._frames = wire.Frames()  # the connection's answers, read and not yet framed
+        self._dead: list[socket.socket] = []  # shut down, to be closed by the reader
         self._next_seq = 1
         self._inflight: dict[int, _Submission] = {}  # unanswered, in seq order
         self._fatal: BaseException | None = None
         self._closed = False
-        self._frames = wire.Frames()  # the connection's answers, read and not yet framed
-        self._io = threading.Thread(target=self._run, name="mpwal-producer", daemon=True)
-        self._io.start()
+        self._retry = RETRY_FIRST
 
     # -- callers ----------------------------------------------------------------------------
     def check_usable(self, what: str) -> None:
@@ -84,26 +90,16 @@ class Client:
                 sub = _Submission(seq, wire.submit(seq, durable, kind, body))
                 self._inflight[seq] = sub
                 sock = self._sock
-                self._lock.notify_all()  # the connection thread may be waiting for work
-            if sock is not None:
+            if sock is not None:  # (else the first reader connects, and sends it then)
                 self._send(sock, sub)
-        if not sub.done.wait(max(0.0, deadline - time.monotonic())):
-            with self._lock:
-                if not sub.done.is_set():  # give up on it: it is never sent again
-                    self._inflight.pop(seq, None)
-                    self._lock.notify_all()
-                    raise NoWriterError(
-                        f"no writer of {self.path} answered within {self.timeout} s"
-                        + ("; the submission was sent and may have committed (the writer "
-                           "stopped or died before answering)" if sub.sent else
-                           ": start a Writer on it (nothing was sent)"))
+        self._await(sub, deadline)
         if sub.error is not None:
             raise sub.error
         return sub.record_id
 
     def _send(self, sock: socket.socket, sub: _Submission) -> None:
-        """Send one submission (``_send_lock`` held); a failed send is the connection's end,
-        which the connection thread notices, and the submission goes again on the next one."""
+        """Send one submission (``_send_lock`` held); a failed send ends the connection, and
+        the submission goes again on the next one."""
         try:
             sock.sendall(sub.frame)
             sub.sent = True
@@ -111,8 +107,68 @@ class Client:
             sub.sent = True  # part of it may have gone: the writer may have it whole
             self._drop(sock)
 
+    def _await(self, sub: _Submission, deadline: float) -> None:
+        """Wait for ``sub``'s answer, reading the connection whenever no other caller does."""
+        while not sub.done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._give_up(sub)
+                return
+            if not self._recv_lock.acquire(timeout=min(left, POLL_MOST)):
+                continue  # another caller reads; it hands our answer over
+            try:
+                if not sub.done.is_set():
+                    self._read_once(min(left, POLL_MOST))
+            finally:
+                self._recv_lock.release()
+
+    def _give_up(self, sub: _Submission) -> None:
+        with self._lock:
+            if sub.done.is_set():
+                return
+            self._inflight.pop(sub.seq, None)  # never sent again
+            self._lock.notify_all()
+        raise NoWriterError(
+            f"no writer of {self.path} answered within {self.timeout} s"
+            + ("; the submission was sent and may have committed (the writer stopped or died "
+               "before answering)" if sub.sent else ": start a Writer on it (nothing was sent)"))
+
+    def _read_once(self, timeout: float) -> None:
+        """One step of the reader (``_recv_lock`` held): close dead sockets, connect if there
+        is no connection, else wait up to ``timeout`` for answers and hand them over."""
+        while self._dead:
+            self._dead.pop().close()
+        sock = self._sock
+        if sock is None:
+            with self._send_lock:
+                if self._sock is None and not self._closed:
+                    self._connect()
+            if self._sock is None:
+                time.sleep(min(self._retry, timeout))
+                self._retry = min(2 * self._retry, RETRY_MOST)
+            else:
+                self._retry = RETRY_FIRST
+            return
+        try:
+            ready = select.select([sock], [], [], timeout)[0]
+            data = sock.recv(1 << 16, socket.MSG_DONTWAIT) if ready else None
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ValueError):
+            data = b""
+        if data is None:
+            return
+        if not data:
+            self._drop(sock)
+            return
+        self._frames.feed(data)
+        try:
+            self._answers(self._frames.pop())
+        except (wire.ProtocolError, ValueError):
+            self._drop(sock)
+
     def close(self) -> None:
-        """Fail what waits with ClosedError, close the connection, stop the thread."""
+        """Fail what waits with ClosedError and close the connection."""
         with self._lock:
             if self._closed:
                 return
@@ -126,73 +182,58 @@ class Client:
             self._lock.notify_all()
         if sock is not None:
             self._drop(sock)
-        if self._io is not threading.current_thread() and os.getpid() == self._pid:
-            self._io.join()
+        if self._recv_lock.acquire(timeout=1.0):  # a reader sees the shut-down socket at once
+            try:
+                while self._dead:
+                    self._dead.pop().close()
+            finally:
+                self._recv_lock.release()
 
-    # -- the connection thread ------------------------------------------------------------------
-    def _run(self) -> None:
-        delay = RETRY_FIRST
-        while True:
-            with self._lock:
-                while not self._inflight and not self._closed:
-                    self._lock.wait()
-                if self._closed:
-                    return
-            sock = self._connect()
-            if sock is None:
-                time.sleep(delay)
-                delay = min(2 * delay, RETRY_MOST)
-                continue
-            delay = RETRY_FIRST
-            self._serve(sock)
-
-    def _connect(self) -> socket.socket | None:
-        """Connect and HELLO; resolve what committed, send the rest. None: no writer now."""
+    # -- the connection -------------------------------------------------------------------------
+    def _connect(self) -> None:
+        """Connect and HELLO; resolve what committed, send the rest (``_send_lock`` and
+        ``_recv_lock`` held). Leaves ``_sock`` None when no writer answers now."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.name)
-            with self._send_lock:
-                with self._lock:
-                    asked = [s for s, sub in self._inflight.items() if sub.sent]
-                sock.sendall(wire.hello(self.database_id, self.producer, asked))
-                frames = wire.Frames()
-                while True:
-                    got = frames.pop()
-                    if got:
-                        break
-                    data = sock.recv(1 << 16)
-                    if not data:
-                        raise ConnectionResetError(errno.ECONNRESET, "closed before WELCOME")
-                    frames.feed(data)
-                kind, payload = got[0]
-                if kind == wire.REFUSED:
-                    self._refused_hello(payload)
-                    sock.close()
-                    return None
-                if kind != wire.WELCOME:
-                    raise wire.ProtocolError(f"frame {kind} instead of WELCOME")
-                self.producer, committed = wire.parse_welcome(payload)
-                with self._lock:
-                    for seq, rid in committed.items():
-                        sub = self._inflight.pop(seq, None)
-                        if sub is not None:
-                            sub.record_id = rid
-                            sub.done.set()
-                    again = list(self._inflight.values())
-                    self._lock.notify_all()
-                for sub in again:
-                    sock.sendall(sub.frame)
-                    sub.sent = True
-                with self._lock:
-                    self._sock = sock
-                # answers that came with the WELCOME
-                self._answers(got[1:])
-                self._frames = frames
-            return sock
+            with self._lock:
+                asked = [s for s, sub in self._inflight.items() if sub.sent]
+            sock.sendall(wire.hello(self.database_id, self.producer, asked))
+            frames = wire.Frames()
+            while True:
+                got = frames.pop()
+                if got:
+                    break
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionResetError(errno.ECONNRESET, "closed before WELCOME")
+                frames.feed(data)
+            kind, payload = got[0]
+            if kind == wire.REFUSED:
+                self._refused_hello(payload)
+                sock.close()
+                return
+            if kind != wire.WELCOME:
+                raise wire.ProtocolError(f"frame {kind} instead of WELCOME")
+            self.producer, committed = wire.parse_welcome(payload)
+            with self._lock:
+                for seq, rid in committed.items():
+                    sub = self._inflight.pop(seq, None)
+                    if sub is not None:
+                        sub.record_id = rid
+                        sub.done.set()
+                again = list(self._inflight.values())
+                self._lock.notify_all()
+            for sub in again:
+                sock.sendall(sub.frame)
+                sub.sent = True
+            self._frames = frames
+            with self._lock:
+                self._sock = sock
+            self._answers(got[1:])  # answers that came with the WELCOME
         except (OSError, wire.ProtocolError):
             sock.close()
-            return None
 
     def _refused_hello(self, payload: bytes) -> None:
         """The writer will not take this producer (another database, an unknown id): every
@@ -206,26 +247,6 @@ class Client:
                 sub.done.set()
             self._inflight.clear()
             self._lock.notify_all()
-
-    def _serve(self, sock: socket.socket) -> None:
-        """Read answers until the connection ends."""
-        frames = self._frames
-        while True:
-            try:
-                data = sock.recv(1 << 16)
-            except TimeoutError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                self._drop(sock)
-                return
-            frames.feed(data)
-            try:
-                self._answers(frames.pop())
-            except (wire.ProtocolError, ValueError):
-                self._drop(sock)
-                return
 
     def _answers(self, got: list[tuple[int, bytes]]) -> None:
         with self._lock:
@@ -246,16 +267,16 @@ class Client:
             self._lock.notify_all()
 
     def _drop(self, sock: socket.socket) -> None:
-        """End a connection (either thread): the connection thread connects again."""
+        """End a connection (any thread): shut it down now, close it in the reader; the next
+        reader connects again."""
         with self._lock:
             if self._sock is sock:
                 self._sock = None
+                self._dead.append(sock)
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        if threading.current_thread() is self._io:
-            sock.close()
 
 
 def _error(name: str, message: str, record_id: int) -> BaseException:

@@ -102,34 +102,44 @@ def _producer(path: str, cfg: dict, n: int, out: Any, stop: Any) -> None:
         out.send(("producer", n, i - 1, lat, f"producer {n}: {type(e).__name__}: {e}"))
 
 
+def _check_once(r: mpwal.Reader, cfg: dict, heads: dict[int, int], errors: list[str]) -> int:
+    """One snapshot's check of every producer's newest record; the reads it made."""
+    size = cfg["value_size"]
+    reads = 0
+    with r.snapshot() as s:
+        got = s.values(TABLE, list(range(cfg["numbers"])))
+        for n, head in enumerate(got):
+            if head is None:
+                continue
+            why = check_value(head, n, None, HEAD_J, size)
+            if why:
+                errors.append(why)
+                continue
+            i = _HEAD.unpack_from(head)[1]
+            if i < heads.get(n, -1):
+                errors.append(f"producer {n}: head {i} after {heads[n]} (went back)")
+            heads[n] = i
+            vals = s.values(TABLE, [data_slot(cfg, n, i, j) for j in range(cfg["batch"])])
+            for j, v in enumerate(vals):
+                why = check_value(v, n, i, j, size)
+                if why:
+                    errors.append(f"{why} (a record seen in part)")
+                    break
+            reads += len(vals) + 1
+    return reads
+
+
 def _reader(idx: int, path: str, cfg: dict, out: Any, stop: Any) -> None:
     errors: list[str] = []
     reads = 0
     heads: dict[int, int] = {}
-    size = cfg["value_size"]
     try:
         with mpwal.Reader(path) as r:
             while not stop.is_set() and len(errors) < 10:
-                with r.snapshot() as s:
-                    got = s.values(TABLE, list(range(cfg["numbers"])))
-                    for n, head in enumerate(got):
-                        if head is None:
-                            continue
-                        why = check_value(head, n, None, HEAD_J, size)
-                        if why:
-                            errors.append(why)
-                            continue
-                        i = _HEAD.unpack_from(head)[1]
-                        if i < heads.get(n, -1):
-                            errors.append(f"producer {n}: head {i} after {heads[n]} (went back)")
-                        heads[n] = i
-                        vals = s.values(TABLE, [data_slot(cfg, n, i, j) for j in range(cfg["batch"])])
-                        for j, v in enumerate(vals):
-                            why = check_value(v, n, i, j, size)
-                            if why:
-                                errors.append(f"{why} (a record seen in part)")
-                                break
-                        reads += len(vals) + 1
+                try:
+                    reads += _check_once(r, cfg, heads, errors)
+                except mpwal.SnapshotExpiredError:
+                    pass  # a writer restarted by --chaos replayed past it: take a new one
     except BaseException as e:
         errors.append(f"reader {idx}: {type(e).__name__}: {e}")
     out.send(("reader", idx, reads, errors))
@@ -145,6 +155,8 @@ class _Run:
         self.errors: list[str] = []
         self.acked: dict[int, int] = {}  # producer number -> last record it reported acked
         self.finished: set[int] = set()  # producer numbers that sent their last message
+        self.readers_done = 0
+        self.reads = 0
         self.lat: list[int] = []
         self.numbers = 0
         self.kills = {"writer": 0, "producer": 0}
@@ -214,6 +226,10 @@ class _Run:
             self.lat += lat
             if err:
                 self.errors.append(err)
+        elif kind == "reader":
+            self.readers_done += 1
+            self.reads += msg[2]
+            self.errors += msg[3]
         elif kind == "closed":
             self.submitted += msg[1]
         elif kind == "error":
@@ -261,7 +277,7 @@ def run(path: str, seconds: float, producers: int, readers: int, batch: int, val
             rp.start()
             readers_.append(rp)
         end = t0 + seconds
-        while time.monotonic() < end and not run_.errors:
+        while time.monotonic() < end and not run_.errors and run_.readers_done == 0:
             run_.pump(min(rng.uniform(0.3, 1.5) if chaos else 0.5, max(0.0, end - time.monotonic())))
             if chaos and time.monotonic() < end - 0.5:
                 if rng.random() < 0.5:
@@ -272,16 +288,12 @@ def run(path: str, seconds: float, producers: int, readers: int, batch: int, val
             stop.set()
         run_.wait_for_producers()
         reader_stop.set()
-        reads = 0
-        for _ in readers_:
-            _, _, n, errs = run_.wait_for("reader")
-            reads += n
-            run_.errors += errs
+        while run_.readers_done < len(readers_):
+            run_.wait_for("reader")
         run_.writer_stop.set()
         run_.wait_for("closed")
     except Exception as e:
         run_.errors.append(f"the run: {type(e).__name__}: {e}")
-        reads = 0
     finally:
         reader_stop.set()
         if run_.writer_stop is not None:
@@ -300,6 +312,7 @@ def run(path: str, seconds: float, producers: int, readers: int, batch: int, val
     print(f"producers: {records:,} records ({records / elapsed:,.0f}/s, "
           f"{records * batch / elapsed:,.0f} values/s) from {run_.numbers} producer processes; "
           f"commit latency p50 {pct(0.5):,.0f} us, p99 {pct(0.99):,.0f} us")
+    reads = run_.reads
     print(f"readers: {reads:,} checked reads ({reads / max(elapsed, 1e-9):,.0f}/s)"
           + (f"; chaos: {run_.kills['writer']} writer and {run_.kills['producer']} producer "
              "SIGKILLs" if chaos else ""))
