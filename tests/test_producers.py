@@ -389,7 +389,7 @@ def test_the_writers_disk_failing_reaches_waiting_producers_and_loses_nothing(db
     commit: they get the writer's error (StorageError, then WriterFailedError), and after a new
     writer opens every acknowledged record is there."""
     from mpwal import _fileio as fileio
-    w = mpwal.Writer(db, TABLES, **OPTS)
+    w = mpwal.Writer(db, TABLES, enactor="none", **OPTS)  # (no enactor thread to meet the fault)
     producers = _Producers(db, 10_000, ["relaxed", "commit"])
     try:
         producers.wait(lambda: min(len(a) for a in producers.acks.values()) >= 20)
