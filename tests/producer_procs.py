@@ -78,3 +78,32 @@ def checking_reader(path: str, producers: int, out, stop) -> None:
     finally:
         r.close()
     out.put((reads, errors))
+
+
+def serving_kv_writer(path: str, out, stop, options: dict) -> None:
+    """A KVWriter that serves KV producers until ``stop`` is set (or it is killed)."""
+    kv = mpwal.KVWriter(path, log_size=1 << 16, log_age=0.05, **options)
+    out.put(("open", kv.last_record_id))
+    stop.wait()
+    kv.close()
+    out.put(("closed", 0))
+
+
+def kv_key(number: int, i: int) -> bytes:
+    return b"producer-%d-key-%d" % (number, i)
+
+
+def kv_producing(path: str, number: int, count: int, conn, durability: str) -> None:
+    """Batch i puts kv_key(number, i) (and deletes the key of batch i - 2, so a batch committed
+    twice would also show as a wrong count of keys); ("ack", i, record id) after each."""
+    try:
+        with mpwal.KVProducer(path, timeout=60, durability=durability) as p:
+            for i in range(count):
+                with p.batch() as b:
+                    b.put(kv_key(number, i), payload(number, i) * 50)
+                    if i >= 2:
+                        b.delete(kv_key(number, i - 2))
+                conn.send(("ack", i, b.record_id))
+        conn.send(("done", count, 0))
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}", 0))

@@ -17,7 +17,8 @@ import zlib
 import pytest
 
 import mpwal
-from producer_procs import DATA, SPAN, TABLES, checking_reader, payload, producing, serving_writer
+from producer_procs import (DATA, SPAN, TABLES, checking_reader, kv_key, kv_producing, payload,
+                            producing, serving_kv_writer, serving_writer)
 
 CTX = multiprocessing.get_context("spawn")
 RESERVED = 65535  # the producers' table (a slot per (producer, seq), slot 0 the id counter)
@@ -221,9 +222,9 @@ def test_a_malformed_submission_is_refused_and_the_writer_goes_on(db, bad, caplo
 
 # -- real processes, SIGKILL ---------------------------------------------------------------------
 
-def _start_writer(db: str, options: dict | None = None):
+def _start_writer(db: str, options: dict | None = None, serve=serving_writer):
     out, stop = CTX.Queue(), CTX.Event()
-    proc = CTX.Process(target=serving_writer, args=(db, out, stop, options or {}))
+    proc = CTX.Process(target=serve, args=(db, out, stop, options or {}))
     proc.start()
     msg = out.get(timeout=60)
     assert msg[0] == "open"
@@ -234,7 +235,7 @@ class _Producers:
     """Producer processes and what each acknowledged: {number: [(i, record id), ...]}."""
 
     def __init__(self, db: str, count: int, durabilities: list[str], per_record: int = 1,
-                 held: tuple[int, ...] = ()) -> None:
+                 held: tuple[int, ...] = (), kv: bool = False) -> None:
         self.acks: dict[int, list[tuple[int, int]]] = {n: [] for n in range(len(durabilities))}
         self.done: set[int] = set()
         self.errors: list[str] = []
@@ -242,8 +243,11 @@ class _Producers:
         self.start = CTX.Event()  # the producers in ``held`` wait for it
         for n, durability in enumerate(durabilities):
             ours, theirs = CTX.Pipe()
-            p = CTX.Process(target=producing, args=(db, n, count, theirs, durability, per_record,
-                                                    self.start if n in held else None))
+            if kv:
+                p = CTX.Process(target=kv_producing, args=(db, n, count, theirs, durability))
+            else:
+                p = CTX.Process(target=producing, args=(db, n, count, theirs, durability, per_record,
+                                                        self.start if n in held else None))
             p.start()
             self.pipes.append(ours)
             self.procs.append(p)
@@ -382,6 +386,50 @@ def test_writer_killed_during_a_group_commits_fsync_answers_from_the_log(db, mon
         writer.join(60)
         producers.join()
     _check_exactly_once(db, producers, count, killed=set())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("multiprocess")
+def test_kv_producers_batches_are_committed_once_across_writer_kills(db, monkeypatch):
+    """KVProducer batches (planned by the writer: the LAYER path) through a KVWriter killed
+    during a stalled group-commit fsync and then at random: each batch once, in order."""
+    import random
+    rng = random.Random(9)
+    count = 150
+    monkeypatch.setenv("MPWAL_FAULTS", "fsync:40:stall")
+    writer, out, stop = _start_writer(db, {"enactor": "none"}, serving_kv_writer)
+    monkeypatch.delenv("MPWAL_FAULTS")
+    producers = _Producers(db, count, ["commit", "relaxed"], kv=True)
+    try:
+        last, since = len(producers.acks[0]), time.monotonic()
+        while time.monotonic() - since < 1.0:  # until durable answers stop: the stall
+            producers.poll(0.05)
+            if len(producers.acks[0]) != last:
+                last, since = len(producers.acks[0]), time.monotonic()
+            assert 0 not in producers.done, "no fsync stalled"
+        for _ in range(3):
+            os.kill(writer.pid, signal.SIGKILL)
+            writer.join(30)
+            writer, out, stop = _start_writer(db, {}, serving_kv_writer)
+            time.sleep(rng.uniform(0.1, 0.4))
+            producers.poll()
+        producers.wait(lambda: producers.done == {0, 1})
+    finally:
+        stop.set()
+        writer.join(60)
+        producers.join()
+    with mpwal.KVReader(db) as kv:
+        for n in (0, 1):  # the last two keys of each producer, the others deleted
+            assert [kv.get(kv_key(n, i)) for i in (count - 2, count - 1)] == \
+                [payload(n, i) * 50 for i in (count - 2, count - 1)]
+            assert kv.get(kv_key(n, count - 3)) is None
+        assert len(kv) == 4
+        rids = [rid for n in (0, 1) for _, rid in producers.acks[n]]
+        assert len(set(rids)) == 2 * count
+        last_rid = kv.last_record_id
+    with mpwal.Reader(db, layer="kv") as r:
+        registrations = struct.unpack("<Q", r.value(RESERVED, 0))[0] - 1
+    assert registrations == 2 and last_rid == registrations + 2 * count  # none twice
 
 
 def test_the_writers_disk_failing_reaches_waiting_producers_and_loses_nothing(db):
