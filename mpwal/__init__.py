@@ -13,10 +13,11 @@ from ._platform import check_platform
 check_platform()  # a clear ImportError off Linux, before the modules that need it
 
 from ._errors import (ArgumentRangeError, ArgumentTypeError, BackpressureError, ClosedError,
-                     CorruptionError, DatabaseError, Error, ForkedError, IndexFullError, NoWriterError,
+                     CorruptionError, CursorLostError, DatabaseError, Error, ForkedError, IndexFullError, NoWriterError,
                      SnapshotExpiredError,
                      StorageError, TableError, UnsupportedPlatformError, ValueTooLargeError,
                      WriterFailedError, WriterLockedError)
+from ._feed import Change, Cursor
 from ._reader import Reader, Snapshot
 from ._record import Record
 from ._tables import IndexTable, ValueTable
@@ -34,6 +35,7 @@ __all__ = [
     "Writer", "Reader", "Snapshot", "Record", "IndexTable", "ValueTable",
     "KVWriter", "KVReader", "KVSnapshot", "KVBatch", "IndexFullError",
     "Producer", "KVProducer", "KVProducerBatch", "NoWriterError",
+    "Change", "Cursor", "CursorLostError",
     "Error", "ArgumentTypeError", "ArgumentRangeError", "ValueTooLargeError", "TableError",
     "ClosedError", "ForkedError", "WriterLockedError", "DatabaseError", "CorruptionError",
     "StorageError", "WriterFailedError", "BackpressureError", "UnsupportedPlatformError",

@@ -31,7 +31,7 @@ import threading
 import filelock
 import posix_ipc
 
-from . import _fileio as fileio
+from . import _fileio as fileio, _retention as retention
 from ._applier import BATCH_CHANGES, BATCH_RECORDS, Applier, batches
 from ._errors import CorruptionError, StorageError, storage_error
 from ._format import LOG_PREFIX, LogScan, first_record_id
@@ -375,9 +375,15 @@ class Enactor:
     def _clean(self) -> None:
         for lid in self.queues.clean(self._truncate):
             log.debug("cleaned log%d", lid)
+        with self.queues.lock:  # what the cursors have passed goes; past the bound, the slowest
+            st = self.queues.read()
+            if st is not None:
+                retention.prune(self.path, st.max_retained_bytes)
 
     def _truncate(self, lid: int) -> bool:
-        """Empty a cleaned log for the pool (under queue.lock); False if it is gone."""
+        """Empty a cleaned log for the pool (under queue.lock), after keeping it in ``feed/``
+        if a cursor has not passed it (``_retention.py``); False if it is gone."""
+        retention.keep_if_needed(self.path, log_path(self.path, lid))
         try:
             fd = os.open(log_path(self.path, lid), os.O_RDWR)
         except FileNotFoundError:

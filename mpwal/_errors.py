@@ -74,6 +74,16 @@ class NoWriterError(Error):
     message says so."""
 
 
+class CursorLostError(Error):
+    """A change-feed cursor was dropped (its logs passed the writer's ``max_retained_bytes``), or
+    a feed without a cursor reached a record whose log was already cleaned. ``position`` is the
+    last record it got to."""
+
+    def __init__(self, message: str, position: int = 0) -> None:
+        super().__init__(message)
+        self.position = position
+
+
 class BackpressureError(Error):
     """Enactment did not free overlay or log space within the timeout."""
 

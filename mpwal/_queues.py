@@ -131,6 +131,7 @@ class QueueState:
     sync_data: bool = True  # the writer's option, for enactors in other processes
     writer_pid: int = 0  # the live writer, so an enactor can tell a new writer from the old one
     log_epoch_floor: int = 0  # logs of an older epoch were replayed and emptied: stale if seen
+    max_retained_bytes: int = 1 << 30  # the writer's bound on logs kept for cursors (_retention)
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -230,7 +231,8 @@ class QueueStore:
             self.last = st
 
     # -- the writer ---------------------------------------------------------------------------
-    def new_epoch(self, writer_pid: int, sync_data: bool, floor: int = 0) -> tuple[QueueState, bool]:
+    def new_epoch(self, writer_pid: int, sync_data: bool, floor: int = 0,
+                  max_retained_bytes: int = 1 << 30) -> tuple[QueueState, bool]:
         """A writer opens: bump the epoch (an enactor of the last one lets go of its lock),
         to above ``floor`` too (the metadata's copy, should the queue state have been lost).
         Returns the state and whether a queue file existed."""
@@ -241,6 +243,7 @@ class QueueStore:
                 st.log_epoch_floor = max(st.log_epoch_floor, floor)
                 st.writer_pid = writer_pid
                 st.sync_data = sync_data
+                st.max_retained_bytes = max_retained_bytes
             return st, existed
 
     def replayed(self, last_record: int) -> None:

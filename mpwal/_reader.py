@@ -33,7 +33,7 @@ import errno
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -47,6 +47,7 @@ from ._overlay import (COMMITTED, DURABLE, ENACTED, ENACTING, ENTRIES, GENERATIO
 from ._pins import DEFAULT_MAX_AGE, ReaderTable
 from ._platform import check_machine
 from ._queues import QUEUE_FILE, load_queues, writer_alive
+from ._feed import Change, Cursor, Feed
 from ._tables import TableFiles, ValueTable, check_key, check_layer, load_catalog, record_problem
 
 ZERO_CHUNK = bytes(CHUNK_BYTES)
@@ -518,6 +519,24 @@ class Reader:
         if self._closed:
             raise ClosedError("this Reader is closed; open a new mpwal.Reader")
         return Snapshot(self)
+
+    # -- the change feed ---------------------------------------------------------------------
+    def changes(self, after: int = 0, timeout: float | None = None,
+                durable: bool = True) -> Iterator[Change]:
+        """The committed records after ``after``, in id order, as ``Change``s: from the logs
+        still retained, then each new one as it commits (``durable=True``: once it is on disk).
+        With ``timeout``, returns after that many seconds with nothing new. A record whose log
+        was cleaned raises ``CursorLostError``: use a ``cursor`` to hold retention."""
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
+        return Feed(self, after, durable).follow(timeout)
+
+    def cursor(self, name: str) -> Cursor:
+        """The named durable cursor of this directory's feed (made at the newest committed
+        record if it does not exist): it holds the logs of the records after its position."""
+        if self._closed:
+            raise ClosedError("this Reader is closed; open a new mpwal.Reader")
+        return Cursor(self, name)
 
     # -- state -------------------------------------------------------------------------------
     @property

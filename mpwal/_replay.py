@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import filelock
 
-from . import _fileio as fileio
+from . import _fileio as fileio, _retention as retention
 from ._applier import Applier, batches
 from ._errors import DatabaseError, StorageError, storage_error
 from ._format import Record
@@ -42,11 +42,11 @@ ENACTOR_WAIT = 30.0  # seconds an enactor of the last writer gets to let go of i
 
 
 def replay(path: str, queues: QueueStore, writer_pid: int, sync_data: bool,
-           start_generation: Callable[[int, int], None]) -> int:
+           start_generation: Callable[[int, int], None], max_retained_bytes: int = 1 << 30) -> int:
     """Replay ``path``'s logs; returns the last record id in the tables. ``start_generation(
     generation, last_record_id)`` creates the new overlay: it is called under ``queue.lock``
     before the queue state names the generation, so a reader that reads it finds the segment."""
-    st, loaded = queues.new_epoch(writer_pid, sync_data, epoch_floor(path))
+    st, loaded = queues.new_epoch(writer_pid, sync_data, epoch_floor(path), max_retained_bytes)
     generation = st.generation + 1
     for name in stale_segments(path):
         supersede_segment(name, generation)
@@ -83,7 +83,9 @@ def replay(path: str, queues: QueueStore, writer_pid: int, sync_data: bool,
         with queues.lock:
             queues.replayed(last)  # before any log is truncated
             start_generation(generation, last)
-            st = queues.reset(generation, lambda: _truncate_all_logs(path))
+            valid = {lf.log_id for lf in logs.valid}
+            st = queues.reset(generation, lambda: _truncate_all_logs(path, valid, last))
+            retention.prune(path, st.max_retained_bytes)
             set_floors(path, st.log_epoch_floor, last)  # fsynced: they outlive the queue state
         if count:
             log.debug("replayed %d records of %s through record %d", count, path, last)
@@ -106,9 +108,13 @@ def _applicable(path: str, records: Iterator[Record], applier: Applier) -> Itera
         yield rec
 
 
-def _truncate_all_logs(path: str) -> list[int]:
-    """Empty every log file (replay applied them) and make that durable; their ids."""
+def _truncate_all_logs(path: str, valid: set[int], last: int) -> list[int]:
+    """Empty every log file (replay applied them) and make that durable; their ids. A log of
+    the valid prefix (``valid``, records up to ``last``) that a cursor still needs is kept in
+    ``feed/`` first (``_retention.py``)."""
     for lid in log_ids(path):
+        if lid in valid:
+            retention.keep_if_needed(path, log_path(path, lid), upto=last)
         fd = os.open(log_path(path, lid), os.O_RDWR)
         try:
             if os.fstat(fd).st_size:

@@ -86,6 +86,8 @@ class Writer:
       ``BackpressureError``.
     * ``max_snapshot_age`` (60 s): a reader's snapshot holds enactment back for at most this
       long; after it, its reads raise ``SnapshotExpiredError``.
+    * ``max_retained_bytes`` (1 GiB): logs kept for the change feed's cursors at most; past it
+      the slowest cursor is dropped (``_retention.py``).
     """
 
     # set while __init__ opens; a Writer that __init__ returned has all four
@@ -100,7 +102,7 @@ class Writer:
                  overlay_slots: int = 1 << 20, overlay_bytes: int = 256 << 20,
                  max_overlay_bytes: int = 1 << 30, max_pending_bytes: int = 1 << 30,
                  backpressure_timeout: float = 30.0, max_snapshot_age: float = 60.0,
-                 layer: dict[str, Any] | None = None) -> None:
+                 max_retained_bytes: int = 1 << 30, layer: dict[str, Any] | None = None) -> None:
         check_machine()
         if not isinstance(path, (str, os.PathLike)):
             raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
@@ -111,7 +113,8 @@ class Writer:
         for name, v, lo in (("log_size", log_size, 1), ("overlay_slots", overlay_slots, 16),
                             ("overlay_bytes", overlay_bytes, 4096),
                             ("max_overlay_bytes", max_overlay_bytes, 4096),
-                            ("max_pending_bytes", max_pending_bytes, 1)):
+                            ("max_pending_bytes", max_pending_bytes, 1),
+                            ("max_retained_bytes", max_retained_bytes, 0)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ArgumentTypeError(f"{name} must be an int, not {type(v).__name__}")
             if v < lo:
@@ -133,6 +136,7 @@ class Writer:
         self.max_pending_bytes = max_pending_bytes
         self.backpressure_timeout = float(backpressure_timeout)
         self.max_snapshot_age = float(max_snapshot_age)
+        self.max_retained_bytes = max_retained_bytes
         self._pid = os.getpid()
         self._closed = False
         self._forked = False
@@ -261,7 +265,8 @@ class Writer:
                                         self.max_overlay_bytes)
             self._group.durable = last
 
-        return replay(self.path, self._queues, self._pid, self.sync_data, start_generation)
+        return replay(self.path, self._queues, self._pid, self.sync_data, start_generation,
+                      self.max_retained_bytes)
 
     # -- the public API ----------------------------------------------------------------------
     def record(self) -> Record:

@@ -25,6 +25,7 @@ PUBLIC_API = {
     "StorageError", "WriterFailedError", "BackpressureError", "UnsupportedPlatformError",
     "KVWriter", "KVReader", "KVSnapshot", "KVBatch", "IndexFullError",
     "Producer", "KVProducer", "KVProducerBatch", "NoWriterError",
+    "Change", "Cursor", "CursorLostError",
 }
 
 

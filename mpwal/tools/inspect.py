@@ -72,6 +72,7 @@ from .._pins import read_pins
 from .._queues import QueueState, WriterLock, load_queues, log_ids, log_path, writer_alive
 from .._tables import META_FILE, Table, is_database, layer_of, load_catalog, op_problem
 from ..kv import KVReader
+from .. import _retention as retention
 from ..kv._describe import Describer, check_columns, columns_report
 
 PREVIEW_BYTES = 16  # bytes of a value shown by the text dump
@@ -388,8 +389,17 @@ def _inspect_report(db: _Db) -> dict:
         "snapshots": read_pins(db.path),
         "backend": {"name": _backend.BACKEND, "why_python": _backend.why_python},
         "layer": _layer_info(db.path),
+        "cursors": _cursors_info(db.path),
         "changed": bool(db.changed or db.queues_moved()),
     }
+
+
+def _cursors_info(path: str) -> dict:
+    """The change feed's cursors and the logs kept for them (``mpwal/_retention.py``)."""
+    segs = retention.segments(path)
+    return {"cursors": [{"name": n, **c} for n, c in sorted(retention.load_cursors(path).items())],
+            "retained": [{"first": s.first, "last": s.last, "bytes": s.size} for s in segs],
+            "retained_bytes": sum(s.size for s in segs)}
 
 
 def _layer_info(path: str) -> dict | None:
@@ -573,6 +583,15 @@ def _print_inspect(r: dict, out: TextIO) -> None:
                 f", reindexing from {c['reindexing_from_chunks']} chunks (at chunk {c['reindex_at']})"
             print(f"  column {c['name']!r}: {c['keys']} keys, index of {c['index_chunks']} chunks"
                   f"{moving}", file=out)
+    cur = r["cursors"]
+    if cur["cursors"] or cur["retained"]:
+        span = (f"records {cur['retained'][0]['first']}..{cur['retained'][-1]['last']}"
+                if cur["retained"] else "none")
+        print(f"cursors: {len(cur['cursors'])}; logs kept for them: {len(cur['retained'])} "
+              f"({cur['retained_bytes']} bytes, {span})", file=out)
+        for c in cur["cursors"]:
+            state = f"LOST: {c['lost']}" if c["lost"] else "live"
+            print(f"  cursor {c['name']!r}: at record {c['position']}, {state}", file=out)
     if r["changed"]:
         print("note: the database changed while it was read (a live writer or enactor); "
               "the numbers above may mix two moments", file=out)
