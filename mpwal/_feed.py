@@ -230,17 +230,20 @@ class Cursor:
     writer's ``max_retained_bytes``. ``position`` is the last record it has passed; ``changes()``
     yields what comes after it, and ``advance(record_id)`` moves it on."""
 
-    def __init__(self, reader: Any, name: str) -> None:
+    def __init__(self, reader: Any, name: str, start: int | None = None) -> None:
         if not isinstance(name, str) or not name or len(name) > 200:
             raise ArgumentRangeError(f"a cursor name is a non-empty str of at most 200 "
                                      f"characters, not {name!r}")
+        if start is not None and (type(start) is not int or start < 0):
+            raise ArgumentRangeError(f"start must be a record id >= 0, not {start!r}")
         self._reader = reader
         self.name = name
         self.path: str = reader.path
         with file_lock(self.path, QUEUE_LOCK):
             cursors = retention.load_cursors(self.path)
-            if name not in cursors:  # a new cursor starts at what is committed now
-                cursors[name] = {"position": reader.last_record_id, "lost": None}
+            if name not in cursors:  # a new cursor starts at what is committed now, or ``start``
+                at = reader.last_record_id if start is None else start
+                cursors[name] = {"position": at, "lost": None}
                 retention.save_cursors(self.path, cursors)
 
     def _state(self) -> dict:

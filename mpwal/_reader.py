@@ -531,12 +531,13 @@ class Reader:
             raise ClosedError("this Reader is closed; open a new mpwal.Reader")
         return Feed(self, after, durable).follow(timeout)
 
-    def cursor(self, name: str) -> Cursor:
-        """The named durable cursor of this directory's feed (made at the newest committed
-        record if it does not exist): it holds the logs of the records after its position."""
+    def cursor(self, name: str, start: int | None = None) -> Cursor:
+        """The named durable cursor of this directory's feed; one that does not exist is made
+        at ``start`` (default: the newest committed record). It holds the logs of the records
+        after its position."""
         if self._closed:
             raise ClosedError("this Reader is closed; open a new mpwal.Reader")
-        return Cursor(self, name)
+        return Cursor(self, name, start)
 
     # -- state -------------------------------------------------------------------------------
     @property

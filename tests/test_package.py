@@ -73,6 +73,20 @@ def test_version_matches_pyproject():
     assert mpwal.__version__ == project["version"]
 
 
+def test_every_subpackage_is_installed():
+    """``pip install .`` (not editable) installs only the packages pyproject.toml lists: a
+    subpackage missing there breaks ``import mpwal`` on a fresh machine."""
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib is in the standard library from Python 3.11")
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(d, ROOT).replace(os.sep, ".")
+             for d, _, files in os.walk(os.path.join(ROOT, "mpwal")) if "__init__.py" in files}
+    assert found == listed
+
+
 def test_py_typed_marker_ships():
     assert importlib.resources.files("mpwal").joinpath("py.typed").is_file()
 

@@ -34,6 +34,8 @@ Figures (``--only`` takes these names or their numbers):
 9. ``producers`` 4 processes commit at once: mpwal producers of one writer, SQLite connections,
                  LMDB writers; records of 100 values (relaxed / NORMAL / sync off) and durable
                  1-value records (commit / FULL / sync on); each commit's p50 and p99.
+10. ``shipping``  ``mpwal ship`` to a local nats-server -js: records/s of 1 KiB records, and the
+                 replication lag source → replica (p50, p99) at 1,000 records/s.
 
 Every figure runs mpwal on its default backend and, when that is the native one, again on the
 Python backend ("…, Python backend" rows). Every timed loop runs for a fixed time and counts
@@ -58,6 +60,7 @@ import platform
 import queue
 import random
 import shutil
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -1400,6 +1403,157 @@ def figure_producers(z: Sizes):
                          "is one thread of the Writer itself, with no producers."])
 
 
+# -- figure 10: shipping to NATS JetStream and a replica following it ------------------------------
+
+SHIP_VALUE = 1024
+
+
+def _nats_server(store: str) -> tuple[Any, str]:
+    """A nats-server -js on a free loopback port (the caller stops it)."""
+    import shutil as _sh
+    import socket as _so
+    import subprocess as _sp
+    binary = _sh.which("nats-server") or "/usr/sbin/nats-server"
+    with _so.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _sp.Popen([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store],
+                     stdout=_sp.DEVNULL, stderr=_sp.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with _so.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, f"nats://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nats-server did not start") from None
+            time.sleep(0.05)
+
+
+def ship_throughput(tmp: str, count: int) -> dict:
+    """Records of one 1 KiB value, committed first, then shipped by one ``mpwal ship`` run."""
+    from ..shipping._ship import Shipper
+    proc, url = _nats_server(os.path.join(tmp, "nats"))
+    try:
+        db = os.path.join(tmp, "db")
+        w = mpwal.Writer(db, [mpwal.ValueTable(VALUE_TABLE, SHIP_VALUE)])
+        MPWAL_DIRS.append(db)
+        with mpwal.Reader(db) as r:
+            r.cursor("ship:B", start=0)
+        payload = random.Random(5).randbytes(SHIP_VALUE)
+        for i in range(count):
+            with w.record() as rec:
+                rec.insert_value(VALUE_TABLE, i % 100_000, payload)
+        w.sync()
+        t0 = time.perf_counter()
+        import asyncio
+        sh = Shipper(os.path.realpath(db), url, "B", progress=None)
+        asyncio.run(sh.run(idle_exit=0.0))
+        dt = time.perf_counter() - t0
+        w.close()
+        return {"records/s": sh.shipped / dt, "MB/s": sh.shipped * SHIP_VALUE / dt / 1e6}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _paced_writer(db: str, rate: float, seconds: float, ready, out) -> None:
+    try:
+        w = mpwal.Writer(db, [mpwal.ValueTable(VALUE_TABLE, SHIP_VALUE)], durability="commit")
+        ready.put("open")
+        pad = bytes(SHIP_VALUE - 8)
+
+        def step(i: int) -> None:
+            with w.record() as rec:
+                rec.insert_value(VALUE_TABLE, i % 100_000, time.time_ns().to_bytes(8, "little") + pad)
+        n, dt = run_paced(rate, seconds, step)
+        w.close()
+        out.put(n)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        out.put(child_error("paced writer", traceback.format_exc()))
+
+
+def replication_lag(tmp: str, rate: float, seconds: float) -> dict:
+    """A writer commits durable 1 KiB records at ``rate``/s; ``mpwal ship`` and ``mpwal follow``
+    run as processes; a reader of the replica takes each record from its change feed and
+    measures now minus the commit time the record carries."""
+    import subprocess as _sp
+    proc, url = _nats_server(os.path.join(tmp, "nats"))
+    src, rep = os.path.join(tmp, "src"), os.path.join(tmp, "replica")
+    MPWAL_DIRS.extend([src, rep])
+    procs: list[Any] = []
+    try:
+        with mpwal.Writer(src, [mpwal.ValueTable(VALUE_TABLE, SHIP_VALUE)]):
+            pass
+        with mpwal.Reader(src) as r:
+            r.cursor("ship:L", start=0)
+        cmd = [sys.executable, "-m", "mpwal"]
+        procs = [_sp.Popen(cmd + ["ship", src, "--nats", url, "--stream", "L"], stderr=_sp.DEVNULL),
+                 _sp.Popen(cmd + ["follow", "--nats", url, "--stream", "L", rep], stderr=_sp.DEVNULL)]
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(rep, "mpwal.meta")):  # both running
+            if time.monotonic() > deadline:
+                raise RuntimeError("the follower made no replica")
+            time.sleep(0.01)
+        ctx = mp.get_context("spawn")
+        ready, out = ctx.Queue(), ctx.Queue()
+        writer = ctx.Process(target=_paced_writer, args=(src, rate, seconds, ready, out))
+        writer.start()
+        ready.get(timeout=60)
+        lags = []
+        with mpwal.Reader(rep) as rr:
+            for ch in rr.changes(after=0, timeout=5.0, durable=False):
+                data = next(iter(ch.values.values()), None)
+                if data is not None and len(data) == SHIP_VALUE:
+                    lags.append(time.time_ns() - int.from_bytes(data[:8], "little"))
+        n = out.get(timeout=60)
+        if isinstance(n, BaseException):
+            raise n
+        writer.join(30)
+        lags.sort()
+        return {"records": len(lags), "lag p50 ms": lags[len(lags) // 2] / 1e6 if lags else None,
+                "lag p99 ms": lags[int(0.99 * len(lags))] / 1e6 if lags else None}
+    finally:
+        for p in procs:  # Ctrl-C: the follower closes its replica's writer (and its segment)
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(10)
+            except _sp.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        proc.terminate()
+        proc.wait(10)
+
+
+def figure_shipping(z: Sizes):
+    missing = None
+    try:
+        importlib.import_module("nats")
+    except ImportError:
+        missing = "nats-py not installed (pip install mpwal[nats])"
+    if not (shutil.which("nats-server") or os.path.exists("/usr/sbin/nats-server")):
+        missing = "nats-server not installed (apt-get install nats-server)"
+    count = 5000 if z is QUICK else 50_000
+    rows = []
+    if missing:
+        rows = [Row("ship", "mpwal ship", None, missing), Row("lag", "ship + follow", None, missing)]
+    else:
+        rows.append(measure(f"{count:,} records of 1 KiB", "mpwal ship (one process)", ship_throughput, count))
+        rows.append(measure("1,000 records/s for 5 s" if z is not QUICK else "1,000 records/s for 2 s",
+                            "mpwal ship + mpwal follow", replication_lag, 1000.0,
+                            2.0 if z is QUICK else 5.0))
+    return Figure("10. Shipping: to a local single-node JetStream stream, and a replica following it",
+                  ["records/s", "MB/s", "lag p50 ms", "lag p99 ms"], rows,
+                  notes=["Throughput: records committed (and synced) first, then one shipper run "
+                         "from the first record until caught up, connection and stream creation "
+                         "included. Lag: durable commits paced at 1,000/s in a writer process, "
+                         "mpwal ship and mpwal follow as processes, and a reader of the replica "
+                         "taking each record from the replica's change feed: now minus the commit "
+                         "time the record carries (one clock: the same machine).",
+                         "There is no SQLite or LMDB row: neither ships a log (Litestream does it "
+                         "for SQLite, to object storage)."])
+
+
 @dataclass
 class Row:
     workload: str
@@ -1528,7 +1682,8 @@ def machine() -> str:
 
 FIGURES = {"ingest": figure_ingest, "commit": figure_commit, "reads": figure_reads,
            "large": figure_large, "sustained": figure_sustained, "lookups": figure_lookups,
-           "latency": figure_latency, "kv": figure_kv, "producers": figure_producers}
+           "latency": figure_latency, "kv": figure_kv, "producers": figure_producers,
+           "shipping": figure_shipping}
 ARGS = argparse.Namespace(dir=None)
 
 

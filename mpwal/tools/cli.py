@@ -25,6 +25,8 @@ commands:
   cleanup PATH      remove the shared memory a writer that is gone left behind
   bench             compare with SQLite (WAL) and LMDB
   enactor PATH      enact and clean PATH's logs in this process (Writer(enactor="none"))
+  ship PATH --nats URL --stream NAME     publish every durable record to NATS JetStream
+  follow --nats URL --stream NAME PATH   apply a stream to the replica directory PATH
 
 'mpwal COMMAND --help' for a command's options; 'mpwal --version' for the version."""
 
@@ -128,6 +130,8 @@ def _run(argv: list[str]) -> int:
     if cmd == "bench":
         from .bench import main as bench_main
         return bench_main(rest)
+    if cmd in ("ship", "follow"):
+        return _shipping(cmd, rest)
     if cmd in HELP:
         args = _parser(cmd).parse_args(rest)
         if cmd == "enactor":
@@ -158,6 +162,35 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     if cmd == "enactor":
         p.add_argument("-v", "--verbose", action="store_true", help="log each enactment")
     return p
+
+
+def _shipping(cmd: str, argv: list[str]) -> int:
+    """``mpwal ship`` and ``mpwal follow`` (``mpwal/shipping/``; the ``nats`` extra)."""
+    if cmd == "ship":
+        desc = ("Publish every durable record of PATH, once and in order, to the JetStream stream "
+                "NAME (created if missing; one subject per database), resuming after the "
+                "stream's last record: killed at any moment and started again, it neither skips "
+                "nor repeats one. Progress on stderr.")
+    else:
+        desc = ("Apply the JetStream stream NAME to the replica directory PATH as its writer "
+                "(created if missing; readers of it use mpwal.Reader or KVReader), resuming "
+                "from the replica's last record.")
+    p = argparse.ArgumentParser(prog=f"mpwal {cmd}", description=desc)
+    p.add_argument("path", metavar="PATH", help="the database directory" if cmd == "ship"
+                   else "the replica directory")
+    p.add_argument("--nats", required=True, metavar="URL", help="the NATS server, nats://HOST:PORT")
+    p.add_argument("--stream", required=True, metavar="NAME", help="the JetStream stream")
+    p.add_argument("--idle-exit", type=float, default=None, metavar="S",
+                   help="exit 0 once caught up and idle for S seconds (default: run until stopped)")
+    if cmd == "follow":
+        p.add_argument("--database", default=None, metavar="ID",
+                       help="the source's database id, when the stream holds several")
+    args = p.parse_args(argv)
+    if cmd == "ship":
+        from ..shipping._ship import ship
+        return ship(os.path.realpath(args.path), args.nats, args.stream, args.idle_exit)
+    from ..shipping._follow import follow
+    return follow(args.nats, args.stream, args.path, args.idle_exit, args.database)
 
 
 def _enactor(args) -> int:
