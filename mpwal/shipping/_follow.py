@@ -46,9 +46,11 @@ class Follower:
     async def _database(self, js: Any) -> str:
         if self.database is not None:
             return self.database
-        info = await js.stream_info(self.stream)
-        ids = sorted({s.split(".")[1] for s in info.config.subjects or [] if s.startswith("mpwal.")})
+        info = await js.stream_info(self.stream, subjects_filter="mpwal.*.meta")
+        ids = sorted({s.split(".")[1] for s in (info.state.subjects or {})})
         if len(ids) != 1:
+            if not ids:
+                raise S.NotFoundError  # no database shipped to it yet
             raise DatabaseError(f"the stream {self.stream} holds {len(ids)} databases "
                                 f"({', '.join(ids)}): give the one to follow with --database")
         return ids[0]

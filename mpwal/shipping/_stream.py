@@ -72,9 +72,21 @@ async def ensure_stream(js: JetStreamContext, stream: str, database_id: str,
         await js.add_stream(name=stream, subjects=subjects, num_replicas=replicas)
         return
     have = list(info.config.subjects or [])
-    if subjects[0] not in have:
+    if not any(covers(h, subjects[0]) for h in have):
         info.config.subjects = have + subjects
         await js.update_stream(info.config)
+
+
+def covers(pattern: str, subject: str) -> bool:
+    """Whether the subject pattern ``pattern`` (``*`` a token, ``>`` the rest) takes every
+    subject ``subject`` (itself a pattern) takes."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]) or (tok == "*" and s[i] == ">"):
+            return False
+    return len(p) == len(s)
 
 
 async def last_message(js: JetStreamContext, stream: str, subject: str) -> Any | None:
