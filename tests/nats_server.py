@@ -37,12 +37,12 @@ def server_binary() -> str:
 
 
 class NatsServer:
-    def __init__(self, store: str) -> None:
-        self.port = free_port()
+    def __init__(self, store: str, config: str | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.store = store
-        self.proc = subprocess.Popen([server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
-                                      "-sd", store], stdout=subprocess.DEVNULL,
+        args = ["-c", config] if config else ["-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", store]
+        self.proc = subprocess.Popen([server_binary(), *args], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while True:
@@ -61,3 +61,25 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def cluster(base: str, size: int = 3) -> list[NatsServer]:
+    """``size`` JetStream servers of one cluster on loopback, each with its own store."""
+    ports = [free_port() for _ in range(size)]
+    routes = [free_port() for _ in range(size)]
+    servers = []
+    for i in range(size):
+        conf = os.path.join(base, f"n{i}.conf")
+        os.makedirs(os.path.join(base, f"n{i}"), exist_ok=True)
+        with open(conf, "w") as f:
+            f.write(f"""server_name: n{i}
+listen: 127.0.0.1:{ports[i]}
+jetstream {{ store_dir: "{os.path.join(base, f'n{i}')}" }}
+cluster {{
+  name: c
+  listen: 127.0.0.1:{routes[i]}
+  routes: [{", ".join(f"nats-route://127.0.0.1:{r}" for r in routes)}]
+}}
+""")
+        servers.append(NatsServer(os.path.join(base, f"n{i}"), conf, ports[i]))
+    return servers

@@ -169,3 +169,75 @@ def test_ship_says_what_to_do_when_records_were_cleaned_before_it_started(tmp_pa
             _commit(w, i)
     from mpwal.shipping._ship import ship
     assert ship(os.path.realpath(src), nats_url, "X", idle_exit=0.2, progress=None) == 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("multiprocess")
+def test_ship_rides_out_the_stream_leaders_death_in_a_three_node_cluster(tmp_path):
+    """A stream of 3 replicas on a 3-node JetStream cluster on loopback; its leader is
+    SIGKILLed while the shipper ships: no gap, no repeat, and the follower ends equal."""
+    import nats
+    from nats_server import cluster
+    servers = cluster(str(tmp_path / "cluster"))
+    urls = ",".join(s.url for s in servers)
+    src, rep = str(tmp_path / "src"), str(tmp_path / "replica")
+    shipper = None
+    try:
+        async def make_stream() -> None:
+            nc = await nats.connect(servers=[s.url for s in servers])
+            js = nc.jetstream()
+            deadline = time.monotonic() + 30
+            while True:  # until the cluster has elected its meta leader
+                try:
+                    await js.add_stream(name="R", subjects=["mpwal.>"], num_replicas=3)
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.2)
+            await nc.close()
+        asyncio.run(make_stream())
+        with mpwal.Writer(src, TABLES), mpwal.Reader(src) as r:
+            r.cursor("ship:R", start=0)
+        out = CTX.Queue()
+        writer = CTX.Process(target=_writing, args=(src, 2000, out))
+        writer.start()
+        shipper = _cli("ship", src, "--nats", urls, "--stream", "R")
+        time.sleep(1.0)
+
+        async def leader() -> str:
+            nc = await nats.connect(servers=[s.url for s in servers])
+            info = await nc.jetstream().stream_info("R")
+            await nc.close()
+            return info.cluster.leader
+        name = asyncio.run(leader())
+        victim = next(s for i, s in enumerate(servers) if f"n{i}" == name)
+        victim.proc.kill()
+        victim.proc.wait(10)
+        alive = [s for s in servers if s is not victim]
+        assert out.get(timeout=120) == "done"
+        writer.join(30)
+        with mpwal.Reader(src) as r:
+            last = r.last_record_id
+        url = alive[0].url
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                ids = _stream_record_ids(url, "R")
+            except Exception:  # the stream electing its new leader
+                ids = []
+            if ids and ids[-1] >= last:
+                break
+            assert time.monotonic() < deadline, f"the stream reached {ids[-1:]} of {last}"
+            time.sleep(0.5)
+        assert ids == list(range(1, last + 1))  # no gap, no repeat
+        f = _cli("follow", "--nats", ",".join(s.url for s in alive), "--stream", "R", rep,
+                 "--idle-exit", "1")
+        assert f.wait(120) == 0, f.stderr.read() if f.stderr else ""
+        _same_state(src, rep)
+    finally:
+        if shipper is not None:
+            shipper.kill()
+            shipper.wait(10)
+        for s in servers:
+            if s.proc.poll() is None:
+                s.stop()

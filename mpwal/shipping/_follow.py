@@ -62,7 +62,13 @@ class Follower:
             tables = [table_from(d) for d in doc["tables"] if d["id"] != wire.PRODUCER_TABLE]
             w = Writer(self.path, tables, layer=doc.get("layer"))
             try:
-                return await self._apply_all(js, dbid, w, idle_exit)
+                while True:
+                    try:
+                        return await self._apply_all(js, dbid, w, idle_exit)
+                    except (TimeoutError, S.nats.errors.Error) as e:
+                        self._say(f"reading the stream failed ({type(e).__name__}: {e}); "
+                                  "resuming from the replica's last record")
+                        await asyncio.sleep(0.2)
             finally:
                 w.close()
         finally:
@@ -80,6 +86,8 @@ class Follower:
                     return json.loads(meta.data), dbid
             except S.NotFoundError:
                 pass  # no stream yet
+            except (TimeoutError, S.nats.errors.Error) as e:  # a cluster electing a leader
+                self._say(f"reading the stream failed ({type(e).__name__}: {e}); again")
             if idle_exit is not None and time.monotonic() - start > idle_exit:
                 raise DatabaseError(f"the stream {self.stream} holds no database's meta message: "
                                     "ship one to it with mpwal ship first")
@@ -94,7 +102,7 @@ class Follower:
             while True:
                 try:
                     msg = await sub.next_msg(timeout=0.1)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if time.monotonic() - last_sync > 0.05:
                         w.sync()
                         last_sync = time.monotonic()
@@ -118,7 +126,10 @@ class Follower:
                     w.sync()
                     last_sync = time.monotonic()
         finally:
-            await sub.unsubscribe()
+            try:
+                await sub.unsubscribe()
+            except (TimeoutError, S.nats.errors.Error):
+                pass
 
 
 def _change_set(data: bytes, rid: int, catalog: dict) -> ChangeSet:

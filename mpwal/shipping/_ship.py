@@ -61,13 +61,19 @@ class Shipper:
     async def run(self, idle_exit: float | None) -> int:
         nc, js = await S.connect(self.url)
         try:
-            await S.ensure_stream(js, self.stream, self.dbid, self.replicas)
-            await self._publish_meta(js)
+            while True:  # a cluster electing a leader answers nothing for a moment
+                try:
+                    await S.ensure_stream(js, self.stream, self.dbid, self.replicas)
+                    await self._publish_meta(js)
+                    break
+                except (TimeoutError, S.nats.errors.Error) as e:
+                    self._say(f"setting up the stream failed ({type(e).__name__}: {e}); again")
+                    await asyncio.sleep(0.2)
             last_report = time.monotonic()
             while True:
                 try:
                     done = await self._ship(js, idle_exit)
-                except (asyncio.TimeoutError, S.nats.errors.Error, S.nats.js.errors.Error) as e:
+                except (TimeoutError, S.nats.errors.Error) as e:
                     self._say(f"publishing failed ({type(e).__name__}: {e}); resuming from the stream")
                     await asyncio.sleep(0.2)
                     continue

@@ -55,9 +55,11 @@ def meta_of(path: str) -> bytes:
 
 
 async def connect(url: str) -> tuple[Any, JetStreamContext]:
-    """A connection that reconnects for ever (the shipper and follower ride out restarts)."""
+    """A connection that reconnects for ever (the shipper and follower ride out restarts);
+    ``url`` may list several servers of a cluster, comma-separated."""
     require_nats()
-    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
+    nc = await nats.connect(servers=[u.strip() for u in url.split(",") if u.strip()],
+                            max_reconnect_attempts=-1, reconnect_time_wait=0.25,
                             connect_timeout=5, allow_reconnect=True)
     return nc, nc.jetstream(timeout=10)
 
