@@ -88,6 +88,8 @@ class Writer:
       long; after it, its reads raise ``SnapshotExpiredError``.
     * ``max_retained_bytes`` (1 GiB): logs kept for the change feed's cursors at most; past it
       the slowest cursor is dropped (``_retention.py``).
+    * ``replica``: only for ``mpwal follow``, the one writer of a replica directory (any other
+      Writer refuses one with ``DatabaseError``).
     """
 
     # set while __init__ opens; a Writer that __init__ returned has all four
@@ -102,7 +104,8 @@ class Writer:
                  overlay_slots: int = 1 << 20, overlay_bytes: int = 256 << 20,
                  max_overlay_bytes: int = 1 << 30, max_pending_bytes: int = 1 << 30,
                  backpressure_timeout: float = 30.0, max_snapshot_age: float = 60.0,
-                 max_retained_bytes: int = 1 << 30, layer: dict[str, Any] | None = None) -> None:
+                 max_retained_bytes: int = 1 << 30, layer: dict[str, Any] | None = None,
+                 replica: bool = False) -> None:
         check_machine()
         if not isinstance(path, (str, os.PathLike)):
             raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
@@ -157,6 +160,8 @@ class Writer:
             self._check_is_ours()  # again under the lock: no other writer can change it now
             if is_database(self.path):  # a layer's directory opens only through that layer
                 check_layer(self.path, None if layer is None else layer["kind"])
+                if not replica:
+                    _check_not_replica(self.path)
             everything, serve = self._merge_tables(tables, layer)
             # what records of this process may change: the reserved table is the intake's
             self._catalog = {t: d for t, d in everything.items() if t != wire.PRODUCER_TABLE or not serve}
@@ -620,6 +625,21 @@ class Writer:
             log.error("enacting at close failed (%s); the logs stay for the next replay", e)
         finally:
             lock.release()
+
+
+REPLICA_FILE = "replica"  # in a replica directory: what it follows (``shipping/_follow.py``)
+
+
+def _check_not_replica(path: str) -> None:
+    """A replica is written only by ``mpwal follow`` (its one writer, ``replica=True``)."""
+    p = os.path.join(path, REPLICA_FILE)
+    if os.path.exists(p):
+        try:
+            what = fileio.read_file(p).decode("utf-8", "replace").strip()
+        except OSError:
+            what = "a stream"
+        raise DatabaseError(f"{path} is a replica ({what}): only mpwal follow writes it; read it "
+                            f"with mpwal.Reader, or delete {p} to make it a database of its own")
 
 
 def _after_fork_in_child() -> None:

@@ -160,6 +160,9 @@ def test_a_key_value_directory_ships_and_its_replica_reads_the_same(tmp_path, na
     with mpwal.KVReader(src) as a, mpwal.KVReader(rep) as b:
         assert dict(a.items()) == dict(b.items()) and len(a) == len(b) == 271
         assert b[b"big"] == b"B" * 100_000
+    with pytest.raises(mpwal.DatabaseError, match="is a replica .*only mpwal follow writes it"):
+        mpwal.KVWriter(rep)  # read-only to everyone but its follower
+    assert follow(nats_url, "K", rep, idle_exit=0.2, progress=None) == 0  # which goes on
 
 
 def test_ship_says_what_to_do_when_records_were_cleaned_before_it_started(tmp_path, nats_url):

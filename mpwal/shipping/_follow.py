@@ -23,7 +23,8 @@ from .._errors import CorruptionError, DatabaseError, Error
 from .._format import DROP_TABLE, INSERT_INDEX, LogScan, entries_of
 from .._record import ChangeSet
 from .._tables import record_problem, table_from
-from .._writer import Writer
+from .. import _fileio as fileio
+from .._writer import REPLICA_FILE, Writer
 from . import _stream as S
 
 SYNC_EVERY = 1.0  # seconds between the replica's fsyncs while records flow
@@ -60,8 +61,12 @@ class Follower:
         try:
             doc, dbid = await self._wait_for_meta(js, idle_exit)
             tables = [table_from(d) for d in doc["tables"] if d["id"] != wire.PRODUCER_TABLE]
-            w = Writer(self.path, tables, layer=doc.get("layer"))
+            w = Writer(self.path, tables, layer=doc.get("layer"), replica=True)
             try:
+                mark = os.path.join(self.path, REPLICA_FILE)
+                if not os.path.exists(mark):
+                    fileio.write_file_atomic(
+                        mark, f"of database {dbid}, stream {self.stream}\n".encode(), sync=True)
                 while True:
                     try:
                         return await self._apply_all(js, dbid, w, idle_exit)
