@@ -35,32 +35,57 @@ POLL_FIRST, POLL_MOST = 0.0005, 0.02  # seconds between polls of a waiting feed
 BATCH = 1024  # records a poll takes at most
 
 
-@dataclass(frozen=True)
 class Change:
     """One committed record as the feed yields it: its id, the epoch (writer open) that wrote
-    it, its changes (``values``: {(table, index): bytes or None}; ``index``: {(table, chunk):
-    {entry: u64}}; ``drops``: tables emptied first) and its bytes as the log holds them."""
+    it, its bytes as the log holds them (``data``), and its changes, decoded when first asked
+    for: ``values`` ({(table, index): bytes or None}), ``index`` ({(table, chunk): {entry:
+    u64}}) and ``drops`` (the tables emptied first)."""
 
-    record_id: int
-    epoch: int
-    values: dict[tuple[int, int], bytes | None]
-    index: dict[tuple[int, int], dict[int, int]]
-    drops: tuple[int, ...]
-    data: bytes
+    __slots__ = ("record_id", "epoch", "data", "_ops", "_decoded")
+
+    def __init__(self, record_id: int, epoch: int, data: bytes, ops: list) -> None:
+        self.record_id = record_id
+        self.epoch = epoch
+        self.data = data
+        self._ops = ops
+        self._decoded: tuple[dict, dict, tuple[int, ...]] | None = None
+
+    def _decode(self) -> tuple[dict, dict, tuple[int, ...]]:
+        if self._decoded is None:
+            values: dict[tuple[int, int], bytes | None] = {}
+            index: dict[tuple[int, int], dict[int, int]] = {}
+            drops = []
+            for op in self._ops:
+                if op.kind == DROP_TABLE:
+                    drops.append(op.table)
+                elif op.kind == INSERT_INDEX:
+                    index.setdefault((op.table, op.key), {}).update(entries_of(op.mask, op.data or b""))
+                else:
+                    values[(op.table, op.key)] = op.data
+            self._decoded = (values, index, tuple(drops))
+        return self._decoded
+
+    @property
+    def values(self) -> dict[tuple[int, int], bytes | None]:
+        """{(table, index): the value it set, or None for a removal}."""
+        return self._decode()[0]
+
+    @property
+    def index(self) -> dict[tuple[int, int], dict[int, int]]:
+        """{(table, chunk): {entry: the u64 it set}}."""
+        return self._decode()[1]
+
+    @property
+    def drops(self) -> tuple[int, ...]:
+        """The tables the record emptied (before its other changes)."""
+        return self._decode()[2]
+
+    def __repr__(self) -> str:
+        return f"<mpwal.Change record {self.record_id} epoch {self.epoch}, {len(self.data)} bytes>"
 
 
 def change_of(rec: Record, buf: bytes, epoch: int) -> Change:
-    values: dict[tuple[int, int], bytes | None] = {}
-    index: dict[tuple[int, int], dict[int, int]] = {}
-    drops = []
-    for op in rec.ops:
-        if op.kind == DROP_TABLE:
-            drops.append(op.table)
-        elif op.kind == INSERT_INDEX:
-            index.setdefault((op.table, op.key), {}).update(entries_of(op.mask, op.data or b""))
-        else:
-            values[(op.table, op.key)] = op.data
-    return Change(rec.record_id, epoch, values, index, tuple(drops), buf[rec.start:rec.end])
+    return Change(rec.record_id, epoch, buf[rec.start:rec.end], rec.ops)
 
 
 @dataclass
