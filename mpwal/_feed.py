@@ -33,6 +33,7 @@ from ._tables import replayed_through
 
 POLL_FIRST, POLL_MOST = 0.0005, 0.02  # seconds between polls of a waiting feed
 BATCH = 1024  # records a poll takes at most
+READ_BYTES = 1 << 20  # bytes of a log a poll reads at first
 
 
 class Change:
@@ -187,15 +188,27 @@ class Feed:
             st = os.fstat(fd)
             if st.st_ino != src.inode or st.st_size <= src.offset:
                 return 0
-            buf = os.pread(fd, st.st_size - src.offset, src.offset)
+            want = READ_BYTES
+            while True:  # a chunk at a time (a log may be far longer than what is taken now)
+                buf = os.pread(fd, min(want, st.st_size - src.offset), src.offset)
+                n, torn = self._take(buf, src, limit, out)
+                if n or not torn or len(buf) < want:
+                    return n
+                want *= 4  # the next record is longer than the chunk
         except OSError as e:
             raise storage_error(e, f"reading {src.path}") from None
         finally:
             os.close(fd)
+
+    def _take(self, buf: bytes, src: _Source, limit: int, out: list[Change]) -> tuple[int, bool]:
+        """Take the whole records at the start of ``buf`` (read at ``src.offset``): how many,
+        and whether the first record was cut off by the end of ``buf``."""
         scan = LogScan(buf, self.next)
         n = 0
         end = 0
+        whole = False  # a whole record was found (taken, or past the limit)
         for rec in scan.records():
+            whole = True
             if rec.record_id > limit or (src.last is not None and rec.record_id > src.last):
                 break
             out.append(change_of(rec, buf, src.epoch))
@@ -205,7 +218,7 @@ class Feed:
             if len(out) >= BATCH:
                 break
         src.offset += end
-        return n
+        return n, not whole and scan.problem == "torn"
 
     def _locate(self, rid: int) -> _Source | None:
         """The file that holds record ``rid``, at that record's offset; None if none does."""

@@ -232,7 +232,9 @@ def test_ship_rides_out_the_stream_leaders_death_in_a_three_node_cluster(tmp_pat
                 break
             assert time.monotonic() < deadline, f"the stream reached {ids[-1:]} of {last}"
             time.sleep(0.5)
-        assert ids == list(range(1, last + 1))  # no gap, no repeat
+        shipper.kill()
+        shipper.wait(10)
+        assert ids == list(range(1, last + 1)), shipper.stderr.read() if shipper.stderr else ""
         f = _cli("follow", "--nats", ",".join(s.url for s in alive), "--stream", "R", rep,
                  "--idle-exit", "1")
         assert f.wait(120) == 0, f.stderr.read() if f.stderr else ""
