@@ -278,6 +278,15 @@ class _Producers:
             assert not self.errors, self.errors
             self.poll()
 
+    def wait_for_stall(self, n: int) -> None:
+        """Until producer ``n`` got no answer for a second (a stalled fsync holds its commit)."""
+        last, since = len(self.acks[n]), time.monotonic()
+        while time.monotonic() - since < 1.0:
+            self.poll(0.05)
+            if len(self.acks[n]) != last:
+                last, since = len(self.acks[n]), time.monotonic()
+            assert n not in self.done, "no fsync stalled"
+
     def kill(self, n: int) -> None:
         os.kill(self.procs[n].pid, signal.SIGKILL)
         self.procs[n].join(30)
@@ -362,12 +371,7 @@ def test_writer_killed_during_a_group_commits_fsync_answers_from_the_log(db, mon
     producers = _Producers(db, count, ["relaxed", "commit"], per_record=20, held=(0,))
     try:
         producers.wait(lambda: len(producers.acks[1]) >= 5)
-        last, since = len(producers.acks[1]), time.monotonic()
-        while time.monotonic() - since < 1.0:  # until durable answers stop: the stall
-            producers.poll(0.05)
-            if len(producers.acks[1]) != last:
-                last, since = len(producers.acks[1]), time.monotonic()
-            assert 1 not in producers.done, "no fsync stalled"
+        producers.wait_for_stall(1)
         stalled_at = len(producers.acks[1])
         os.kill(writer.pid, signal.SIGKILL)
         writer.join(30)
@@ -401,12 +405,7 @@ def test_kv_producers_batches_are_committed_once_across_writer_kills(db, monkeyp
     monkeypatch.delenv("MPWAL_FAULTS")
     producers = _Producers(db, count, ["commit", "relaxed"], kv=True)
     try:
-        last, since = len(producers.acks[0]), time.monotonic()
-        while time.monotonic() - since < 1.0:  # until durable answers stop: the stall
-            producers.poll(0.05)
-            if len(producers.acks[0]) != last:
-                last, since = len(producers.acks[0]), time.monotonic()
-            assert 0 not in producers.done, "no fsync stalled"
+        producers.wait_for_stall(0)
         for _ in range(3):
             os.kill(writer.pid, signal.SIGKILL)
             writer.join(30)
