@@ -26,6 +26,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -97,6 +98,7 @@ class Intake:
         self.cond = threading.Condition()
         self.stopping = False
         self.submitted = 0  # submissions committed (stats)
+        self.registered = 0  # the record of a registration the WELCOME must wait for
         self._serve_thread = threading.Thread(target=self._serve, name="mpwal-intake", daemon=True)
         self._sync_thread = threading.Thread(target=self._sync, name="mpwal-intake-sync", daemon=True)
         self._serve_thread.start()
@@ -105,31 +107,36 @@ class Intake:
     # -- the serving loop ------------------------------------------------------------------
     def _serve(self) -> None:
         while not self.stopping:
-            with self.backlog_lock:
-                waiting = list(self.backlog)
-            for c in waiting:
-                self._flush_out(c)
             try:
-                events = self.sel.select(0.5)
-            except OSError:
+                self._serve_once()
+            except Exception:  # never let the intake die silently: producers would hang
                 if self.stopping:
                     return
-                raise
-            for key, mask in events:
-                obj = key.fileobj
-                if obj is self.listener:
-                    self._accept()
-                elif obj == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                else:
-                    conn = key.data
-                    if mask & selectors.EVENT_WRITE:
-                        self._flush_out(conn)
-                    if mask & selectors.EVENT_READ and not conn.closed:
-                        self._read(conn)
+                log.exception("producer intake")
+                time.sleep(0.01)
+
+    def _serve_once(self) -> None:
+        """One turn of the loop: pending answers out, then what the sockets have."""
+        with self.backlog_lock:
+            waiting = list(self.backlog)
+        for c in waiting:
+            self._flush_out(c)
+        events = self.sel.select(0.5)
+        for key, mask in events:
+            obj = key.fileobj
+            if obj is self.listener:
+                self._accept()
+            elif obj == self._wake_r:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            else:
+                conn = key.data
+                if mask & selectors.EVENT_WRITE:
+                    self._flush_out(conn)
+                if mask & selectors.EVENT_READ and not conn.closed:
+                    self._read(conn)
 
     def _accept(self) -> None:
         while True:
@@ -137,8 +144,9 @@ class Intake:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:
+            except OSError as e:  # out of descriptors, say: do not spin on the listener
                 log.warning("producer intake: accept failed: %s", e)
+                time.sleep(0.05)
                 return
             sock.setblocking(False)
             conn = _Conn(sock)
@@ -211,6 +219,17 @@ class Intake:
             return
         committed = [(s, slots[s % wire.WINDOW][1]) for s in seqs
                      if slots[s % wire.WINDOW][0] == s]
+        # outside the writer's lock (the group commit's flush takes it): a new id is durable
+        # before it is given (after a power loss no writer may give it again), and what the
+        # WELCOME reports committed may have been durable submissions
+        upto = max([r for _, r in committed] + [self.registered])
+        self.registered = 0
+        if upto:
+            try:
+                self.host._group.wait(upto, self.host._flush)
+            except (Error, OSError) as e:
+                self._refuse(conn, 0, 0, WriterFailedError(f"the fsync failed: {e}"))
+                return
         self.last_seq[producer] = max(s for s, _ in slots)
         conn.producer = producer
         self.by_producer[producer] = conn
@@ -226,7 +245,7 @@ class Intake:
         producer = self._next_producer()
         cs = ChangeSet({})
         cs._values[(wire.PRODUCER_TABLE, 0)] = wire.COUNTER.pack(producer + 1)
-        self.host._commit(cs, intake=True)
+        self.registered = self.host._commit(cs, intake=True)  # (made durable before the WELCOME)
         return producer
 
     def _slot(self, producer: int, seq: int) -> tuple[int, int]:
@@ -335,7 +354,9 @@ class Intake:
                 failed: Error | None = None
             except Error as e:
                 failed = e
-            except OSError as e:
+            except Exception as e:  # (OSError, or a bug: the thread must not die)
+                if not isinstance(e, OSError):
+                    log.exception("producer intake: the group commit")
                 failed = WriterFailedError(f"the fsync failed: {e}")
             for conn, seq, rid in batch:
                 if failed is None:

@@ -317,8 +317,10 @@ def _check_exactly_once(db: str, producers: _Producers, count: int, killed: set[
             assert rids == sorted(rids)
             every_rid += rids
             present += k
+        # (a registration is durable before its id is given: a writer killed in between used
+        # an id nobody got, and the producer registers again)
         registrations = struct.unpack("<Q", r.value(RESERVED, 0))[0] - 1
-        assert registrations == len(producers.acks)
+        assert registrations >= len(producers.acks)
         assert len(set(every_rid)) == len(every_rid)
         assert r.last_record_id == registrations + present
 
@@ -428,7 +430,7 @@ def test_kv_producers_batches_are_committed_once_across_writer_kills(db, monkeyp
         last_rid = kv.last_record_id
     with mpwal.Reader(db, layer="kv") as r:
         registrations = struct.unpack("<Q", r.value(RESERVED, 0))[0] - 1
-    assert registrations == 2 and last_rid == registrations + 2 * count  # none twice
+    assert registrations >= 2 and last_rid == registrations + 2 * count  # none twice
 
 
 def test_the_writers_disk_failing_reaches_waiting_producers_and_loses_nothing(db):

@@ -74,28 +74,39 @@ class Client:
         """Submit and wait for the answer; the record id. Raises the writer's error, or
         NoWriterError when no writer answered within the timeout."""
         deadline = time.monotonic() + self.timeout
-        with self._send_lock:
-            with self._lock:
-                if self._fatal is not None:
-                    raise self._fatal
-                while len(self._inflight) >= wire.WINDOW:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self._closed:
-                        raise NoWriterError(f"the writer of {self.path} answered none of this "
-                                            f"producer's last {wire.WINDOW} submissions within "
-                                            f"{self.timeout} s; nothing was sent for this one")
-                    self._lock.wait(left)
-                seq = self._next_seq
-                self._next_seq += 1
-                sub = _Submission(seq, wire.submit(seq, durable, kind, body))
-                self._inflight[seq] = sub
-                sock = self._sock
-            if sock is not None:  # (else the first reader connects, and sends it then)
-                self._send(sock, sub)
+        while True:
+            with self._lock:  # a window slot first, holding no socket lock: a reader that
+                self._wait_for_room(deadline)  # connects again needs _send_lock meanwhile
+            with self._send_lock:
+                with self._lock:
+                    if len(self._inflight) >= wire.WINDOW:
+                        continue  # another caller took the slot
+                    if self._fatal is not None:
+                        raise self._fatal
+                    seq = self._next_seq
+                    self._next_seq += 1
+                    sub = _Submission(seq, wire.submit(seq, durable, kind, body))
+                    self._inflight[seq] = sub
+                    sock = self._sock
+                if sock is not None:  # (else the first reader connects, and sends it then)
+                    self._send(sock, sub)
+                break
         self._await(sub, deadline)
         if sub.error is not None:
             raise sub.error
         return sub.record_id
+
+    def _wait_for_room(self, deadline: float) -> None:
+        """Until fewer than WINDOW submissions are unanswered (``_lock`` held)."""
+        if self._fatal is not None:
+            raise self._fatal
+        while len(self._inflight) >= wire.WINDOW:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closed:
+                raise NoWriterError(f"the writer of {self.path} answered none of this "
+                                    f"producer's last {wire.WINDOW} submissions within "
+                                    f"{self.timeout} s; nothing was sent for this one")
+            self._lock.wait(left)
 
     def _send(self, sock: socket.socket, sub: _Submission) -> None:
         """Send one submission (``_send_lock`` held); a failed send ends the connection, and

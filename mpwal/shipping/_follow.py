@@ -122,6 +122,9 @@ class Follower:
                 if rid != last + 1:
                     raise DatabaseError(f"the stream has record {rid} after record {last}: a gap "
                                         "(the replica cannot go on; ship the source again)")
+                if w.last_record_id != last:
+                    raise DatabaseError(f"the replica is at record {w.last_record_id}, not the "
+                                        f"stream's {last}: something else wrote it")
                 got = w._commit(_change_set(msg.data, rid, catalog), intake=True)
                 if got != rid:
                     raise DatabaseError(f"the replica committed record {got} for the source's {rid}")

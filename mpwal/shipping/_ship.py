@@ -138,6 +138,11 @@ class Shipper:
 
     async def _check_same(self, js: Any, rid: int, seq: int) -> None:
         msg = await js.get_msg(self.stream, seq)
+        if self.reader.last_record_id < rid:
+            raise DatabaseError(
+                f"the stream {self.stream} holds record {rid} of this database, which has only "
+                f"{self.reader.last_record_id}: it lost records (a power loss?) and would reuse "
+                "their ids; ship it to a new stream")
         try:
             mine = next(Feed(self.reader, rid - 1, True, self.cursor.name).follow(0.0), None)
         except CursorLostError:
