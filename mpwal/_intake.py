@@ -32,9 +32,8 @@ from typing import Protocol
 
 from . import _wire as wire
 from ._durability import GroupCommit
-from ._errors import (ArgumentTypeError, DatabaseError, Error, WriterFailedError)
-from ._format import DROP_TABLE, INSERT_INDEX, LogScan, entries_of
-from ._record import ChangeSet
+from ._errors import (DatabaseError, Error, WriterFailedError)
+from ._record import ChangeSet, change_set_of
 from ._tables import Table
 
 log = logging.getLogger("mpwal")
@@ -284,7 +283,7 @@ class Intake:
         tag = (wire.slot_of(producer, seq), seq)
         try:
             if kind == wire.RECORD:
-                cs = self._decode(body)
+                cs = change_set_of(body, 0, host._catalog)
                 cs._tag = tag
                 rid = host._commit(cs, intake=True)
             elif kind == wire.LAYER:
@@ -307,26 +306,6 @@ class Intake:
         self.last_seq[producer] = seq
         self.submitted += 1
         self._answer(conn, seq, rid, durable)
-
-    def _decode(self, body: bytes) -> ChangeSet:
-        """The submitted log record as a change set, checked as the writer's API checks."""
-        scan = LogScan(body, expect_id=0)
-        recs = list(scan.records())
-        if len(recs) != 1 or scan.problem is not None or scan.end != len(body):
-            raise ArgumentTypeError(f"a submitted record that does not decode ({scan.problem or 'not one record'})")
-        cs = ChangeSet(self.host._catalog)
-        values: dict[int, list[tuple[int, bytes | None]]] = {}
-        for op in recs[0].ops:
-            if op.kind == DROP_TABLE:
-                cs.drop_table(op.table)
-            elif op.kind == INSERT_INDEX:
-                for e, v in entries_of(op.mask, op.data or b""):
-                    cs.insert_index(op.table, op.key, e, v)
-            else:
-                values.setdefault(op.table, []).append((op.key, op.data))
-        for table, pairs in values.items():
-            cs.insert_values(table, pairs)
-        return cs
 
     # -- answers ---------------------------------------------------------------------------
     def _answer(self, conn: _Conn, seq: int, rid: int, durable: bool) -> None:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from . import _backend
 from ._errors import ArgumentRangeError, ArgumentTypeError, ClosedError, ValueTooLargeError
-from ._format import CHUNK_ENTRIES, encode_record
+from ._format import CHUNK_ENTRIES, DROP_TABLE, INSERT_INDEX, LogScan, encode_record, entries_of
 from ._overlay import MAX_DROPS
 from ._tables import Table, check_key
 
@@ -222,3 +222,27 @@ def _as_bytes(data: object) -> bytes:
         return bytes(data)
     raise ArgumentTypeError(
         f"a value must be bytes, bytearray or memoryview (or None to remove), not {type(data).__name__}")
+
+
+def change_set_of(data: bytes, record_id: int, catalog: dict[int, Table]) -> ChangeSet:
+    """One log record (``_format.py``) read back as the change set that makes it, checked
+    against ``catalog`` as the writer's API checks each change (a producer's submission, under
+    record id 0; a shipped record, under its own). ArgumentTypeError if ``data`` is not exactly
+    one whole record of that id."""
+    scan = LogScan(data, expect_id=record_id)
+    recs = list(scan.records())
+    if len(recs) != 1 or scan.problem is not None or scan.end != len(data):
+        raise ArgumentTypeError(f"a record that does not decode ({scan.problem or 'not one record'})")
+    cs = ChangeSet(catalog)
+    values: dict[int, list[tuple[int, bytes | None]]] = {}
+    for op in recs[0].ops:
+        if op.kind == DROP_TABLE:
+            cs.drop_table(op.table)
+        elif op.kind == INSERT_INDEX:
+            for e, v in entries_of(op.mask, op.data or b""):
+                cs.insert_index(op.table, op.key, e, v)
+        else:
+            values.setdefault(op.table, []).append((op.key, op.data))
+    for table, pairs in values.items():
+        cs.insert_values(table, pairs)
+    return cs

@@ -19,10 +19,9 @@ import time
 from typing import Any, TextIO
 
 from .. import _wire as wire
-from .._errors import CorruptionError, DatabaseError, Error
-from .._format import DROP_TABLE, INSERT_INDEX, LogScan, entries_of
-from .._record import ChangeSet
-from .._tables import record_problem, table_from
+from .._errors import DatabaseError, Error
+from .._record import change_set_of
+from .._tables import table_from
 from .. import _fileio as fileio
 from .._writer import REPLICA_FILE, Writer
 from . import _stream as S
@@ -125,7 +124,7 @@ class Follower:
                 if w.last_record_id != last:
                     raise DatabaseError(f"the replica is at record {w.last_record_id}, not the "
                                         f"stream's {last}: something else wrote it")
-                got = w._commit(_change_set(msg.data, rid, catalog), intake=True)
+                got = w._commit(change_set_of(msg.data, rid, catalog), intake=True)
                 if got != rid:
                     raise DatabaseError(f"the replica committed record {got} for the source's {rid}")
                 last = rid
@@ -138,29 +137,6 @@ class Follower:
                 await sub.unsubscribe()
             except (TimeoutError, S.nats.errors.Error):
                 pass
-
-
-def _change_set(data: bytes, rid: int, catalog: dict) -> ChangeSet:
-    """A shipped record as the change set the replica commits under the same id."""
-    scan = LogScan(data, rid)
-    recs = list(scan.records())
-    if len(recs) != 1 or scan.end != len(data):
-        raise CorruptionError(f"the stream's record {rid} does not verify ({scan.problem})")
-    why = record_problem(catalog, recs[0].ops)
-    if why is not None:
-        raise DatabaseError(f"the stream's record {rid} does not fit the replica's tables: {why}")
-    cs = ChangeSet(catalog)
-    for op in recs[0].ops:
-        if op.kind == DROP_TABLE:
-            cs._drops.append(op.table)
-        elif op.kind == INSERT_INDEX:
-            c = cs._chunks.setdefault((op.table, op.key), [0, {}])
-            for e, v in entries_of(op.mask, op.data or b""):
-                c[0] |= 1 << e
-                c[1][e] = v
-        else:
-            cs._values[(op.table, op.key)] = op.data
-    return cs
 
 
 def follow(url: str, stream: str, path: str, idle_exit: float | None = None,
